@@ -1,0 +1,38 @@
+# The README's commands. Every target sets up what it needs from scratch on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch (this pin takes the CPU wheel on our dev and CI machines; elsewhere pass
+# PIP_EXTRA="--index-url https://download.pytorch.org/whl/cpu" or install the CUDA build you want first).
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.6.0
+PIP_EXTRA ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: setup serve test test-gpu bench lint demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(PIP_EXTRA) "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(PY) -m pip install -q -e ".[server,dev]"
+	touch $@
+
+serve: setup
+	$(PY) -m service --host $(HOST) --port $(PORT)
+
+demo: setup
+	$(PY) -m kernels.demo
+
+test: setup
+	$(PY) -m pytest
+
+test-gpu: setup
+	$(PY) -m pytest -m gpu
+
+bench: setup
+	$(PY) bench/bench_cpu.py
+
+lint: setup
+	$(PY) -m ruff check .

@@ -1,0 +1,275 @@
+"""``Quantizer``: validates input, picks the backend, owns the rotation parameters and the codebook.
+
+>>> import torch
+>>> from kernels import Quantizer
+>>> q = Quantizer(variant="full", dim=128, bits=3, seed=0)
+>>> packed = q.quantize(torch.randn(10, 128))
+>>> packed.codes.shape, packed.codes.dtype, packed.norms.shape
+(torch.Size([10, 48]), torch.uint8, torch.Size([10]))
+>>> q.dequantize(packed).shape
+torch.Size([10, 128])
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from kernels import reference
+from kernels.codebook import Codebook, lloyd_max
+from kernels.plan import Plan
+from kernels.rotations import VARIANTS, RotationParams, make_rotation
+
+FORMAT_VERSION = 1
+MIN_DIM, MAX_DIM = 2, 4096
+MIN_BITS, MAX_BITS = 1, 8
+MAX_SEED = (1 << 64) - 1
+INPUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+BACKENDS = ("auto", "torch", "triton")
+# Values are hashed on a grid of 2^-24 so that the last-ulp differences of float64 libm/LAPACK between
+# machines do not change the fingerprint (docs/FORMAT.md, "Fingerprint").
+_HASH_GRID = float(1 << 24)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _allowed_dtypes() -> str:
+    return ", ".join(INPUT_DTYPES)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Codes of a batch of vectors with everything a decoder needs.
+
+    codes uint8 [..., code_bytes] (FORMAT.md bit layout); norms float32 [...]; the quantizer descriptor.
+    """
+
+    codes: torch.Tensor
+    norms: torch.Tensor
+    variant: str
+    dim: int
+    bits: int
+    seed: int
+    fingerprint: str
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def shape(self) -> torch.Size:
+        """Leading shape of the batch (the shape of the input without its last dimension)."""
+        return self.norms.shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored: the packed codes plus the float32 norms."""
+        return self.codes.numel() * self.codes.element_size() + self.norms.numel() * self.norms.element_size()
+
+    def descriptor(self) -> dict:
+        return {
+            "variant": self.variant,
+            "dim": self.dim,
+            "bits": self.bits,
+            "seed": self.seed,
+            "fingerprint": self.fingerprint,
+            "format_version": self.format_version,
+        }
+
+
+class Quantizer:
+    """An IsoQuant (or baseline) quantizer for vectors of ``dim`` coordinates at ``bits`` bits a coordinate.
+
+    variant: full | fast | 2d | dense | hadamard | identity; dim: 2..4096; bits: 1..8; seed: 0..2^64-1;
+    device: where parameters live and inputs must be; backend: auto | torch | triton.
+    """
+
+    def __init__(
+        self,
+        variant: str = "full",
+        dim: int = 128,
+        bits: int = 3,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        backend: str = "auto",
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not MIN_DIM <= dim <= MAX_DIM:
+            raise ValueError(f"dim must be an integer from {MIN_DIM} to {MAX_DIM}; got {dim!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}; got {bits!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer from 0 to 2^64-1; got {seed!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        self.variant, self.dim, self.bits, self.seed = variant, dim, bits, seed
+        self.device = torch.device(device)
+        self.rotation: RotationParams = make_rotation(variant, dim, seed)
+        self.codebook: Codebook = lloyd_max(self.rotation.n_coded, bits)
+        self.plan = Plan.build(self.rotation, self.codebook, self.device)
+        self.backend = self._resolve_backend(backend)
+        self._ops = reference if self.backend == "torch" else _triton_ops()
+
+    def _resolve_backend(self, backend: str) -> str:
+        if backend == "torch":
+            return "torch"
+        available = self.device.type == "cuda" and _triton_available()
+        if backend == "triton" and not available:
+            raise ValueError(
+                "backend 'triton' needs a CUDA device and an importable triton with kernels for this build; "
+                f"device is {self.device}. Allowed here: auto, torch"
+            )
+        return "triton" if available else "torch"
+
+    # -- identity ----------------------------------------------------------------------------------
+
+    @property
+    def n_coded(self) -> int:
+        """Coded coordinates per vector (dim padded to the variant's block)."""
+        return self.plan.n_coded
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of packed codes per vector: ceil(n_coded * bits / 8)."""
+        return self.plan.code_bytes
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """16 hex digits of SHA-256 over the format version, the descriptor and the actual parameter
+        and codebook values (docs/FORMAT.md)."""
+        digest = hashlib.sha256()
+        header = f"isoquant\0{FORMAT_VERSION}\0{self.variant}\0{self.dim}\0{self.bits}\0{self.seed}\0"
+        digest.update(header.encode())
+        values = [t.double().numpy() for t in self.rotation.hashed_values()]
+        values.append(self.codebook.centroids)
+        for array in values:
+            digest.update(np.round(array.reshape(-1) * _HASH_GRID).astype("<i8").tobytes())
+        return digest.hexdigest()[:16]
+
+    def descriptor(self) -> dict:
+        return {
+            "variant": self.variant,
+            "dim": self.dim,
+            "bits": self.bits,
+            "seed": self.seed,
+            "fingerprint": self.fingerprint,
+            "format_version": FORMAT_VERSION,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Quantizer(variant={self.variant!r}, dim={self.dim}, bits={self.bits}, seed={self.seed}, "
+            f"device='{self.device}', backend={self.backend!r}, fingerprint={self.fingerprint!r})"
+        )
+
+    # -- ops ---------------------------------------------------------------------------------------
+
+    def quantize(self, x: torch.Tensor) -> Packed:
+        """x [..., dim] float16 | bfloat16 | float32 -> Packed(codes uint8 [..., code_bytes], norms float32 [...])."""
+        rows, lead = self._rows(x, "x")
+        codes, norms = self._ops.quantize(rows, self.plan)
+        return Packed(
+            codes=codes.reshape(*lead, self.code_bytes),
+            norms=norms.reshape(lead),
+            **{k: v for k, v in self.descriptor().items()},
+        )
+
+    def dequantize(self, packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Packed codes -> reconstruction [..., dim] in ``dtype`` (float16 | bfloat16 | float32)."""
+        self._check_output_dtype(dtype)
+        if not isinstance(packed, Packed):
+            raise ValueError(f"packed must be a kernels.Packed, got {type(packed).__name__}")
+        if packed.fingerprint != self.fingerprint or packed.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"fingerprint {packed.fingerprint!r} (format {packed.format_version}) does not match this "
+                f"quantizer's {self.fingerprint!r} (format {FORMAT_VERSION}): the codes were made by "
+                f"another quantizer ({packed.variant}, dim={packed.dim}, bits={packed.bits}, seed={packed.seed})"
+            )
+        codes, norms = packed.codes, packed.norms
+        if codes.dtype != torch.uint8:
+            raise ValueError(f"codes must be uint8, got {_dtype_name(codes.dtype)}")
+        if codes.ndim < 1 or codes.shape[-1] != self.code_bytes:
+            raise ValueError(
+                f"codes must have {self.code_bytes} bytes per vector (dim={self.dim}, bits={self.bits}); "
+                f"got shape {list(codes.shape)}"
+            )
+        if norms.dtype != torch.float32 or norms.shape != codes.shape[:-1]:
+            raise ValueError(
+                f"norms must be float32 of shape {list(codes.shape[:-1])}; "
+                f"got {_dtype_name(norms.dtype)} of shape {list(norms.shape)}"
+            )
+        self._check_device(codes, "codes")
+        self._check_device(norms, "norms")
+        self._check_finite(norms.reshape(-1, 1), "norms")
+        lead = norms.shape
+        out = self._ops.dequantize(codes.reshape(-1, self.code_bytes), norms.reshape(-1), self.plan, dtype)
+        return out.reshape(*lead, self.dim)
+
+    def roundtrip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., dim] -> (reconstruction float32 [..., dim], squared error ||x - x_hat||^2 float32 [...])."""
+        rows, lead = self._rows(x, "x")
+        x_hat, sq_err = self._ops.roundtrip(rows, self.plan)
+        return x_hat.reshape(*lead, self.dim), sq_err.reshape(lead)
+
+    # -- validation --------------------------------------------------------------------------------
+
+    def _rows(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Size]:
+        """Check x [..., dim] and view it as rows [N, dim] (no copy when the rows are already strided)."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in INPUT_DTYPES.values():
+            raise ValueError(f"{name} dtype must be one of {_allowed_dtypes()}; got {_dtype_name(x.dtype)}")
+        if x.ndim < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"{name} must have last dimension {self.dim} (this quantizer's dim); got shape {list(x.shape)}")
+        self._check_device(x, name)
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.dim)
+        self._check_finite(rows, name)
+        if rows.numel():
+            norms = torch.linalg.vector_norm(rows.float(), dim=-1)
+            overflow = torch.isinf(norms)
+            if bool(overflow.any()):
+                raise ValueError(
+                    f"{name}: the norm of vectors {_index_list(overflow)} overflows float32; scale the input down"
+                )
+        return rows, lead
+
+    def _check_device(self, t: torch.Tensor, name: str) -> None:
+        if t.device != self.device and not (t.device.type == self.device.type == "cuda" and self.device.index is None):
+            raise ValueError(f"{name} is on {t.device} but this quantizer lives on {self.device}")
+
+    @staticmethod
+    def _check_finite(rows: torch.Tensor, name: str) -> None:
+        bad = ~torch.isfinite(rows).all(-1)
+        if bool(bad.any()):
+            raise ValueError(f"{name} holds NaN or Inf in vectors {_index_list(bad)} (flat row indices)")
+
+    @staticmethod
+    def _check_output_dtype(dtype: torch.dtype) -> None:
+        if dtype not in INPUT_DTYPES.values():
+            raise ValueError(f"dtype must be one of {_allowed_dtypes()}; got {dtype}")
+
+
+def _index_list(mask: torch.Tensor, limit: int = 10) -> str:
+    indices = torch.nonzero(mask.reshape(-1)).reshape(-1)
+    shown = ", ".join(str(i) for i in indices[:limit].tolist())
+    more = f" and {len(indices) - limit} more" if len(indices) > limit else ""
+    return f"[{shown}]{more}"
+
+
+def _triton_available() -> bool:
+    try:
+        import kernels.triton  # noqa: F401  (imports triton; fails cleanly where it is missing)
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_ops():
+    import kernels.triton as triton_ops
+
+    return triton_ops

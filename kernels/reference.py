@@ -1,0 +1,58 @@
+"""The three ops in pure torch: the CPU path and the oracle of the Triton kernels (same signatures).
+
+All take rows x [N, dim] (float16, bfloat16 or float32, any row stride) and compute in float32:
+
+    rho = ||x||_2,  x_bar = x / max(rho, EPS),  y = R(pad(x_bar)),  index = #{boundaries < y}
+    x_hat = rho * unpad(R^-1(centroids[index]))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.packing import pack_codes, unpack_codes
+from kernels.plan import Plan
+from kernels.rotations import rotate
+
+EPS = 1e-30  # norms below this are treated as this (a zero vector reconstructs to exactly zero)
+
+
+def _indices(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Code indices uint8 [N, n_coded] and norms float32 [N] of rows x [N, dim]."""
+    x = x.float()
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    direction = x / norms.clamp_min(EPS).unsqueeze(-1)
+    if plan.n_coded != plan.dim:
+        direction = torch.nn.functional.pad(direction, (0, plan.n_coded - plan.dim))
+    rotated = rotate(direction, plan.params, plan.variant)
+    # right=False counts the boundaries strictly below each value: FORMAT.md's tie rule.
+    indices = torch.searchsorted(plan.boundaries, rotated.contiguous(), right=False)
+    return indices.to(torch.uint8), norms
+
+
+def _reconstruct(indices: torch.Tensor, norms: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """float32 [N, dim] from code indices [N, n_coded] and norms [N]."""
+    rotated = plan.centroids[indices.long()]
+    direction = rotate(rotated, plan.params, plan.variant, inverse=True)[:, : plan.dim]
+    return direction * norms.unsqueeze(-1)
+
+
+def quantize(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [N, dim] -> (packed codes uint8 [N, code_bytes], norms float32 [N])."""
+    indices, norms = _indices(x, plan)
+    return pack_codes(indices, plan.bits), norms
+
+
+def dequantize(codes: torch.Tensor, norms: torch.Tensor, plan: Plan, dtype: torch.dtype) -> torch.Tensor:
+    """Packed codes uint8 [N, code_bytes] and norms float32 [N] -> reconstruction [N, dim] in ``dtype``."""
+    indices = unpack_codes(codes, plan.bits, plan.n_coded)
+    return _reconstruct(indices, norms, plan).to(dtype)
+
+
+def roundtrip(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [N, dim] -> (reconstruction float32 [N, dim], squared error ||x - x_hat||^2 float32 [N]),
+    without packing codes."""
+    indices, norms = _indices(x, plan)
+    x_hat = _reconstruct(indices, norms, plan)
+    sq_err = (x.float() - x_hat).square().sum(-1)
+    return x_hat, sq_err
