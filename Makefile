@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(PIP_EXTRA) "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(PY) -m pip install -q -e ".[server,dev]"
+	$(PY) -m pip install -q -e ".[server,dev,eval]"
 	touch $@
 
 serve: setup
