@@ -183,21 +183,21 @@ def rotate(x: torch.Tensor, params: dict[str, torch.Tensor], variant: str, inver
 
     ``params`` holds the variant's tensors already on x's device.
     """
-    n = x.shape[0]
+    n, width = x.shape
     if variant in ("full", "fast"):
-        blocks = x.reshape(n, -1, 4)
+        blocks = x.reshape(n, width // 4, 4)
         matrix = params["matrix"]
         # y_g = M_g v_g, inverse M_g^T y_g: 16 multiply-adds a block for both Full and Fast.
         equation = "gji,ngj->ngi" if inverse else "gij,ngj->ngi"
-        return torch.einsum(equation, matrix, blocks).reshape(n, -1)
+        return torch.einsum(equation, matrix, blocks).reshape(n, width)
     if variant == "2d":
-        pairs = x.reshape(n, -1, 2)
+        pairs = x.reshape(n, width // 2, 2)
         cos, sin = params["cos"], params["sin"]
         if inverse:
             sin = -sin
         first = cos * pairs[..., 0] - sin * pairs[..., 1]
         second = sin * pairs[..., 0] + cos * pairs[..., 1]
-        return torch.stack([first, second], -1).reshape(n, -1)
+        return torch.stack([first, second], -1).reshape(n, width)
     if variant == "dense":
         matrix = params["matrix"]
         return x @ matrix if inverse else x @ matrix.T
