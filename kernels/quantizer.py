@@ -145,7 +145,7 @@ class Quantizer:
         header = f"isoquant\0{FORMAT_VERSION}\0{self.variant}\0{self.dim}\0{self.bits}\0{self.seed}\0"
         digest.update(header.encode())
         values = [t.double().numpy() for t in self.rotation.hashed_values()]
-        values.append(self.codebook.centroids)
+        values.append(self.codebook.centroids.astype(np.float32).astype(np.float64))  # as applied
         for array in values:
             digest.update(np.round(array.reshape(-1) * _HASH_GRID).astype("<i8").tobytes())
         return digest.hexdigest()[:16]
