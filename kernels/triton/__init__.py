@@ -1,0 +1,24 @@
+"""Triton kernels of the three ops, with the signatures of ``kernels.reference``:
+
+    quantize(x [N, dim], plan) -> (codes uint8 [N, code_bytes], norms float32 [N])
+    dequantize(codes, norms, plan, dtype) -> [N, dim] dtype
+    roundtrip(x, plan) -> (x_hat float32 [N, dim], sq_err float32 [N])
+
+Importing this package raises ImportError where triton is not importable (``kernels.quantizer`` then
+falls back to the torch reference). Kernels are defined at import time, so TRITON_INTERPRET=1 must be
+set before the first import to run them on the CPU.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except Exception as exc:  # a broken triton install can raise more than ImportError
+    raise ImportError(f"kernels.triton needs an importable triton: {exc}") from exc
+
+from kernels.triton.dequantize import dequantize
+from kernels.triton.quantize import quantize
+from kernels.triton.roundtrip import roundtrip
+
+__all__ = ["dequantize", "quantize", "roundtrip"]

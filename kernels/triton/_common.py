@@ -1,0 +1,260 @@
+"""Shared pieces of the Triton kernels: @triton.jit helpers (rotations, code search, bit packing) and the
+launchers' input checks and tile choices.
+
+Tile shape of the fused kernels (variants full, fast, 2d, identity): one program owns BN rows and W
+columns, W = next power of two >= max(8, n_coded). Columns dim..W-1 are loaded as zeros, which is exactly
+the zero padding of the method (padded coordinates are zero before the rotation). The tile is viewed as
+[BN, W // 8, 8] for packing: 8 consecutive codes of b bits are exactly b bytes that start on a byte
+boundary (docs/FORMAT.md layout), so each group of 8 packs into one integer word and is stored as b bytes.
+The rotation views the same registers as [BN, W // 4, 4] quaternion blocks or [BN, W // 2, 2] planar
+pairs; tl.split / tl.join on a last dimension of 2 that lives inside one thread cost no data movement.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.plan import Plan
+
+EPS = 1e-30  # the reference's clamp of the norm (kernels.reference.EPS)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FUSED_VARIANTS = ("full", "fast", "2d", "identity")
+MATRIX_VARIANTS = ("dense", "hadamard")
+
+# Elements of one fused tile. 4096 fp16 elements = 8 KiB of input per program at 4 warps: 32 elements,
+# four 16-byte loads per thread in flight.
+FUSED_TILE = 4096
+
+
+# ---------------------------------------------------------------------------------------------------
+# jit helpers
+
+
+@triton.jit
+def _rotate_blocks(t, m_ptr, BN: tl.constexpr, W: tl.constexpr, N_BLOCKS, INVERSE: tl.constexpr):
+    """4x4 block rotation of a float32 tile t [BN, W] (W // 4 blocks of 4 consecutive columns).
+
+    m_ptr: float32 [N_BLOCKS, 4, 4] row-major; forward y = M v, inverse v = M^T y. Blocks >= N_BLOCKS
+    (tile padding) get a zero matrix, so their output is zero."""
+    NB: tl.constexpr = W // 4
+    blk = tl.arange(0, NB)
+    ok = blk < N_BLOCKS
+    base = m_ptr + blk * 16
+    t4 = tl.reshape(t, [BN, NB, 2, 2])
+    lo, hi = tl.split(t4)  # component j = 2a + c: lo holds c = 0 (j = 0, 2), hi holds c = 1 (j = 1, 3)
+    v0, v2 = tl.split(lo)
+    v1, v3 = tl.split(hi)
+    if INVERSE:
+        # v_j = sum_i M[i, j] y_i
+        w0 = (tl.load(base + 0, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 4, mask=ok, other=0.0)[None, :] * v1
+              + tl.load(base + 8, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 12, mask=ok, other=0.0)[None, :] * v3)
+        w1 = (tl.load(base + 1, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 5, mask=ok, other=0.0)[None, :] * v1
+              + tl.load(base + 9, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 13, mask=ok, other=0.0)[None, :] * v3)
+        w2 = (tl.load(base + 2, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 6, mask=ok, other=0.0)[None, :] * v1
+              + tl.load(base + 10, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 14, mask=ok, other=0.0)[None, :] * v3)
+        w3 = (tl.load(base + 3, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 7, mask=ok, other=0.0)[None, :] * v1
+              + tl.load(base + 11, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 15, mask=ok, other=0.0)[None, :] * v3)
+    else:
+        # y_i = sum_j M[i, j] v_j
+        w0 = (tl.load(base + 0, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 1, mask=ok, other=0.0)[None, :] * v1
+              + tl.load(base + 2, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 3, mask=ok, other=0.0)[None, :] * v3)
+        w1 = (tl.load(base + 4, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 5, mask=ok, other=0.0)[None, :] * v1
+              + tl.load(base + 6, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 7, mask=ok, other=0.0)[None, :] * v3)
+        w2 = (tl.load(base + 8, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 9, mask=ok, other=0.0)[None, :] * v1
+              + tl.load(base + 10, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 11, mask=ok, other=0.0)[None, :] * v3)
+        w3 = (tl.load(base + 12, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 13, mask=ok, other=0.0)[None, :] * v1
+              + tl.load(base + 14, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 15, mask=ok, other=0.0)[None, :] * v3)
+    out = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [BN, NB, 2(a), 2(c)], j = 2a + c
+    return tl.reshape(out, [BN, W])
+
+
+@triton.jit
+def _rotate_pairs(t, cos_ptr, sin_ptr, BN: tl.constexpr, W: tl.constexpr, N_PAIRS, INVERSE: tl.constexpr):
+    """Planar rotation of a float32 tile t [BN, W] (W // 2 pairs): y0 = c x0 - s x1, y1 = s x0 + c x1;
+    the inverse uses -s. Pairs >= N_PAIRS (tile padding) come out zero."""
+    NP: tl.constexpr = W // 2
+    pair = tl.arange(0, NP)
+    ok = pair < N_PAIRS
+    c = tl.load(cos_ptr + pair, mask=ok, other=0.0)[None, :]
+    s = tl.load(sin_ptr + pair, mask=ok, other=0.0)[None, :]
+    if INVERSE:
+        s = -s
+    x0, x1 = tl.split(tl.reshape(t, [BN, NP, 2]))
+    y0 = c * x0 - s * x1
+    y1 = s * x0 + c * x1
+    return tl.reshape(tl.join(y0, y1), [BN, W])
+
+
+@triton.jit
+def _rotate(t, p0_ptr, p1_ptr, BN: tl.constexpr, W: tl.constexpr, N_CODED, VARIANT: tl.constexpr,
+            INVERSE: tl.constexpr):
+    """Rotation of a float32 tile [BN, W] for the fused variants; VARIANT 0 full/fast, 1 2d, 2 identity."""
+    if VARIANT == 0:
+        return _rotate_blocks(t, p0_ptr, BN, W, N_CODED // 4, INVERSE)
+    elif VARIANT == 1:
+        return _rotate_pairs(t, p0_ptr, p1_ptr, BN, W, N_CODED // 2, INVERSE)
+    else:
+        return t
+
+
+@triton.jit
+def _code_search(y, bnd_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Code index int32 (shape of y) = number of boundaries strictly below y (float32).
+
+    SYMMETRIC (bits <= 4, boundaries t_k = -t_{K-2-k} exactly, middle one 0): count the K/2 - 1 positive
+    boundaries below |y| with scalar compares, then mirror: index = K/2 + s for y > 0, K/2 - 1 - s
+    otherwise. Differs from the strict rule only for y exactly equal to a negative boundary.
+    Otherwise: branch-free binary search with gathers from the boundary table (BITS steps)."""
+    if SYMMETRIC:
+        HALF: tl.constexpr = 1 << (BITS - 1)
+        a = tl.abs(y)
+        s = tl.zeros(y.shape, tl.int32)
+        for i in tl.static_range(HALF - 1):
+            s += (a > tl.load(bnd_ptr + HALF + i)).to(tl.int32)
+        idx = tl.where(y > 0.0, HALF + s, HALF - 1 - s)
+    else:
+        idx = tl.zeros(y.shape, tl.int32)
+        for step in tl.static_range(BITS):
+            cand = idx + (1 << (BITS - 1 - step))
+            idx = tl.where(y > tl.load(bnd_ptr + cand - 1), cand, idx)
+    return idx
+
+
+@triton.jit
+def _pack_store(codes, codes_ptr, rows, row_ok, stride_cr, stride_cc, BN: tl.constexpr, W: tl.constexpr,
+                CODE_BYTES, BITS: tl.constexpr):
+    """Pack codes int32 [BN, W] (zero beyond n_coded) into bytes: group g of 8 codes -> bytes
+    [g * BITS, (g + 1) * BITS) of the row, LSB first (docs/FORMAT.md)."""
+    NG: tl.constexpr = W // 8
+    shifts = tl.arange(0, 8) * BITS
+    if BITS <= 4:
+        c3 = tl.reshape(codes, [BN, NG, 8]).to(tl.uint32)
+        word = tl.sum(c3 << shifts[None, None, :].to(tl.uint32), axis=2)  # disjoint bits: sum == or
+    else:
+        c3 = tl.reshape(codes, [BN, NG, 8]).to(tl.uint64)
+        word = tl.sum(c3 << shifts[None, None, :].to(tl.uint64), axis=2)
+    g = tl.arange(0, NG)
+    row_off = rows.to(tl.int64)[:, None] * stride_cr
+    for j in tl.static_range(BITS):
+        byte_idx = g * BITS + j
+        ok = row_ok[:, None] & (byte_idx < CODE_BYTES)[None, :]
+        tl.store(codes_ptr + row_off + byte_idx[None, :] * stride_cc, ((word >> (8 * j)) & 0xFF).to(tl.uint8),
+                 mask=ok)
+
+
+@triton.jit
+def _load_unpack(codes_ptr, rows, row_ok, stride_cr, stride_cc, BN: tl.constexpr, W: tl.constexpr,
+                 CODE_BYTES, BITS: tl.constexpr):
+    """Inverse of _pack_store: int32 codes [BN, W] (values beyond the row's bytes are garbage-free zeros)."""
+    NG: tl.constexpr = W // 8
+    g = tl.arange(0, NG)
+    row_off = rows.to(tl.int64)[:, None] * stride_cr
+    if BITS <= 4:
+        word = tl.zeros([BN, NG], tl.uint32)
+    else:
+        word = tl.zeros([BN, NG], tl.uint64)
+    for j in tl.static_range(BITS):
+        byte_idx = g * BITS + j
+        ok = row_ok[:, None] & (byte_idx < CODE_BYTES)[None, :]
+        byte = tl.load(codes_ptr + row_off + byte_idx[None, :] * stride_cc, mask=ok, other=0)
+        word = word | (byte.to(word.dtype) << (8 * j))
+    shifts = tl.arange(0, 8) * BITS
+    codes = (word[:, :, None] >> shifts[None, None, :].to(word.dtype)) & ((1 << BITS) - 1)
+    return tl.reshape(codes.to(tl.int32), [BN, W])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher helpers
+
+
+def check_rows(x: torch.Tensor, plan: Plan, name: str = "x") -> None:
+    """Rows x [N, dim] float16 | bfloat16 | float32 on the plan's device (any strides)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != plan.dim:
+        raise ValueError(f"{name} must have shape [N, {plan.dim}], got {list(x.shape)}")
+    check_device(x, plan, name)
+
+
+def check_device(t: torch.Tensor, plan: Plan, name: str) -> None:
+    want = torch.device(plan.device)
+    if t.device.type != want.type or (want.index is not None and t.device.index != want.index):
+        raise ValueError(f"{name} is on {t.device} but the plan lives on {plan.device}")
+
+
+def variant_id(variant: str) -> int:
+    return {"full": 0, "fast": 0, "2d": 1, "identity": 2}[variant]
+
+
+def fused_params(plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two parameter pointers of a fused kernel (unused ones point at the centroids)."""
+    if plan.variant in ("full", "fast"):
+        return plan.params["matrix"].contiguous(), plan.centroids
+    if plan.variant == "2d":
+        return plan.params["cos"].contiguous(), plan.params["sin"].contiguous()
+    return plan.centroids, plan.centroids
+
+
+def fused_tile(plan: Plan, tile: int = FUSED_TILE) -> tuple[int, int, int]:
+    """(W, BN, num_warps) for a fused kernel: W columns >= n_coded, BN rows, W * BN ~ ``tile`` elements."""
+    width = triton.next_power_of_2(max(8, plan.n_coded))
+    rows = max(1, tile // width)
+    warps = 4 if width * rows <= 4096 else 8
+    return width, rows, warps
+
+
+_SYMMETRIC: dict[int, bool] = {}
+
+
+def symmetric_search(plan: Plan) -> bool:
+    """Whether the scalar symmetric code search applies: bits <= 4 and boundaries exactly antisymmetric."""
+    if plan.bits > 4:
+        return False
+    key = id(plan)
+    if key not in _SYMMETRIC:
+        b = plan.boundaries.detach().float().cpu()
+        ok = bool(torch.equal(b, -b.flip(0)))
+        _SYMMETRIC[key] = ok
+        weakref.finalize(plan, _SYMMETRIC.pop, key, None)
+    return _SYMMETRIC[key]
+
+
+_MATRICES: dict[int, torch.Tensor] = {}
+
+
+def mixing_matrix(plan: Plan) -> torch.Tensor:
+    """float32 [n_coded, dim] A with y = pad(x) rotated = x @ A^T and inverse x = (c @ A) (dense, hadamard).
+
+    dense: the plan's orthogonal matrix. hadamard: A[i, j] = H[i, j] * signs[j] / sqrt(P) (Sylvester H,
+    the same transform as the reference's FWHT), columns j < dim only (the padding is zero). Cached per
+    plan: P x dim floats, 64 KiB at dim 128."""
+    if plan.variant == "dense":
+        return plan.params["matrix"].contiguous()
+    key = id(plan)
+    if key not in _MATRICES:
+        size = plan.n_coded
+        idx = torch.arange(size)
+        parity = torch.zeros(size, size, dtype=torch.int64)
+        bits = idx[:, None] & idx[None, :]
+        while bool(bits.any()):
+            parity ^= bits & 1
+            bits = bits >> 1
+        hadamard = 1.0 - 2.0 * parity.double()
+        signs = plan.params["signs"].detach().double().cpu()
+        matrix = hadamard * signs[None, :] / math.sqrt(size)
+        _MATRICES[key] = matrix[:, : plan.dim].float().contiguous().to(plan.device)
+        weakref.finalize(plan, _MATRICES.pop, key, None)
+    return _MATRICES[key]
+
+
+def matrix_tiles(plan: Plan) -> tuple[int, int, int]:
+    """(BN, BK, BO) of the matrix kernels: tl.dot needs every side >= 16; BO a multiple of 8 (packing)."""
+    bo = min(64, max(16, triton.next_power_of_2(max(plan.n_coded, plan.dim))))
+    return 32, 32, bo

@@ -1,0 +1,79 @@
+"""Round trip: rows x [N, dim] -> reconstruction float32 [N, dim] and squared error ||x - x_hat||^2
+float32 [N], without writing codes to memory (fused variants).
+
+Fused kernel (full, fast, 2d, identity): quantize and dequantize of one tile in registers: load, norm,
+rotate, search, gather centroids, inverse-rotate, scale, store x_hat, reduce the error. dense and hadamard
+run the quantize kernel (codes go through a temporary, 1/32 to 1/4 of the input's bytes) and then the
+dequantize kernel that also reduces the error.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.plan import Plan
+from kernels.triton._common import (
+    EPS,
+    FUSED_VARIANTS,
+    _code_search,
+    _rotate,
+    check_rows,
+    fused_params,
+    fused_tile,
+    symmetric_search,
+    variant_id,
+)
+from kernels.triton.dequantize import launch_matrix_dequantize
+from kernels.triton.quantize import quantize
+
+
+@triton.jit
+def _roundtrip_fused_kernel(
+    x_ptr, out_ptr, err_ptr, p0_ptr, p1_ptr, bnd_ptr, cent_ptr,
+    N, DIM: tl.constexpr, N_CODED: tl.constexpr,
+    stride_xr, stride_xc, stride_or, stride_oc,
+    BN: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr, VARIANT: tl.constexpr, SYMMETRIC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    cols = tl.arange(0, W)
+    mask = row_ok[:, None] & (cols < DIM)[None, :]
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc,
+                mask=mask, other=0.0).to(tl.float32)
+    rho = tl.sqrt_rn(tl.sum(x * x, axis=1))
+    inv = 1.0 / tl.maximum(rho, EPS)
+    y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, False)
+    codes = _code_search(y, bnd_ptr, BITS, SYMMETRIC)
+    c = tl.where((cols < N_CODED)[None, :], tl.load(cent_ptr + codes), 0.0)
+    x_hat = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, True) * rho[:, None]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_or + cols[None, :] * stride_oc, x_hat, mask=mask)
+    diff = tl.where(mask, x - x_hat, 0.0)
+    tl.store(err_ptr + rows, tl.sum(diff * diff, axis=1), mask=row_ok)
+
+
+def roundtrip(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [N, dim] -> (reconstruction float32 [N, dim], squared error float32 [N]); same results as
+    ``kernels.reference.roundtrip`` within float32 rounding (and the boundary rule of ``quantize``)."""
+    check_rows(x, plan)
+    n = x.shape[0]
+    out = torch.empty(n, plan.dim, dtype=torch.float32, device=x.device)
+    err = torch.empty(n, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return out, err
+    if plan.variant in FUSED_VARIANTS:
+        width, rows, warps = fused_tile(plan)
+        p0, p1 = fused_params(plan)
+        _roundtrip_fused_kernel[(triton.cdiv(n, rows),)](
+            x, out, err, p0, p1, plan.boundaries, plan.centroids,
+            n, plan.dim, plan.n_coded,
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            BN=rows, W=width, BITS=plan.bits, VARIANT=variant_id(plan.variant), SYMMETRIC=symmetric_search(plan),
+            num_warps=warps,
+        )
+    else:
+        codes, norms = quantize(x, plan)
+        launch_matrix_dequantize(codes, norms, out, plan, x=x, err=err)
+    return out, err
