@@ -1,0 +1,72 @@
+"""CPU throughput of the torch reference: quantize and dequantize 65,536 x 128 float32 vectors at 3 bits.
+
+Prints one table: every variant's median time, vectors/s and input MB/s, and the ratio to one
+elementwise pass of torch over the same tensor (``x * 2``: the cheapest op that reads and writes it),
+measured in the same run.
+
+    python bench/bench_cpu.py [--n 65536] [--dim 128] [--bits 3] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+from kernels import VARIANTS, Quantizer
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: codebook caches, allocator
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=65536)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    x = torch.randn(args.n, args.dim, generator=torch.Generator().manual_seed(0))
+    elementwise = median_seconds(lambda: x * 2, args.repeats)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"# {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{datetime.date.today()}, commit {commit}")
+    print(f"# N={args.n}, dim={args.dim}, bits={args.bits}, float32; elementwise pass (x * 2): "
+          f"{elementwise * 1e3:.2f} ms")
+    print("| variant | op | median ms | Mvectors/s | input MB/s | x elementwise pass |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    mb = x.numel() * x.element_size() / 1e6
+    for variant in VARIANTS:
+        q = Quantizer(variant, args.dim, args.bits, seed=0, backend="torch")
+        packed = q.quantize(x)
+        for op, fn in (("quantize", lambda: q.quantize(x)), ("dequantize", lambda: q.dequantize(packed))):
+            seconds = median_seconds(fn, args.repeats)
+            print(f"| {variant} | {op} | {seconds * 1e3:.1f} | {args.n / seconds / 1e6:.2f} | "
+                  f"{mb / seconds:.0f} | {seconds / elementwise:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
