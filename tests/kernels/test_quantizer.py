@@ -254,3 +254,15 @@ def test_dequantize_refuses_bad_dtype_and_nan_norms(q16):
     bad = Packed(**{**packed.__dict__, "norms": torch.tensor([1.0, float("nan"), 1.0])})
     with pytest.raises(ValueError, match=r"norms holds NaN or Inf in vectors \[1\]"):
         q16.dequantize(bad)
+
+
+def test_fingerprint_follows_format_md():
+    """Recompute the fingerprint as docs/FORMAT.md words it, from the stored parameters."""
+    import numpy as np
+
+    q = Quantizer("full", 12, 3, seed=42)
+    message = b"isoquant\x001\x00full\x0012\x003\x0042\x00"
+    for values in (q.rotation.tensors["q_left"], q.rotation.tensors["q_right"], q.plan.centroids.cpu()):
+        grid = np.round(values.double().numpy().reshape(-1) * 2.0**24).astype("<i8")
+        message += grid.tobytes()
+    assert q.fingerprint == hashlib.sha256(message).hexdigest()[:16]
