@@ -1,0 +1,384 @@
+"""The device side of the service: quantizers resident on one device, a bounded work queue served by
+worker threads, per-op device timing and the mapping of failures to HTTP-level errors.
+
+Why threads: the ops are torch calls that release the GIL for their heavy parts, and a CUDA stream is
+naturally serialised, so one worker (the default) keeps the GPU busy while the event loop goes on
+answering /health and /metrics. Admission is counted, not queued blindly: at most ``max_queue``
+requests are admitted (waiting or running); the next one gets 429 at once instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from kernels import FORMAT_VERSION, INPUT_DTYPES, Packed, Quantizer
+from service.errors import ApiError, InvalidInput, QueueFull, Unavailable
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("service.engine")
+T = TypeVar("T")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a torch.device that exists here (ValueError otherwise)."""
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use auto or cpu")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        device = torch.device("cuda", index)
+    return device
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Error statistics of x_hat against x (see schemas.Distortion)."""
+
+    mse: float
+    mean_relative_error: float
+    max_relative_error: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"mse": self.mse, "mean_relative_error": self.mean_relative_error,
+                "max_relative_error": self.max_relative_error}
+
+
+def distortion(x: torch.Tensor, x_hat: torch.Tensor, sq_err: torch.Tensor | None = None) -> Stats:
+    """x, x_hat [..., dim] (any float dtype, same device) -> Stats, computed in float64.
+
+    mse: mean over all elements of (x - x_hat)^2; relative error of a vector: ||x - x_hat|| / ||x||,
+    defined as 0 for x = 0 (whose reconstruction is exactly 0). ``sq_err`` [...] may be given when
+    the fused round trip already computed it."""
+    dim = x.shape[-1]
+    xd = x.reshape(-1, dim).double()
+    if sq_err is None:
+        sq_err = (xd - x_hat.reshape(-1, dim).double()).square().sum(-1)
+    else:
+        sq_err = sq_err.reshape(-1).double()
+    norms = torch.linalg.vector_norm(xd, dim=-1)
+    relative = torch.where(norms > 0, sq_err.sqrt() / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    n = max(xd.shape[0], 1)
+    return Stats(
+        mse=float(sq_err.sum()) / (n * dim),
+        mean_relative_error=float(relative.sum()) / n,
+        max_relative_error=float(relative.max()) if relative.numel() else 0.0,
+    )
+
+
+@dataclass
+class QuantizeResult:
+    """CPU tensors: codes uint8 [..., code_bytes], norms float32 [...], optional reconstruction float32
+    [..., dim]; the descriptor; optional Stats."""
+
+    codes: torch.Tensor
+    norms: torch.Tensor
+    descriptor: dict
+    reconstruction: torch.Tensor | None
+    stats: Stats | None
+
+
+@dataclass
+class DequantizeResult:
+    """CPU tensor vectors [..., dim] in the requested dtype; optional Stats against the reference."""
+
+    vectors: torch.Tensor
+    stats: Stats | None
+
+
+class Engine:
+    """Quantizers on one device and the workers that run them."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.device = resolve_device(settings.device)
+        self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="isoquant-device")
+        self._lock = threading.Lock()  # admission counters and the quantizer caches
+        self._build_lock = threading.Lock()  # one build at a time: codebooks are cached per process
+        self._admitted = 0
+        self._running = 0
+        self._resident: dict[tuple[str, int, int], Quantizer] = {}  # default seed: bounded by the allowlists
+        self._seeded: OrderedDict[tuple[str, int, int, int], Quantizer] = OrderedDict()  # other seeds: LRU
+        self.warmed = False  # warm-up finished successfully
+        self.draining = False  # shutdown began: not ready, still serving
+        self.accepting = True  # false once the workers are shut down
+        self.warm_progress = (0, len(settings.warm_set()))
+        self.warmup_error: str | None = None
+        self.warmup_seconds: float | None = None
+        self.backend = Quantizer("identity", 4, 1, device=self.device).backend
+        metrics.set_build_info(self.device, self.backend)
+        metrics.ready.set(0)
+
+    @property
+    def ready(self) -> bool:
+        """What GET /health/ready reports: warmed up and not draining."""
+        return self.warmed and not self.draining
+
+    # -- quantizers -------------------------------------------------------------------------------
+
+    def quantizer(self, variant: str, dim: int, bits: int, seed: int) -> Quantizer:
+        """The resident quantizer for these parameters, built on first use (call from a worker)."""
+        if seed == self.settings.default_seed:
+            key3 = (variant, dim, bits)
+            q = self._resident.get(key3)
+            if q is None:
+                with self._build_lock:
+                    q = self._resident.get(key3) or Quantizer(variant, dim, bits, seed, device=self.device)
+                self._resident[key3] = q
+                self.metrics.quantizers.labels("default_seed").set(len(self._resident))
+            return q
+        key = (variant, dim, bits, seed)
+        with self._lock:
+            q = self._seeded.get(key)
+            if q is not None:
+                self._seeded.move_to_end(key)
+                return q
+        with self._build_lock:
+            q = Quantizer(variant, dim, bits, seed, device=self.device)
+        with self._lock:
+            self._seeded[key] = q
+            self._seeded.move_to_end(key)
+            while len(self._seeded) > self.settings.seed_cache_size:
+                self._seeded.popitem(last=False)
+            self.metrics.quantizers.labels("other_seeds").set(len(self._seeded))
+        return q
+
+    def resident_count(self) -> dict[str, int]:
+        with self._lock:
+            return {"default_seed": len(self._resident), "other_seeds": len(self._seeded)}
+
+    # -- queue ------------------------------------------------------------------------------------
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on a device worker: 429 if ``max_queue`` requests are already admitted,
+        503 if it does not finish within ``job_timeout_s`` or the device fails."""
+        if not self.accepting:
+            raise Unavailable("the service is shutting down", type="shutting_down")
+        with self._lock:
+            if self._admitted >= self.settings.max_queue:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise QueueFull(
+                    f"{self._admitted} requests are already queued or running (max_queue={self.settings.max_queue}); "
+                    "retry later"
+                )
+            self._admitted += 1
+            self.metrics.queue_depth.set(self._admitted - self._running)
+        try:
+            future = self._executor.submit(self._job, fn, args)
+        except RuntimeError:  # the executor is shut down
+            self._finish(started=False)
+            raise Unavailable("the service is shutting down", type="shutting_down") from None
+        try:
+            # shield: a timed-out or cancelled request leaves its job to finish; admission is released
+            # by the job itself, so the queue bound stays honest.
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.settings.job_timeout_s)
+        except asyncio.TimeoutError:
+            self.metrics.rejected.labels("timeout").inc()
+            raise Unavailable(f"the device did not finish within {self.settings.job_timeout_s} s", type="timeout") from None
+
+    def _job(self, fn: Callable[..., T], args: tuple) -> T:
+        with self._lock:
+            self._running += 1
+            self.metrics.jobs_running.set(self._running)
+            self.metrics.queue_depth.set(self._admitted - self._running)
+        try:
+            return self._guard(fn, *args)
+        finally:
+            self._finish(started=True)
+
+    def _finish(self, started: bool) -> None:
+        with self._lock:
+            self._admitted -= 1
+            if started:
+                self._running -= 1
+            self.metrics.jobs_running.set(self._running)
+            self.metrics.queue_depth.set(self._admitted - self._running)
+
+    def _guard(self, fn: Callable[..., T], *args: Any) -> T:
+        """Map failures: the library's ValueError -> 422; out of memory and other device errors -> 503
+        (after releasing cached memory, so the next request can run)."""
+        try:
+            return fn(*args)
+        except ApiError:
+            raise
+        except ValueError as exc:
+            message = str(exc)
+            if message.startswith(("x ", "x:")):  # the library calls the input x; the API calls it vectors
+                message = "vectors" + message[1:]
+            raise InvalidInput(message, _field_of(str(exc)), type="non_finite" if "NaN" in message else None) from None
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            self._release_memory()
+            self.metrics.device_errors.labels("out_of_memory").inc()
+            log.warning("out of memory on %s: %s", self.device, exc)
+            raise Unavailable(f"out of memory on {self.device}; retry with a smaller batch or later",
+                              type="out_of_memory") from None
+        except RuntimeError as exc:  # CUDA/accelerator errors are RuntimeError subclasses
+            self._release_memory()
+            self.metrics.device_errors.labels("runtime").inc()
+            log.exception("device error on %s", self.device)
+            raise Unavailable(f"device error on {self.device}: {exc}", type="device_error") from None
+
+    def _release_memory(self) -> None:
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError:
+                log.exception("empty_cache failed")
+
+    # -- timing -----------------------------------------------------------------------------------
+
+    def _timed(self, op: str, q: Quantizer, dtype: torch.dtype, fn: Callable[[], T], observe: bool = True) -> T:
+        """Run one library op and record its device time (CUDA events on GPU: the kernels' time on the
+        stream, not the host's; wall clock on CPU)."""
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000.0
+        else:
+            t0 = time.perf_counter()
+            result = fn()
+            seconds = time.perf_counter() - t0
+        if observe:
+            name = str(dtype).removeprefix("torch.")
+            self.metrics.kernel_duration.labels(**self.metrics.kernel_labels(op, q.variant, q.dim, q.bits, name)).observe(seconds)
+        return result
+
+    def _count(self, op: str, q: Quantizer, vectors: int) -> None:
+        m = self.metrics
+        m.vectors.labels(m.label("op", op), m.label("variant", q.variant), m.label("dim", q.dim), m.label("bits", q.bits)).inc(vectors)
+
+    # -- ops (run on a worker) --------------------------------------------------------------------
+
+    def quantize_job(self, variant: str, bits: int, seed: int, x: torch.Tensor,
+                     want_reconstruction: bool, want_distortion: bool) -> QuantizeResult:
+        """x [..., dim] CPU float16|bfloat16|float32 -> QuantizeResult (codes, norms; with the fused
+        round trip's float32 reconstruction and Stats when asked)."""
+        q = self.quantizer(variant, x.shape[-1], bits, seed)
+        xd = x.to(self.device, non_blocking=False)
+        packed = self._timed("quantize", q, x.dtype, lambda: q.quantize(xd))
+        n = packed.norms.numel()
+        self._count("quantize", q, n)
+        reconstruction = stats = None
+        if want_reconstruction or want_distortion:
+            x_hat, sq_err = self._timed("roundtrip", q, x.dtype, lambda: q.roundtrip(xd))
+            self._count("roundtrip", q, n)
+            if want_distortion:
+                stats = distortion(xd, x_hat, sq_err)
+                self._observe_error(q, stats)
+            if want_reconstruction:
+                reconstruction = x_hat.cpu()
+        return QuantizeResult(packed.codes.cpu(), packed.norms.cpu(), q.descriptor(), reconstruction, stats)
+
+    def dequantize_job(self, descriptor: dict, codes: torch.Tensor, norms: torch.Tensor,
+                       reference: torch.Tensor | None, dtype: torch.dtype) -> DequantizeResult:
+        """codes uint8 [..., code_bytes], norms float32 [...] (CPU) and a descriptor -> vectors [..., dim]
+        in ``dtype``; Stats of those vectors against ``reference`` [..., dim] when given."""
+        q = self.quantizer(descriptor["variant"], descriptor["dim"], descriptor["bits"], descriptor["seed"])
+        if descriptor["format_version"] != FORMAT_VERSION:
+            raise InvalidInput(
+                f"format_version {descriptor['format_version']} is not served; this server reads format {FORMAT_VERSION}",
+                "quantizer.format_version", type="format_mismatch",
+            )
+        if descriptor["fingerprint"] != q.fingerprint:
+            raise InvalidInput(
+                f"fingerprint {descriptor['fingerprint']!r} does not match this server's quantizer "
+                f"({q.variant}, dim={q.dim}, bits={q.bits}, seed={q.seed}), whose fingerprint is {q.fingerprint!r}: "
+                "the codes were made by a different quantizer or another format",
+                "quantizer.fingerprint", type="fingerprint_mismatch",
+            )
+        packed = Packed(codes=codes.to(self.device), norms=norms.to(self.device), **q.descriptor())
+        out = self._timed("dequantize", q, dtype, lambda: q.dequantize(packed, dtype))
+        self._count("dequantize", q, norms.numel())
+        stats = None
+        if reference is not None:
+            stats = distortion(reference.to(self.device), out)
+            self._observe_error(q, stats)
+        return DequantizeResult(out.cpu(), stats)
+
+    def _observe_error(self, q: Quantizer, stats: Stats) -> None:
+        m = self.metrics
+        m.relative_error.labels(m.label("variant", q.variant), m.label("dim", q.dim), m.label("bits", q.bits)).observe(
+            stats.mean_relative_error
+        )
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    def warm_up(self) -> float:
+        """Build every quantizer of the warm set on the device and run each op once per warm dtype, so
+        that codebooks are computed and kernels compiled before traffic. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        generator = torch.Generator().manual_seed(0)
+        seed = self.settings.default_seed
+        total = len(self.settings.warm_set())
+        for done, (variant, dim, bits) in enumerate(self.settings.warm_set()):
+            self.warm_progress = (done, total)
+            q = self.quantizer(variant, dim, bits, seed)
+            base = torch.randn(self.settings.warm_batch, dim, generator=generator)
+            for name in self.settings.warm_dtypes:
+                dtype = INPUT_DTYPES[name]
+                x = base.to(dtype).to(self.device)
+                packed = self._timed("quantize", q, dtype, lambda: q.quantize(x), observe=False)
+                self._timed("dequantize", q, dtype, lambda: q.dequantize(packed, dtype), observe=False)
+                self._timed("roundtrip", q, dtype, lambda: q.roundtrip(x), observe=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.warm_progress = (total, total)
+        seconds = time.perf_counter() - t0
+        self.warmup_seconds = seconds
+        self.metrics.warmup_seconds.set(seconds)
+        return seconds
+
+    def start_warm_up(self) -> Future:
+        """Queue the warm-up on the device workers; ``ready`` turns true when it succeeds."""
+
+        def done(future: Future) -> None:
+            exc = future.exception()
+            if exc is not None:
+                self.warmup_error = f"{type(exc).__name__}: {exc}"
+                log.error("warm-up failed; the service stays not ready: %s", self.warmup_error)
+                return
+            self.warmed = True
+            if not self.draining:
+                self.metrics.ready.set(1)
+            log.info("warm-up done in %.2f s: %d quantizers on %s (backend %s)", future.result(),
+                     len(self.settings.warm_set()), self.device, self.backend)
+
+        future = self._executor.submit(self.warm_up)
+        future.add_done_callback(done)
+        return future
+
+    def begin_shutdown(self) -> None:
+        """Turn not-ready (readiness probes fail) but keep serving what is admitted."""
+        self.draining = True
+        self.metrics.ready.set(0)
+
+    def close(self) -> None:
+        """Refuse new work and wait for the admitted jobs to finish."""
+        self.begin_shutdown()
+        self.accepting = False
+        self._executor.shutdown(wait=True)
+
+
+def _field_of(message: str) -> str | None:
+    """The request field a library ValueError is about, from the name it starts with."""
+    head = message.split(" ", 1)[0].rstrip(":")
+    return {"x": "vectors", "codes": "codes", "norms": "norms", "dtype": "dtype", "variant": "variant",
+            "dim": "dim", "bits": "bits", "seed": "seed", "fingerprint": "quantizer.fingerprint"}.get(head)

@@ -1,0 +1,133 @@
+"""All Prometheus metrics of the service, on one explicit registry (never the global default one).
+
+Label values come only from the served allowlists in ``Settings`` (variants, dims, bits, dtypes) and
+the fixed op/direction names below; ``Metrics.label`` maps anything else to ``other``, so the number
+of series is bounded whatever clients send. Every duration is in seconds and every size in bytes.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service.settings import Settings
+
+OPS = ("quantize", "dequantize", "roundtrip")
+# 1 us .. 1 s in a 1-2.5-5 ladder: GPU kernels on small batches are microseconds, CPU reference on
+# 65,536 vectors is hundreds of milliseconds.
+KERNEL_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
+                  1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+RELATIVE_ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
+REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _GpuMemoryCollector(Collector):
+    """isoquant_gpu_memory_bytes{device, kind}: read from torch at scrape time (no samples on CPU)."""
+
+    def __init__(self, device_getter) -> None:
+        self._device_getter = device_getter
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "isoquant_gpu_memory_bytes",
+            "GPU memory held by this process's torch allocator (allocated: in tensors; reserved: cached)",
+            labels=["device", "kind"],
+        )
+        device = self._device_getter()
+        if device is not None and device.type == "cuda":
+            import torch
+
+            family.add_metric([str(device), "allocated"], float(torch.cuda.memory_allocated(device)))
+            family.add_metric([str(device), "reserved"], float(torch.cuda.memory_reserved(device)))
+        yield family
+
+
+class Metrics:
+    """The metric objects and the label allowlist; one instance per app."""
+
+    def __init__(self, settings: Settings, version: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._allowed = {
+            "variant": set(settings.variants),
+            "dim": {str(d) for d in settings.dims},
+            "bits": {str(b) for b in settings.bits},
+            "dtype": set(settings.dtypes),
+            "op": set(OPS),
+        }
+        r = self.registry
+        self.kernel_duration = Histogram(
+            "isoquant_kernel_duration_seconds",
+            "Device time of one library op on one batch (CUDA events on GPU, wall clock on CPU)",
+            ["op", "variant", "dim", "bits", "dtype"], buckets=KERNEL_BUCKETS, registry=r,
+        )
+        self.vectors = Counter(
+            "isoquant_vectors", "Vectors processed", ["op", "variant", "dim", "bits"], registry=r
+        )
+        self.payload_bytes = Counter(
+            "isoquant_payload_bytes",
+            "Tensor bytes received (direction=in: vectors or codes+norms) and returned (direction=out)",
+            ["op", "direction"], registry=r,
+        )
+        self.batch_size = Histogram(
+            "isoquant_batch_size_vectors", "Vectors per request", ["op"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.relative_error = Histogram(
+            "isoquant_reconstruction_relative_error",
+            "Mean per-vector relative error ||x - x_hat|| / ||x|| of one request's round trip",
+            ["variant", "dim", "bits"], buckets=RELATIVE_ERROR_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("isoquant_queue_depth", "Jobs admitted and waiting for a device worker", registry=r)
+        self.jobs_running = Gauge("isoquant_jobs_running", "Jobs running on the device now", registry=r)
+        self.inflight = Gauge("isoquant_inflight_requests", "HTTP requests being served now", registry=r)
+        self.ready = Gauge("isoquant_ready", "1 once warm-up finished and until shutdown starts, else 0", registry=r)
+        self.rejected = Counter(
+            "isoquant_rejected_requests", "Requests refused before device work, by reason", ["reason"], registry=r
+        )
+        self.device_errors = Counter("isoquant_device_errors", "Device failures answered with 503", ["kind"], registry=r)
+        self.quantizers = Gauge("isoquant_quantizers_resident", "Quantizers held on the device", ["cache"], registry=r)
+        self.warmup_seconds = Gauge("isoquant_warmup_duration_seconds", "Wall time of the start-up warm-up", registry=r)
+        self.build_info = Gauge(
+            "isoquant_build_info", "Constant 1; labels say what is running",
+            ["version", "torch", "python", "device", "backend"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "isoquant_request_duration_seconds", "Wall time of an HTTP request, by route template and status",
+            ["route", "method", "status"], buckets=REQUEST_BUCKETS, registry=r,
+        )
+        self.requests = Counter(
+            "isoquant_requests", "HTTP requests by route template and status", ["route", "method", "status"], registry=r
+        )
+        self._version = version
+        self.device = None
+        r.register(_GpuMemoryCollector(lambda: self.device))
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+
+    def label(self, name: str, value: object) -> str:
+        """The label value if it is on the allowlist, else 'other' (bounded cardinality)."""
+        text = str(value)
+        return text if text in self._allowed[name] else "other"
+
+    def kernel_labels(self, op: str, variant: str, dim: int, bits: int, dtype: str) -> dict[str, str]:
+        return {
+            "op": self.label("op", op), "variant": self.label("variant", variant), "dim": self.label("dim", dim),
+            "bits": self.label("bits", bits), "dtype": self.label("dtype", dtype),
+        }
+
+    def set_build_info(self, device, backend: str) -> None:
+        import torch
+
+        self.device = device
+        self.build_info.labels(self._version, torch.__version__, platform.python_version(), str(device), backend).set(1)

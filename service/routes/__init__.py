@@ -1,0 +1,1 @@
+"""HTTP routes: each translates HTTP <-> schemas <-> engine and nothing more."""

@@ -1,0 +1,71 @@
+"""What every route needs: the app's state, the API-key check and the readiness gate."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from service.engine import Engine
+from service.errors import Unauthorized, Unavailable
+from service.metrics import Metrics
+from service.schemas import ErrorBody
+from service.settings import Settings
+
+
+ERROR_RESPONSES = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "malformed JSON or safetensors body",
+        401: "missing or invalid API key",
+        406: "Accept allows neither JSON nor safetensors",
+        413: "body or vector count over the limit",
+        415: "Content-Type is neither JSON nor safetensors",
+        422: "a field's value is not served or not valid (the message lists the allowed values)",
+        429: "queue full; retry after Retry-After seconds",
+        503: "warming up, shutting down, device failure or timeout; retry after Retry-After seconds",
+    }.items()
+}
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    version: str
+    engine: Engine | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.isoquant
+
+
+def ready_engine(request: Request) -> Engine:
+    """The engine, if warm-up is done (503 with Retry-After otherwise)."""
+    engine = get_state(request).engine
+    if engine is not None and not engine.accepting:
+        raise Unavailable("the service is shutting down", type="shutting_down")
+    if engine is None or not engine.warmed:
+        # Draining (after SIGTERM) still serves: load balancers need a moment to see not-ready.
+        raise Unavailable("the service is warming up; retry shortly (GET /health/ready turns 200 when ready)",
+                          type="not_ready")
+    return engine
+
+
+async def authorized(request: Request) -> None:
+    """Dependency: when an API key is configured, require ``Authorization: Bearer <key>`` (401 otherwise)."""
+    key = get_state(request).settings.api_key
+    if key is None:
+        return
+    header = request.headers.get("authorization")
+    if not header:
+        raise Unauthorized("missing Authorization header; send 'Authorization: Bearer <api key>'")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Authorization must be 'Bearer <api key>'")
+    # Constant-time comparison: the key must not leak through response timing.
+    if not secrets.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
+        get_state(request).metrics.rejected.labels("unauthorized").inc()
+        raise Unauthorized("invalid API key")

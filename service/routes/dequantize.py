@@ -1,0 +1,147 @@
+"""POST /dequantize: codes + norms + descriptor -> reconstruction (JSON or safetensors)."""
+
+from __future__ import annotations
+
+import torch
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service import codec, validate
+from service.engine import DequantizeResult
+from service.errors import InvalidInput
+from service.routes.common import ERROR_RESPONSES, authorized, get_state, ready_engine
+from service.schemas import Array, DequantizeRequest, DequantizeResponse, Descriptor, Distortion
+from service.settings import Settings
+
+router = APIRouter(tags=["quantize"])
+
+BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            codec.JSON: {"schema": {"$ref": "#/components/schemas/DequantizeRequest"}},
+            codec.SAFETENSORS: {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "the /quantize container: tensors 'codes', 'norms' (+ optional 'reference'), "
+                "descriptor in metadata (docs/FORMAT.md)",
+            },
+        },
+    }
+}
+
+
+class Parsed:
+    __slots__ = ("descriptor", "codes", "norms", "reference", "dtype")
+
+
+def parse(body: bytes, fmt: str, settings: Settings) -> Parsed:
+    """Body -> validated descriptor, codes uint8 [..., code_bytes], norms float32 [...], optional reference
+    [..., dim] and the output dtype. Runs in a thread."""
+    p = Parsed()
+    if fmt == "json":
+        request = validate.model(DequantizeRequest, codec.parse_json(body))
+        descriptor = request.quantizer
+        p.codes = codec.array_to_tensor(request.codes, "codes", ("uint8",))
+        p.norms = codec.array_to_tensor(request.norms, "norms", ("float32",))
+        reference = request.reference
+        if isinstance(reference, dict):
+            p.reference = codec.array_to_tensor(validate.model(Array, reference, "reference"), "reference",
+                                                tuple(settings.dtypes))
+        elif isinstance(reference, list):
+            p.reference = codec.nested_to_tensor(reference, "reference")
+        elif reference is None:
+            p.reference = None
+        else:
+            raise InvalidInput("reference must be an array object or nested lists of numbers", "reference")
+        dtype = request.dtype
+    else:
+        tensors, meta = codec.parse_safetensors(body)
+        for name in ("codes", "norms"):
+            if name not in tensors:
+                raise InvalidInput(f"the container has no tensor {name!r} (it has {sorted(tensors)})", name,
+                                   type="missing_field")
+        p.codes, p.norms, p.reference = tensors["codes"], tensors["norms"], tensors.get("reference")
+        fields = {key: meta.get(key) for key in ("variant", "fingerprint")}
+        for key in ("dim", "bits", "seed", "format_version"):
+            fields[key] = codec.meta_int(meta, key)
+        missing = [k for k, v in fields.items() if v is None and k != "format_version"]
+        if missing:
+            raise InvalidInput(f"metadata lacks {', '.join(missing)} (the quantizer descriptor)", missing[0],
+                               type="missing_field")
+        if fields["format_version"] is None:
+            fields.pop("format_version")
+        descriptor = validate.model(Descriptor, fields, "quantizer")
+        dtype = meta.get("dtype", "float32")
+        for name, tensor, want in (("codes", p.codes, torch.uint8), ("norms", p.norms, torch.float32)):
+            if tensor.dtype != want:
+                raise InvalidInput(f"{name} must be {codec.dtype_name(want)}; got {codec.dtype_name(tensor.dtype)}",
+                                   name)
+    variant = validate.variant(settings, descriptor.variant, "quantizer.variant")
+    dim = validate.dim(settings, descriptor.dim, "quantizer.dim")
+    bits = validate.bits(settings, descriptor.bits, "quantizer.bits")
+    seed = validate.seed(settings, descriptor.seed, "quantizer.seed")
+    p.dtype = codec.DTYPES[validate.dtype(settings, dtype)]
+    p.descriptor = {"variant": variant, "dim": dim, "bits": bits, "seed": seed,
+                    "fingerprint": descriptor.fingerprint, "format_version": descriptor.format_version}
+    need = validate.code_bytes(variant, dim, bits)
+    if p.codes.ndim < 1 or p.codes.shape[-1] != need:
+        raise InvalidInput(
+            f"codes must be [..., {need}] ({need} bytes a vector for {variant}, dim={dim}, bits={bits}); got shape "
+            f"{list(p.codes.shape)}: truncated codes or codes of another dim/bits",
+            "codes.shape" if fmt == "json" else "codes", type="shape_mismatch",
+        )
+    lead = list(p.codes.shape[:-1])
+    if list(p.norms.shape) != lead:
+        raise InvalidInput(f"norms must have shape {lead} (the codes' leading shape); got {list(p.norms.shape)}",
+                           "norms.shape" if fmt == "json" else "norms", type="shape_mismatch")
+    validate.count(settings, p.norms.numel(), "codes")
+    if p.reference is not None:
+        name = codec.dtype_name(p.reference.dtype)
+        if name not in settings.dtypes:
+            raise InvalidInput(f"reference dtype {name!r} is not served; allowed: {', '.join(settings.dtypes)}",
+                               "reference", type="unsupported_value")
+        if list(p.reference.shape) != lead + [dim]:
+            raise InvalidInput(f"reference must have shape {lead + [dim]}; got {list(p.reference.shape)}", "reference",
+                               type="shape_mismatch")
+        if not bool(torch.isfinite(p.reference).all()):
+            raise InvalidInput("reference holds NaN or Inf", "reference", type="non_finite")
+    return p
+
+
+def encode(result: DequantizeResult, p: Parsed, fmt: str) -> bytes:
+    if fmt == "json":
+        response = DequantizeResponse(
+            vectors=codec.tensor_to_array(result.vectors),
+            distortion=Distortion(**result.stats.as_dict()) if result.stats is not None else None,
+        )
+        return response.model_dump_json(exclude_none=True).encode()
+    metadata = {**p.descriptor, "dtype": codec.dtype_name(result.vectors.dtype)}
+    if result.stats is not None:
+        metadata.update(result.stats.as_dict())
+    return codec.dump_safetensors({"vectors": result.vectors}, metadata)
+
+
+@router.post(
+    "/dequantize",
+    response_model=DequantizeResponse,
+    summary="Reconstruct vectors from codes",
+    description="Body: JSON (DequantizeRequest; a /quantize JSON response is valid as is) or the safetensors "
+    "container /quantize returns. The descriptor's fingerprint must match this server's quantizer.",
+    openapi_extra=BODY_DOC,
+    dependencies=[Depends(authorized)],
+    responses=ERROR_RESPONSES,
+)
+async def dequantize(request: Request) -> Response:
+    state = get_state(request)
+    settings, metrics = state.settings, state.metrics
+    engine = ready_engine(request)
+    fmt = codec.request_format(request.headers.get("content-type"))
+    out_fmt = codec.response_format(request.headers.get("accept"), fmt)
+    body = await codec.read_body(request, settings.max_request_bytes)
+    p = await run_in_threadpool(parse, body, fmt, settings)
+    result = await engine.run(engine.dequantize_job, p.descriptor, p.codes, p.norms, p.reference, p.dtype)
+    content = await run_in_threadpool(encode, result, p, out_fmt)
+    metrics.batch_size.labels("dequantize").observe(p.norms.numel())
+    metrics.payload_bytes.labels("dequantize", "in").inc(codec.tensor_nbytes(p.codes) + codec.tensor_nbytes(p.norms))
+    metrics.payload_bytes.labels("dequantize", "out").inc(codec.tensor_nbytes(result.vectors))
+    return Response(content, media_type=codec.JSON if out_fmt == "json" else codec.SAFETENSORS)

@@ -1,0 +1,45 @@
+"""Health (GET /health/live, /health/ready) and metrics (GET /metrics): never queued, never behind the
+API key, so probes and scrapes answer while the device is busy."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.errors import Unavailable
+from service.routes.common import get_state
+from service.schemas import ErrorBody
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health/live", summary="200 while the process serves HTTP")
+async def live() -> dict:
+    return {"status": "live"}
+
+
+@router.get(
+    "/health/ready",
+    summary="200 once warm-up has finished; 503 before it, if it failed, and after shutdown began",
+    responses={503: {"model": ErrorBody}},
+)
+async def ready(request: Request) -> JSONResponse:
+    engine = get_state(request).engine
+    if engine is not None and engine.ready:
+        return JSONResponse({"status": "ready", "device": str(engine.device), "backend": engine.backend,
+                             "warmup_seconds": engine.warmup_seconds})
+    if engine is None:
+        raise Unavailable("the engine is not started yet", type="not_ready")
+    if engine.draining or not engine.accepting:
+        raise Unavailable("the service is shutting down", type="shutting_down")
+    if engine.warmup_error is not None:
+        raise Unavailable(f"warm-up failed: {engine.warmup_error}", type="warmup_failed", retry_after=60)
+    done, total = engine.warm_progress
+    raise Unavailable(f"warming up: {done} of {total} quantizers built and run", type="not_ready")
+
+
+@router.get("/metrics", summary="Prometheus exposition (text format 0.0.4)", response_class=Response)
+async def metrics(request: Request) -> Response:
+    registry = get_state(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

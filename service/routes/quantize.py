@@ -1,0 +1,124 @@
+"""POST /quantize: vectors -> codes, norms and the quantizer descriptor (JSON or safetensors)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service import codec, validate
+from service.engine import QuantizeResult
+from service.errors import InvalidInput
+from service.routes.common import ERROR_RESPONSES, authorized, get_state, ready_engine
+from service.schemas import Array, Descriptor, Distortion, QuantizeRequest, QuantizeResponse
+from service.settings import Settings
+
+router = APIRouter(tags=["quantize"])
+
+BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            codec.JSON: {"schema": {"$ref": "#/components/schemas/QuantizeRequest"}},
+            codec.SAFETENSORS: {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "safetensors with tensor 'vectors' [..., dim]; options in metadata (docs/FORMAT.md)",
+            },
+        },
+    }
+}
+
+
+class Parsed:
+    __slots__ = ("x", "variant", "bits", "seed", "want_reconstruction", "want_distortion")
+
+
+def parse(body: bytes, fmt: str, settings: Settings) -> Parsed:
+    """Body -> validated options and the vectors tensor (CPU). Runs in a thread: decoding is O(body)."""
+    p = Parsed()
+    if fmt == "json":
+        request = validate.model(QuantizeRequest, codec.parse_json(body))
+        if isinstance(request.vectors, dict):
+            p.x = codec.array_to_tensor(validate.model(Array, request.vectors, "vectors"), "vectors",
+                                        tuple(settings.dtypes))
+        elif isinstance(request.vectors, list):
+            p.x = codec.nested_to_tensor(request.vectors, "vectors")
+        else:
+            raise InvalidInput("vectors must be an array object {data, dtype, shape} or nested lists of numbers",
+                               "vectors")
+        variant, bits, seed = request.variant, request.bits, request.seed
+        p.want_reconstruction, p.want_distortion = request.return_reconstruction, request.return_distortion
+    else:
+        tensors, meta = codec.parse_safetensors(body)
+        if "vectors" not in tensors:
+            raise InvalidInput(f"the container has no tensor 'vectors' (it has {sorted(tensors)})", "vectors",
+                               type="missing_field")
+        p.x = tensors["vectors"]
+        variant = meta.get("variant", "full")
+        bits = codec.meta_int(meta, "bits", 3)
+        seed = codec.meta_int(meta, "seed")
+        p.want_reconstruction = codec.meta_bool(meta, "return_reconstruction")
+        p.want_distortion = codec.meta_bool(meta, "return_distortion")
+    p.variant = validate.variant(settings, variant)
+    p.bits = validate.bits(settings, bits)
+    p.seed = validate.seed(settings, seed)
+    validate.vectors(settings, p.x)
+    return p
+
+
+def encode(result: QuantizeResult, x: torch.Tensor, fmt: str) -> tuple[bytes, int]:
+    """Result -> (body, tensor bytes returned)."""
+    bytes_in = codec.tensor_nbytes(x)
+    bytes_out = codec.tensor_nbytes(result.codes) + codec.tensor_nbytes(result.norms)
+    ratio = bytes_in / bytes_out
+    returned = bytes_out + (codec.tensor_nbytes(result.reconstruction) if result.reconstruction is not None else 0)
+    if fmt == "json":
+        response = QuantizeResponse(
+            quantizer=Descriptor(**result.descriptor),
+            codes=codec.tensor_to_array(result.codes),
+            norms=codec.tensor_to_array(result.norms),
+            shape=list(x.shape),
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            compression_ratio=ratio,
+            reconstruction=codec.tensor_to_array(result.reconstruction) if result.reconstruction is not None else None,
+            distortion=Distortion(**result.stats.as_dict()) if result.stats is not None else None,
+        )
+        return response.model_dump_json(exclude_none=True).encode(), returned
+    tensors = {"codes": result.codes, "norms": result.norms}
+    if result.reconstruction is not None:
+        tensors["reconstruction"] = result.reconstruction
+    metadata = {**result.descriptor, "shape": json.dumps(list(x.shape)), "bytes_in": bytes_in,
+                "bytes_out": bytes_out, "compression_ratio": ratio}
+    if result.stats is not None:
+        metadata.update(result.stats.as_dict())
+    return codec.dump_safetensors(tensors, metadata), returned
+
+
+@router.post(
+    "/quantize",
+    response_model=QuantizeResponse,
+    summary="Quantize a batch of vectors",
+    description="Body: JSON (QuantizeRequest) or safetensors; the answer follows the request's format "
+    "unless Accept asks for the other. Errors use the one error shape.",
+    openapi_extra=BODY_DOC,
+    dependencies=[Depends(authorized)],
+    responses=ERROR_RESPONSES,
+)
+async def quantize(request: Request) -> Response:
+    state = get_state(request)
+    settings, metrics = state.settings, state.metrics
+    engine = ready_engine(request)
+    fmt = codec.request_format(request.headers.get("content-type"))
+    out_fmt = codec.response_format(request.headers.get("accept"), fmt)
+    body = await codec.read_body(request, settings.max_request_bytes)
+    p = await run_in_threadpool(parse, body, fmt, settings)
+    result = await engine.run(engine.quantize_job, p.variant, p.bits, p.seed, p.x, p.want_reconstruction,
+                              p.want_distortion)
+    content, returned = await run_in_threadpool(encode, result, p.x, out_fmt)
+    metrics.batch_size.labels("quantize").observe(result.norms.numel())
+    metrics.payload_bytes.labels("quantize", "in").inc(codec.tensor_nbytes(p.x))
+    metrics.payload_bytes.labels("quantize", "out").inc(returned)
+    return Response(content, media_type=codec.JSON if out_fmt == "json" else codec.SAFETENSORS)
