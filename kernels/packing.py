@@ -47,7 +47,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     padded.view(n_vectors, groups * per_group)[:, :n_codes] = codes
     # One OR per code position in the group (<= 8), each over all vectors at once: on 65,536 x 128
     # 3-bit codes this took ~90 ms where a [N, groups, per_group] int64 shift-and-sum took ~250 ms
-    # (2-core AMD EPYC, same run).
+    # (2-core AMD EPYC).
     words = padded[..., 0].to(word_dtype)
     for position in range(1, per_group):
         words |= padded[..., position].to(word_dtype) << (position * bits)
