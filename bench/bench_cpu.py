@@ -62,7 +62,8 @@ def main() -> None:
     for variant in VARIANTS:
         q = Quantizer(variant, args.dim, args.bits, seed=0, backend="torch")
         packed = q.quantize(x)
-        for op, fn in (("quantize", lambda: q.quantize(x)), ("dequantize", lambda: q.dequantize(packed))):
+        ops = (("quantize", lambda q=q: q.quantize(x)), ("dequantize", lambda q=q, p=packed: q.dequantize(p)))
+        for op, fn in ops:
             seconds = median_seconds(fn, args.repeats)
             print(f"| {variant} | {op} | {seconds * 1e3:.1f} | {args.n / seconds / 1e6:.2f} | "
                   f"{mb / seconds:.0f} | {seconds / elementwise:.1f} |")

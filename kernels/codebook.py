@@ -13,7 +13,7 @@ vector whose coordinates are quantized. Codebooks are computed once per (n, bits
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class Codebook:
         return self.n * self.distortion
 
 
-@lru_cache(maxsize=None)
+@cache
 def _law_tables(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """z grid (ascending), CDF F(z) and partial first moment M(z) = int_{-1}^{z} t f(t) dt."""
     phi = np.linspace(-np.pi / 2, np.pi / 2, _GRID_POINTS)
@@ -56,7 +56,7 @@ def _law_tables(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return z, cdf / total, moment / total
 
 
-@lru_cache(maxsize=None)
+@cache
 def lloyd_max(n: int, bits: int) -> Codebook:
     """The Lloyd-Max codebook of 2^bits levels for the coordinate law in dimension n (n >= 2)."""
     if n < 2:

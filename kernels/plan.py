@@ -32,7 +32,7 @@ class Plan:
     boundaries: torch.Tensor
 
     @classmethod
-    def build(cls, rotation: RotationParams, codebook: Codebook, device: torch.device) -> "Plan":
+    def build(cls, rotation: RotationParams, codebook: Codebook, device: torch.device) -> Plan:
         n_coded = rotation.n_coded
         return cls(
             variant=rotation.variant,

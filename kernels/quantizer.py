@@ -13,6 +13,7 @@ torch.Size([10, 128])
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -117,7 +118,9 @@ class Quantizer:
     def _resolve_backend(self, backend: str) -> str:
         if backend == "torch":
             return "torch"
-        available = self.device.type == "cuda" and _triton_available()
+        # Asked for by name, triton also runs CPU tensors under TRITON_INTERPRET=1 (the kernel tests in CI).
+        interpreted = backend == "triton" and self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        available = (self.device.type == "cuda" or interpreted) and _triton_available()
         if backend == "triton" and not available:
             raise ValueError(
                 "backend 'triton' needs a CUDA device and an importable triton with kernels for this build; "
@@ -224,7 +227,9 @@ class Quantizer:
         if x.dtype not in INPUT_DTYPES.values():
             raise ValueError(f"{name} dtype must be one of {_allowed_dtypes()}; got {_dtype_name(x.dtype)}")
         if x.ndim < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"{name} must have last dimension {self.dim} (this quantizer's dim); got shape {list(x.shape)}")
+            raise ValueError(
+                f"{name} must have last dimension {self.dim} (this quantizer's dim); got shape {list(x.shape)}"
+            )
         self._check_device(x, name)
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.dim)
