@@ -163,7 +163,8 @@ def array_to_tensor(array: Array, field: str, allowed: tuple[str, ...]) -> torch
         raise InvalidInput(f"data is not valid base64: {exc}", f"{field}.data") from None
     if len(raw) != expected:
         raise InvalidInput(
-            f"data decodes to {len(raw)} bytes but shape {list(shape)} of {array.dtype} needs {expected}", f"{field}.data"
+            f"data decodes to {len(raw)} bytes but shape {list(shape)} of {array.dtype} needs {expected}: "
+            "truncated or extra data", f"{field}.data"
         )
     if expected == 0:
         return torch.empty(shape, dtype=dtype)

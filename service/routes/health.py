@@ -39,7 +39,7 @@ async def ready(request: Request) -> JSONResponse:
     raise Unavailable(f"warming up: {done} of {total} quantizers built and run", type="not_ready")
 
 
-@router.get("/metrics", summary="Prometheus exposition (text format 0.0.4)", response_class=Response)
+@router.get("/metrics", summary="Prometheus text exposition", response_class=Response)
 async def metrics(request: Request) -> Response:
     registry = get_state(request).metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

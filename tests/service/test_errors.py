@@ -1,0 +1,235 @@
+"""Every bad-input class: exact status, the one error shape, the field, and a message that says what is
+allowed. Nothing here may produce a 500."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from kernels import Quantizer
+from service.app import create_app
+from tests.service.conftest import SAFETENSORS, assert_error, b64, running, settings
+
+pytestmark = pytest.mark.anyio
+
+X = torch.randn(4, 128)
+GOOD = {"vectors": b64(X.half()), "variant": "full", "bits": 3}
+
+
+async def _quantized(client, n=4, dim=128, bits=3) -> dict:
+    r = await client.post("/quantize", json={"vectors": b64(torch.randn(n, dim)), "variant": "full", "bits": bits})
+    assert r.status_code == 200
+    return r.json()
+
+
+async def test_malformed_json(client):
+    r = await client.post("/quantize", content=b'{"vectors": [1, 2', headers={"content-type": "application/json"})
+    assert_error(r, 400, "malformed_body", "body", "not valid JSON")
+    r = await client.post("/quantize", content=b"[1, 2]", headers={"content-type": "application/json"})
+    assert_error(r, 400, "malformed_body", "body", "JSON object")
+    r = await client.post("/quantize", content=b"", headers={"content-type": "application/json"})
+    assert_error(r, 400, "malformed_body", "body", "empty")
+
+
+async def test_malformed_safetensors(client):
+    headers = {"content-type": SAFETENSORS}
+    assert_error(await client.post("/quantize", content=b"\x01\x02", headers=headers), 400, "malformed_body", "body",
+                 "shorter")
+    huge = struct.pack("<Q", 1 << 40) + b"{}"
+    assert_error(await client.post("/quantize", content=huge, headers=headers), 400, "malformed_body", "body",
+                 "header length")
+    bad_json = struct.pack("<Q", 5) + b"{nope"
+    assert_error(await client.post("/quantize", content=bad_json, headers=headers), 400, "malformed_body", "body",
+                 "not valid JSON")
+    # A valid header whose offsets point past the data.
+    header = json.dumps({"vectors": {"dtype": "F32", "shape": [2, 128], "data_offsets": [0, 1024]}}).encode()
+    truncated = struct.pack("<Q", len(header)) + header + b"\0" * 100
+    assert_error(await client.post("/quantize", content=truncated, headers=headers), 400, "malformed_body", "body",
+                 "malformed safetensors")
+
+
+async def test_wrong_content_type(client):
+    r = await client.post("/quantize", content=b"vectors=1", headers={"content-type": "text/plain"})
+    assert_error(r, 415, "unsupported_media_type", "content-type", "text/plain", "application/json", SAFETENSORS)
+    r = await client.post("/dequantize", content=b"x")
+    assert_error(r, 415, "unsupported_media_type", "content-type")
+
+
+async def test_not_acceptable(client):
+    r = await client.post("/quantize", json=GOOD, headers={"accept": "text/html"})
+    assert_error(r, 406, "not_acceptable", "accept", "text/html")
+
+
+async def test_body_over_the_limit(client):
+    # 4 MiB limit in these tests: refused from Content-Length before the body is read.
+    big = b"0" * ((4 << 20) + 1)
+    r = await client.post("/quantize", content=big, headers={"content-type": "application/json"})
+    assert_error(r, 413, "payload_too_large", "body", str(4 << 20))
+
+    async def chunks():  # no Content-Length: refused while streaming
+        for _ in range(5):
+            yield b"0" * (1 << 20)
+
+    r = await client.post("/quantize", content=chunks(), headers={"content-type": SAFETENSORS})
+    assert_error(r, 413, "payload_too_large", "body", "exceeds the limit")
+
+
+async def test_too_many_vectors(client):
+    x = torch.zeros(4097, 32, dtype=torch.float16)  # max_vectors=4096 in these tests
+    r = await client.post("/quantize", json={"vectors": b64(x), "variant": "full", "bits": 3})
+    assert_error(r, 413, "too_many_vectors", "vectors", "4097", "4096")
+    r = await client.post("/quantize", json={"vectors": b64(torch.zeros(0, 32)), "variant": "full", "bits": 3})
+    assert_error(r, 422, "invalid_value", "vectors", "no vectors")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+async def test_non_finite(client, bad):
+    x = torch.randn(6, 64)
+    x[4, 7] = bad
+    r = await client.post("/quantize", json={"vectors": b64(x), "variant": "full", "bits": 3})
+    assert_error(r, 422, "non_finite", "vectors", "NaN or Inf", "[4]")
+    r = await client.post("/quantize", content=b'{"vectors": [[1, 2, 3, NaN]], "variant": "2d", "bits": 2}',
+                          headers={"content-type": "application/json"})
+    # Python's JSON reads NaN; the value is refused by the same check.
+    assert r.status_code == 422 and r.json()["error"]["field"] == "vectors"
+
+
+async def test_norm_overflow(client):
+    x = torch.full((2, 64), 6e4, dtype=torch.float16)  # finite fp16 values; the norm overflows no fp32
+    big = torch.full((2, 64), 3e38)  # but here it does
+    assert (await client.post("/quantize", json={"vectors": b64(x), "bits": 3})).status_code == 200
+    r = await client.post("/quantize", json={"vectors": b64(big), "bits": 3})
+    assert_error(r, 422, None, "vectors", "overflows float32")
+
+
+async def test_ragged_and_non_numeric_lists(client):
+    r = await client.post("/quantize", json={"vectors": [[1.0] * 64, [1.0] * 63], "bits": 3})
+    assert_error(r, 422, "invalid_value", "vectors", "ragged")
+    r = await client.post("/quantize", json={"vectors": [["a"] * 64], "bits": 3})
+    assert_error(r, 422, "invalid_value", "vectors", "only numbers")
+    r = await client.post("/quantize", json={"vectors": "AAAA", "bits": 3})
+    assert_error(r, 422, "invalid_value", "vectors", "array object")
+    r = await client.post("/quantize", json={"vectors": [[1e39] * 64], "bits": 3})
+    assert_error(r, 422, "non_finite", "vectors", "NaN or Inf")
+
+
+@pytest.mark.parametrize(
+    "change, field, fragments",
+    [
+        ({"variant": "rotor"}, "variant", ["'rotor'", "full, fast, 2d, dense, hadamard, identity"]),
+        ({"bits": 9}, "bits", ["9", "1, 2, 3, 4, 5, 6, 7, 8"]),
+        ({"bits": "three"}, "bits", ["bits"]),
+        ({"vectors": b64(torch.randn(2, 100))}, "vectors", ["dim 100", "32, 64, 96, 128, 256, 512, 1024"]),
+        ({"vectors": b64(torch.randn(2, 64).double())}, "vectors.dtype", ["float64", "float16, bfloat16, float32"]),
+        ({"seed": -1}, "seed", ["2^64-1"]),
+        ({"seed": 1 << 64}, "seed", ["2^64-1"]),
+    ],
+)
+async def test_unsupported_values(client, change, field, fragments):
+    body = {**GOOD, **change}
+    if field == "vectors.dtype":
+        body["vectors"]["dtype"] = "float64"  # b64 helper wrote the torch name
+    error = assert_error(await client.post("/quantize", json=body), 422, None, field, *fragments)
+    assert error["type"] in ("unsupported_value", "invalid_value")
+
+
+async def test_unknown_and_missing_fields(client):
+    assert_error(await client.post("/quantize", json={**GOOD, "bit": 3}), 422, "unknown_field", "bit", "not a known")
+    assert_error(await client.post("/quantize", json={"variant": "full"}), 422, "missing_field", "vectors")
+    r = await client.post("/quantize", json={**GOOD, "vectors": {"data": "", "dtype": "float32"}})
+    assert_error(r, 422, "missing_field", "vectors.shape")
+
+
+async def test_bad_base64_and_sizes(client):
+    vec = b64(torch.randn(2, 64))
+    r = await client.post("/quantize", json={**GOOD, "vectors": {**vec, "data": "!" * len(vec["data"])}})
+    assert_error(r, 422, "invalid_value", "vectors.data", "not valid base64")
+    r = await client.post("/quantize", json={**GOOD, "vectors": {**vec, "data": vec["data"][:-8]}})
+    assert_error(r, 422, "invalid_value", "vectors.data", "truncated")
+    r = await client.post("/quantize", json={**GOOD, "vectors": {**vec, "shape": [2, -64]}})
+    assert_error(r, 422, "invalid_value", "vectors.shape", "non-negative")
+
+
+async def test_truncated_codes_and_wrong_dim(client):
+    q = await _quantized(client)
+    codes = base64.b64decode(q["codes"]["data"])
+    short = {"data": base64.b64encode(codes[:-1]).decode(), "dtype": "uint8", "shape": [4, 48]}
+    assert_error(await client.post("/dequantize", json={**q, "codes": short}), 422, "invalid_value", "codes.data",
+                 "truncated")
+    # Codes of 47 bytes a vector: not the 48 that dim=128, bits=3 needs.
+    cut = {"data": base64.b64encode(codes[: 4 * 47]).decode(), "dtype": "uint8", "shape": [4, 47]}
+    assert_error(await client.post("/dequantize", json={**q, "codes": cut}), 422, "shape_mismatch", "codes.shape",
+                 "[..., 48]")
+    # Claiming dim 64 for codes of dim 128 changes the expected width too.
+    wrong_dim = {**q, "quantizer": {**q["quantizer"], "dim": 64}}
+    assert_error(await client.post("/dequantize", json=wrong_dim), 422, "shape_mismatch", "codes.shape", "dim=64")
+    norms = {"data": base64.b64encode(b"\0" * 12).decode(), "dtype": "float32", "shape": [3]}
+    assert_error(await client.post("/dequantize", json={**q, "norms": norms}), 422, "shape_mismatch", "norms.shape",
+                 "[4]")
+    codes_f16 = {**q["codes"], "dtype": "float16"}
+    assert_error(await client.post("/dequantize", json={**q, "codes": codes_f16}), 422, "invalid_value",
+                 "codes.dtype", "uint8")
+    assert_error(await client.post("/dequantize", json={**q, "dtype": "int8"}), 422, "unsupported_value", "dtype",
+                 "float16, bfloat16, float32")
+    ref = b64(torch.randn(4, 64))
+    assert_error(await client.post("/dequantize", json={**q, "reference": ref}), 422, "shape_mismatch", "reference",
+                 "[4, 128]")
+
+
+async def test_wrong_fingerprint(client):
+    q = await _quantized(client)
+    bad = {**q, "quantizer": {**q["quantizer"], "fingerprint": "0123456789abcdef"}}
+    server = Quantizer("full", 128, 3).fingerprint
+    assert_error(await client.post("/dequantize", json=bad), 422, "fingerprint_mismatch", "quantizer.fingerprint",
+                 "0123456789abcdef", server)
+    # Codes made with seed 0 presented as seed 5: the fingerprint no longer matches seed 5's quantizer.
+    other_seed = {**q, "quantizer": {**q["quantizer"], "seed": 5}}
+    assert_error(await client.post("/dequantize", json=other_seed), 422, "fingerprint_mismatch",
+                 "quantizer.fingerprint")
+    version = {**q, "quantizer": {**q["quantizer"], "format_version": 99}}
+    assert_error(await client.post("/dequantize", json=version), 422, "format_mismatch", "quantizer.format_version",
+                 "99")
+    missing = {**q, "quantizer": {k: v for k, v in q["quantizer"].items() if k != "fingerprint"}}
+    assert_error(await client.post("/dequantize", json=missing), 422, "missing_field", "quantizer.fingerprint")
+
+
+async def test_safetensors_field_errors(client):
+    headers = {"content-type": SAFETENSORS}
+    r = await client.post("/quantize", content=st_save({"x": torch.randn(2, 64)}), headers=headers)
+    assert_error(r, 422, "missing_field", "vectors", "'vectors'")
+    r = await client.post("/quantize", content=st_save({"vectors": torch.randn(2, 64).double()}), headers=headers)
+    assert_error(r, 422, None, "vectors", "F64")
+    r = await client.post("/quantize", content=st_save({"vectors": torch.randn(2, 64)}, metadata={"bits": "three"}),
+                          headers=headers)
+    assert_error(r, 422, "invalid_value", "bits", "integer")
+    r = await client.post("/quantize", content=st_save({"vectors": torch.randn(2, 64)}, metadata={"variant": "x"}),
+                          headers=headers)
+    assert_error(r, 422, "unsupported_value", "variant", "full, fast")
+    r = await client.post("/dequantize", content=st_save({"codes": torch.zeros(2, 24, dtype=torch.uint8),
+                                                          "norms": torch.ones(2)}, metadata={"variant": "full"}),
+                          headers=headers)
+    assert_error(r, 422, "missing_field", "fingerprint", "descriptor")
+
+
+async def test_unknown_route_and_method(client):
+    assert_error(await client.get("/nope"), 404, "not_found", None)
+    assert_error(await client.get("/quantize"), 405, "method_not_allowed", None)
+    assert_error(await client.get("/quantizer", params={"variant": "full", "dim": "x", "bits": 3}), 422,
+                 "invalid_value", "dim")
+    assert_error(await client.get("/quantizer", params={"variant": "full", "dim": 100, "bits": 3}), 422,
+                 "unsupported_value", "dim", "32, 64")
+
+
+async def test_not_ready_answers_503():
+    app = create_app(settings())
+    async with running(app, wait_ready=False) as client:
+        # The first request is answered before the background warm-up can finish.
+        r = await client.post("/quantize", json=GOOD)
+        if r.status_code != 200:
+            assert_error(r, 503, "not_ready", None, "warming up")
+            assert r.headers["retry-after"] == "1"

@@ -1,0 +1,64 @@
+"""Readiness gates on warm-up: 503 while a measurably slow warm set is built, 200 after."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from service.app import create_app
+from tests.service.conftest import assert_error, b64, running, settings, wait_until_ready
+
+
+
+@pytest.mark.anyio
+async def test_ready_is_503_until_warm_up_completes():
+    # Dense rotations of dim 1024 take ~0.5 s each to generate (10^6 normals and a QR): measurable.
+    app = create_app(settings(warm_variants=["dense"], warm_dims=[1024], warm_bits=[1, 2], warm_dtypes=["float32"]))
+    async with running(app, wait_ready=False) as client:
+        assert (await client.get("/health/live")).json() == {"status": "live"}
+        r = await client.get("/health/ready")
+        assert_error(r, 503, "not_ready", None, "warming up", "of 2 quantizers")
+        assert r.headers["retry-after"] == "1"
+        r = await client.post("/quantize", json={"vectors": b64(torch.randn(2, 64)), "bits": 3})
+        assert_error(r, 503, "not_ready", None, "warming up")
+        assert "isoquant_ready 0.0" in (await client.get("/metrics")).text
+        await wait_until_ready(client, 60)
+        body = (await client.get("/health/ready")).json()
+        assert body["status"] == "ready" and body["device"] == "cpu" and body["warmup_seconds"] > 0.2
+        text = (await client.get("/metrics")).text
+        assert "isoquant_ready 1.0" in text
+        assert app.state.isoquant.engine.resident_count()["default_seed"] == 2
+        # The warm quantizers answer without a build.
+        r = await client.post("/quantize", json={"vectors": b64(torch.randn(2, 1024)), "variant": "dense", "bits": 2})
+        assert r.status_code == 200
+
+
+@pytest.mark.anyio
+async def test_shutdown_turns_not_ready_but_serves_until_closed():
+    app = create_app(settings(warm_dims=[64]))
+    async with running(app) as client:
+        engine = app.state.isoquant.engine
+        engine.begin_shutdown()
+        assert_error(await client.get("/health/ready"), 503, "shutting_down", None)
+        assert (await client.get("/health/live")).status_code == 200
+        # Draining: requests are still served so that in-flight traffic finishes.
+        r = await client.post("/quantize", json={"vectors": b64(torch.randn(2, 64)), "bits": 3})
+        assert r.status_code == 200
+        await asyncio.to_thread(engine.close)
+        r = await client.post("/quantize", json={"vectors": b64(torch.randn(2, 64)), "bits": 3})
+        assert_error(r, 503, "shutting_down", None)
+
+
+def test_bad_device_settings_are_refused():
+    from pydantic import ValidationError
+
+    from service.engine import resolve_device
+
+    with pytest.raises(ValidationError, match="device must be auto, cpu, cuda or cuda:N"):
+        settings(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    assert str(resolve_device("cpu")) == "cpu"

@@ -1,0 +1,122 @@
+"""Against a real `python -m service` process on a free port: readiness, both body formats, metrics, and
+SIGTERM (not ready at once, the accepted request finishes, then the process exits)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from kernels import Quantizer
+from tests.service.conftest import SAFETENSORS, b64, unb64
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def server(tmp_path):
+    """Start the service on port 0 (the OS picks a free one), read the port from uvicorn's log, yield
+    (base_url, process); always stopped afterwards."""
+    log_path = tmp_path / "server.log"
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "ISOQUANT_WARM_VARIANTS": "full",
+        "ISOQUANT_WARM_DIMS": "128,256",
+        "ISOQUANT_WARM_BITS": "3",
+        "ISOQUANT_WARM_DTYPES": "float16,float32",
+        "ISOQUANT_DRAIN_SECONDS": "1.5",
+        "ISOQUANT_MAX_VECTORS": "65536",
+    }
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0"], cwd=ROOT,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        port = None
+        while port is None:
+            match = re.search(rb"Uvicorn running on http://127\.0\.0\.1:(\d+)", log_path.read_bytes())
+            if match:
+                port = int(match.group(1))
+            elif process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"server did not start (rc={process.poll()}):\n{log_path.read_text()}")
+            else:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", process, log_path
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+def _wait_ready(client: httpx.Client, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, "not ready in time"
+        time.sleep(0.05)
+
+
+def test_real_process_serves_and_drains_on_sigterm(server):
+    url, process, log_path = server
+    with httpx.Client(base_url=url, timeout=60) as client:
+        assert client.get("/health/live").status_code == 200
+        _wait_ready(client)
+
+        x = torch.randn(50, 128).half()
+        j = client.post("/quantize", json={"vectors": b64(x), "variant": "full", "bits": 3})
+        s = client.post("/quantize", content=st_save({"vectors": x}, metadata={"variant": "full", "bits": "3"}),
+                        headers={"content-type": SAFETENSORS})
+        assert j.status_code == 200 and s.status_code == 200
+        expected = Quantizer("full", 128, 3).quantize(x).codes.numpy().tobytes()
+        assert unb64(j.json()["codes"]).numpy().tobytes() == expected == st_load(s.content)["codes"].numpy().tobytes()
+        d = client.post("/dequantize", content=j.content, headers={"content-type": "application/json"})
+        assert d.status_code == 200 and unb64(d.json()["vectors"]).shape == (50, 128)
+        metrics = client.get("/metrics").text
+        assert 'isoquant_kernel_duration_seconds_count{bits="3",dim="128",dtype="float16",op="quantize",variant="full"}' \
+            in metrics or 'op="quantize",variant="full",dim="128",bits="3",dtype="float16"' in metrics
+
+        # A long request in flight when SIGTERM arrives must still be answered in full.
+        big = torch.randn(65536, 256).half()  # 32 MiB: under the default 64 MiB body limit
+        result: dict = {}
+
+        def long_request():
+            with httpx.Client(base_url=url, timeout=120) as c:
+                result["response"] = c.post("/quantize", content=st_save({"vectors": big}, metadata={
+                    "variant": "full", "bits": "4", "return_reconstruction": "true", "return_distortion": "true"}),
+                    headers={"content-type": SAFETENSORS})
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while 'isoquant_jobs_running 1.0' not in client.get("/metrics").text:
+            assert time.monotonic() < deadline and thread.is_alive(), ("the long request never reached the device",
+                                                                       result.get("response"))
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        # Draining: not ready, still alive.
+        time.sleep(0.2)
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503 and ready.json()["error"]["type"] == "shutting_down"
+        assert client.get("/health/live").status_code == 200
+        thread.join(120)
+        response = result["response"]
+        assert response.status_code == 200
+        out = st_load(response.content)
+        assert out["codes"].shape == (65536, 128) and out["reconstruction"].shape == (65536, 256)
+
+    # Then the process exits on its own (uvicorn re-raises the signal after a graceful shutdown).
+    assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+    log = log_path.read_text()
+    assert "Traceback" not in log, log
