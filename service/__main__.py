@@ -32,8 +32,9 @@ class _Server(uvicorn.Server):
             engine.begin_shutdown()
         if self._settings.drain_seconds > 0 and not self._draining:
             self._draining = True
-            logging.getLogger("service").info("signal %s: not ready; draining for %.1f s", sig,
-                                              self._settings.drain_seconds)
+            logging.getLogger("service").info(
+                "signal %s: not ready; draining for %.1f s", sig, self._settings.drain_seconds
+            )
             timer = threading.Timer(self._settings.drain_seconds, super().handle_exit, (sig, frame))
             timer.daemon = True
             timer.start()
@@ -48,12 +49,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=max(settings.job_timeout_s, 1.0) + 5.0,
-                            access_log=settings.log_level in ("debug", "trace"))
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(settings.job_timeout_s, 1.0) + 5.0,
+        access_log=settings.log_level in ("debug", "trace"),
+    )
     _Server(config, app, settings).run()
 
 

@@ -28,7 +28,9 @@ from service.settings import Settings
 log = logging.getLogger("service")
 
 
-def _error(status: int, type_: str, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
+def _error(
+    status: int, type_: str, message: str, field: str | None = None, headers: dict | None = None
+) -> JSONResponse:
     return JSONResponse({"error": {"type": type_, "message": message, "field": field}}, status, headers=headers)
 
 
@@ -62,8 +64,7 @@ class RequestMetricsMiddleware:
         finally:
             self.metrics.inflight.dec()
             route = scope.get("route")
-            template = getattr(route, "path", None) or (
-                scope["path"] if scope["path"] in _DOC_PATHS else "unmatched")
+            template = getattr(route, "path", None) or (scope["path"] if scope["path"] in _DOC_PATHS else "unmatched")
             labels = (template, scope.get("method", ""), str(status["code"]))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - start)
@@ -84,8 +85,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         engine = await run_in_threadpool(Engine, settings, metrics)
         state.engine = engine
-        log.info("engine on %s (backend %s); warming %d quantizers", engine.device, engine.backend,
-                 len(settings.warm_set()))
+        log.info(
+            "engine on %s (backend %s); warming %d quantizers", engine.device, engine.backend, len(settings.warm_set())
+        )
         engine.start_warm_up()
         try:
             yield
@@ -97,7 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="IsoQuant Service",
         version=__version__,
         description="Block-rotation vector quantization (IsoQuant) as a service: POST /quantize, POST /dequantize. "
-        "Every error is {\"error\": {\"type\", \"message\", \"field\"}}.",
+        'Every error is {"error": {"type", "message", "field"}}.',
         lifespan=lifespan,
     )
     app.state.isoquant = state
@@ -121,8 +123,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kinds = {404: "not_found", 405: "method_not_allowed"}
-        return _error(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail), None,
-                      getattr(exc, "headers", None))
+        return _error(
+            exc.status_code,
+            kinds.get(exc.status_code, "http_error"),
+            str(exc.detail),
+            None,
+            getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -126,10 +126,14 @@ def parse_json(body: bytes) -> dict:
 
 
 def _check_shape(shape: Any, field: str) -> tuple[int, ...]:
-    if not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= MAX_NDIM or any(
-        isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape
+    if (
+        not isinstance(shape, (list, tuple))
+        or not 1 <= len(shape) <= MAX_NDIM
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape)
     ):
-        raise InvalidInput(f"shape must be a list of 1 to {MAX_NDIM} non-negative integers; got {shape!r}", f"{field}.shape")
+        raise InvalidInput(
+            f"shape must be a list of 1 to {MAX_NDIM} non-negative integers; got {shape!r}", f"{field}.shape"
+        )
     return tuple(shape)
 
 
@@ -145,7 +149,9 @@ def array_to_tensor(array: Array, field: str, allowed: tuple[str, ...]) -> torch
     """Decode an ``Array`` into a CPU tensor of its dtype and shape (422 on a bad dtype, shape, base64
     or byte count)."""
     if array.dtype not in allowed:
-        raise InvalidInput(f"dtype {array.dtype!r} is not allowed here; allowed: {', '.join(allowed)}", f"{field}.dtype")
+        raise InvalidInput(
+            f"dtype {array.dtype!r} is not allowed here; allowed: {', '.join(allowed)}", f"{field}.dtype"
+        )
     shape = _check_shape(array.shape, field)
     dtype = DTYPES[array.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -164,7 +170,8 @@ def array_to_tensor(array: Array, field: str, allowed: tuple[str, ...]) -> torch
     if len(raw) != expected:
         raise InvalidInput(
             f"data decodes to {len(raw)} bytes but shape {list(shape)} of {array.dtype} needs {expected}: "
-            "truncated or extra data", f"{field}.data"
+            "truncated or extra data",
+            f"{field}.data",
         )
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
@@ -212,7 +219,8 @@ def parse_safetensors(body: bytes) -> tuple[dict[str, torch.Tensor], dict[str, s
     (header_len,) = struct.unpack("<Q", body[:8])
     if header_len > min(_MAX_HEADER, len(body) - 8):
         raise MalformedBody(
-            f"safetensors header length {header_len} exceeds the body ({len(body)} bytes) or {_MAX_HEADER} bytes", "body"
+            f"safetensors header length {header_len} exceeds the body ({len(body)} bytes) or {_MAX_HEADER} bytes",
+            "body",
         )
     try:
         header = json.loads(body[8 : 8 + header_len])
@@ -226,9 +234,7 @@ def parse_safetensors(body: bytes) -> tuple[dict[str, torch.Tensor], dict[str, s
     for name, info in header.items():
         if name != "__metadata__" and (not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES):
             dtype = info.get("dtype") if isinstance(info, dict) else None
-            raise InvalidInput(
-                f"tensor {name!r} has dtype {dtype!r}; allowed: {', '.join(_ST_DTYPES.values())}", name
-            )
+            raise InvalidInput(f"tensor {name!r} has dtype {dtype!r}; allowed: {', '.join(_ST_DTYPES.values())}", name)
     try:
         tensors = load(body)
     except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:

@@ -54,8 +54,11 @@ class Stats:
     max_relative_error: float
 
     def as_dict(self) -> dict[str, float]:
-        return {"mse": self.mse, "mean_relative_error": self.mean_relative_error,
-                "max_relative_error": self.max_relative_error}
+        return {
+            "mse": self.mse,
+            "mean_relative_error": self.mean_relative_error,
+            "max_relative_error": self.max_relative_error,
+        }
 
 
 def distortion(x: torch.Tensor, x_hat: torch.Tensor, sq_err: torch.Tensor | None = None) -> Stats:
@@ -189,7 +192,9 @@ class Engine:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.settings.job_timeout_s)
         except asyncio.TimeoutError:
             self.metrics.rejected.labels("timeout").inc()
-            raise Unavailable(f"the device did not finish within {self.settings.job_timeout_s} s", type="timeout") from None
+            raise Unavailable(
+                f"the device did not finish within {self.settings.job_timeout_s} s", type="timeout"
+            ) from None
 
     def _job(self, fn: Callable[..., T], args: tuple) -> T:
         with self._lock:
@@ -225,8 +230,9 @@ class Engine:
             self._release_memory()
             self.metrics.device_errors.labels("out_of_memory").inc()
             log.warning("out of memory on %s: %s", self.device, exc)
-            raise Unavailable(f"out of memory on {self.device}; retry with a smaller batch or later",
-                              type="out_of_memory") from None
+            raise Unavailable(
+                f"out of memory on {self.device}; retry with a smaller batch or later", type="out_of_memory"
+            ) from None
         except RuntimeError as exc:  # CUDA/accelerator errors are RuntimeError subclasses
             self._release_memory()
             self.metrics.device_errors.labels("runtime").inc()
@@ -242,7 +248,7 @@ class Engine:
 
     # -- timing -----------------------------------------------------------------------------------
 
-    def _timed(self, op: str, q: Quantizer, dtype: torch.dtype, fn: Callable[[], T], observe: bool = True) -> T:
+    def _timed(self, op: str, q: Quantizer, dtype: torch.dtype, fn: Callable[[], T]) -> T:
         """Run one library op and record its device time (CUDA events on GPU: the kernels' time on the
         stream, not the host's; wall clock on CPU)."""
         if self.device.type == "cuda":
@@ -256,19 +262,22 @@ class Engine:
             t0 = time.perf_counter()
             result = fn()
             seconds = time.perf_counter() - t0
-        if observe:
-            name = str(dtype).removeprefix("torch.")
-            self.metrics.kernel_duration.labels(**self.metrics.kernel_labels(op, q.variant, q.dim, q.bits, name)).observe(seconds)
+        name = str(dtype).removeprefix("torch.")
+        labels = self.metrics.kernel_labels(op, q.variant, q.dim, q.bits, name)
+        self.metrics.kernel_duration.labels(**labels).observe(seconds)
         return result
 
     def _count(self, op: str, q: Quantizer, vectors: int) -> None:
         m = self.metrics
-        m.vectors.labels(m.label("op", op), m.label("variant", q.variant), m.label("dim", q.dim), m.label("bits", q.bits)).inc(vectors)
+        m.vectors.labels(
+            m.label("op", op), m.label("variant", q.variant), m.label("dim", q.dim), m.label("bits", q.bits)
+        ).inc(vectors)
 
     # -- ops (run on a worker) --------------------------------------------------------------------
 
-    def quantize_job(self, variant: str, bits: int, seed: int, x: torch.Tensor,
-                     want_reconstruction: bool, want_distortion: bool) -> QuantizeResult:
+    def quantize_job(
+        self, variant: str, bits: int, seed: int, x: torch.Tensor, want_reconstruction: bool, want_distortion: bool
+    ) -> QuantizeResult:
         """x [..., dim] CPU float16|bfloat16|float32 -> QuantizeResult (codes, norms; with the fused
         round trip's float32 reconstruction and Stats when asked)."""
         q = self.quantizer(variant, x.shape[-1], bits, seed)
@@ -287,22 +296,31 @@ class Engine:
                 reconstruction = x_hat.cpu()
         return QuantizeResult(packed.codes.cpu(), packed.norms.cpu(), q.descriptor(), reconstruction, stats)
 
-    def dequantize_job(self, descriptor: dict, codes: torch.Tensor, norms: torch.Tensor,
-                       reference: torch.Tensor | None, dtype: torch.dtype) -> DequantizeResult:
+    def dequantize_job(
+        self,
+        descriptor: dict,
+        codes: torch.Tensor,
+        norms: torch.Tensor,
+        reference: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> DequantizeResult:
         """codes uint8 [..., code_bytes], norms float32 [...] (CPU) and a descriptor -> vectors [..., dim]
         in ``dtype``; Stats of those vectors against ``reference`` [..., dim] when given."""
         q = self.quantizer(descriptor["variant"], descriptor["dim"], descriptor["bits"], descriptor["seed"])
         if descriptor["format_version"] != FORMAT_VERSION:
             raise InvalidInput(
-                f"format_version {descriptor['format_version']} is not served; this server reads format {FORMAT_VERSION}",
-                "quantizer.format_version", type="format_mismatch",
+                f"format_version {descriptor['format_version']} is not served; "
+                f"this server reads format {FORMAT_VERSION}",
+                "quantizer.format_version",
+                type="format_mismatch",
             )
         if descriptor["fingerprint"] != q.fingerprint:
             raise InvalidInput(
                 f"fingerprint {descriptor['fingerprint']!r} does not match this server's quantizer "
                 f"({q.variant}, dim={q.dim}, bits={q.bits}, seed={q.seed}), whose fingerprint is {q.fingerprint!r}: "
                 "the codes were made by a different quantizer or another format",
-                "quantizer.fingerprint", type="fingerprint_mismatch",
+                "quantizer.fingerprint",
+                type="fingerprint_mismatch",
             )
         packed = Packed(codes=codes.to(self.device), norms=norms.to(self.device), **q.descriptor())
         out = self._timed("dequantize", q, dtype, lambda: q.dequantize(packed, dtype))
@@ -335,9 +353,10 @@ class Engine:
             for name in self.settings.warm_dtypes:
                 dtype = INPUT_DTYPES[name]
                 x = base.to(dtype).to(self.device)
-                packed = self._timed("quantize", q, dtype, lambda: q.quantize(x), observe=False)
-                self._timed("dequantize", q, dtype, lambda: q.dequantize(packed, dtype), observe=False)
-                self._timed("roundtrip", q, dtype, lambda: q.roundtrip(x), observe=False)
+                # Not timed into the metrics: warm-up includes compilation, which is not kernel latency.
+                packed = q.quantize(x)
+                q.dequantize(packed, dtype)
+                q.roundtrip(x)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.warm_progress = (total, total)
@@ -358,8 +377,13 @@ class Engine:
             self.warmed = True
             if not self.draining:
                 self.metrics.ready.set(1)
-            log.info("warm-up done in %.2f s: %d quantizers on %s (backend %s)", future.result(),
-                     len(self.settings.warm_set()), self.device, self.backend)
+            log.info(
+                "warm-up done in %.2f s: %d quantizers on %s (backend %s)",
+                future.result(),
+                len(self.settings.warm_set()),
+                self.device,
+                self.backend,
+            )
 
         future = self._executor.submit(self.warm_up)
         future.add_done_callback(done)
@@ -380,5 +404,14 @@ class Engine:
 def _field_of(message: str) -> str | None:
     """The request field a library ValueError is about, from the name it starts with."""
     head = message.split(" ", 1)[0].rstrip(":")
-    return {"x": "vectors", "codes": "codes", "norms": "norms", "dtype": "dtype", "variant": "variant",
-            "dim": "dim", "bits": "bits", "seed": "seed", "fingerprint": "quantizer.fingerprint"}.get(head)
+    return {
+        "x": "vectors",
+        "codes": "codes",
+        "norms": "norms",
+        "dtype": "dtype",
+        "variant": "variant",
+        "dim": "dim",
+        "bits": "bits",
+        "seed": "seed",
+        "fingerprint": "quantizer.fingerprint",
+    }.get(head)

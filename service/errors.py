@@ -10,8 +10,15 @@ class ApiError(Exception):
     status = 400
     type = "bad_request"
 
-    def __init__(self, message: str, field: str | None = None, *, status: int | None = None,
-                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        field: str | None = None,
+        *,
+        status: int | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field

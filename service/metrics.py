@@ -26,8 +26,27 @@ from service.settings import Settings
 OPS = ("quantize", "dequantize", "roundtrip")
 # 1 us .. 1 s in a 1-2.5-5 ladder: GPU kernels on small batches are microseconds, CPU reference on
 # 65,536 vectors is hundreds of milliseconds.
-KERNEL_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
-                  1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
+KERNEL_BUCKETS = (
+    1e-6,
+    2.5e-6,
+    5e-6,
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 RELATIVE_ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -70,15 +89,16 @@ class Metrics:
         self.kernel_duration = Histogram(
             "isoquant_kernel_duration_seconds",
             "Device time of one library op on one batch (CUDA events on GPU, wall clock on CPU)",
-            ["op", "variant", "dim", "bits", "dtype"], buckets=KERNEL_BUCKETS, registry=r,
+            ["op", "variant", "dim", "bits", "dtype"],
+            buckets=KERNEL_BUCKETS,
+            registry=r,
         )
-        self.vectors = Counter(
-            "isoquant_vectors", "Vectors processed", ["op", "variant", "dim", "bits"], registry=r
-        )
+        self.vectors = Counter("isoquant_vectors", "Vectors processed", ["op", "variant", "dim", "bits"], registry=r)
         self.payload_bytes = Counter(
             "isoquant_payload_bytes",
             "Tensor bytes received (direction=in: vectors or codes+norms) and returned (direction=out)",
-            ["op", "direction"], registry=r,
+            ["op", "direction"],
+            registry=r,
         )
         self.batch_size = Histogram(
             "isoquant_batch_size_vectors", "Vectors per request", ["op"], buckets=BATCH_BUCKETS, registry=r
@@ -86,7 +106,9 @@ class Metrics:
         self.relative_error = Histogram(
             "isoquant_reconstruction_relative_error",
             "Mean per-vector relative error ||x - x_hat|| / ||x|| of one request's round trip",
-            ["variant", "dim", "bits"], buckets=RELATIVE_ERROR_BUCKETS, registry=r,
+            ["variant", "dim", "bits"],
+            buckets=RELATIVE_ERROR_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge("isoquant_queue_depth", "Jobs admitted and waiting for a device worker", registry=r)
         self.jobs_running = Gauge("isoquant_jobs_running", "Jobs running on the device now", registry=r)
@@ -95,16 +117,23 @@ class Metrics:
         self.rejected = Counter(
             "isoquant_rejected_requests", "Requests refused before device work, by reason", ["reason"], registry=r
         )
-        self.device_errors = Counter("isoquant_device_errors", "Device failures answered with 503", ["kind"], registry=r)
+        self.device_errors = Counter(
+            "isoquant_device_errors", "Device failures answered with 503", ["kind"], registry=r
+        )
         self.quantizers = Gauge("isoquant_quantizers_resident", "Quantizers held on the device", ["cache"], registry=r)
         self.warmup_seconds = Gauge("isoquant_warmup_duration_seconds", "Wall time of the start-up warm-up", registry=r)
         self.build_info = Gauge(
-            "isoquant_build_info", "Constant 1; labels say what is running",
-            ["version", "torch", "python", "device", "backend"], registry=r,
+            "isoquant_build_info",
+            "Constant 1; labels say what is running",
+            ["version", "torch", "python", "device", "backend"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "isoquant_request_duration_seconds", "Wall time of an HTTP request, by route template and status",
-            ["route", "method", "status"], buckets=REQUEST_BUCKETS, registry=r,
+            "isoquant_request_duration_seconds",
+            "Wall time of an HTTP request, by route template and status",
+            ["route", "method", "status"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
         )
         self.requests = Counter(
             "isoquant_requests", "HTTP requests by route template and status", ["route", "method", "status"], registry=r
@@ -122,8 +151,11 @@ class Metrics:
 
     def kernel_labels(self, op: str, variant: str, dim: int, bits: int, dtype: str) -> dict[str, str]:
         return {
-            "op": self.label("op", op), "variant": self.label("variant", variant), "dim": self.label("dim", dim),
-            "bits": self.label("bits", bits), "dtype": self.label("dtype", dtype),
+            "op": self.label("op", op),
+            "variant": self.label("variant", variant),
+            "dim": self.label("dim", dim),
+            "bits": self.label("bits", bits),
+            "dtype": self.label("dtype", dtype),
         }
 
     def set_build_info(self, device, backend: str) -> None:

@@ -67,13 +67,21 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="Most requests admitted to the device queue (429 above).")
     workers: int = Field(1, ge=1, le=64, description="Threads that run device work (1 keeps one GPU stream busy).")
     job_timeout_s: float = Field(60.0, gt=0, description="A request whose work has not finished by then gets 503.")
-    drain_seconds: float = Field(0.0, ge=0, description="After SIGTERM: seconds to stay up, not ready, before shutting down.")
+    drain_seconds: float = Field(
+        0.0, ge=0, description="After SIGTERM: seconds to stay up, not ready, before shutting down."
+    )
 
-    api_key: SecretStr | None = Field(None, description="If set, /quantize, /dequantize, /quantizer and /info need 'Authorization: Bearer <key>'.")
+    api_key: SecretStr | None = Field(
+        None, description="If set, /quantize, /dequantize, /quantizer and /info need 'Authorization: Bearer <key>'."
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info")
-    triton_cache_dir: str | None = Field(None, description="Sets TRITON_CACHE_DIR for compiled kernels (kept across restarts).")
+    triton_cache_dir: str | None = Field(
+        None, description="Sets TRITON_CACHE_DIR for compiled kernels (kept across restarts)."
+    )
 
-    @field_validator("variants", "dims", "bits", "dtypes", "warm_variants", "warm_dims", "warm_bits", "warm_dtypes", mode="before")
+    @field_validator(
+        "variants", "dims", "bits", "dtypes", "warm_variants", "warm_dims", "warm_bits", "warm_dtypes", mode="before"
+    )
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split(value)

@@ -22,22 +22,25 @@ def _listing(values) -> str:
 
 def variant(settings: Settings, value: object, field: str = "variant") -> str:
     if not isinstance(value, str) or value not in settings.variants:
-        raise InvalidInput(f"variant {value!r} is not served; allowed: {_listing(settings.variants)}", field,
-                           type="unsupported_value")
+        raise InvalidInput(
+            f"variant {value!r} is not served; allowed: {_listing(settings.variants)}", field, type="unsupported_value"
+        )
     return value
 
 
 def bits(settings: Settings, value: object, field: str = "bits") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value not in settings.bits:
-        raise InvalidInput(f"bits {value!r} is not served; allowed: {_listing(settings.bits)}", field,
-                           type="unsupported_value")
+        raise InvalidInput(
+            f"bits {value!r} is not served; allowed: {_listing(settings.bits)}", field, type="unsupported_value"
+        )
     return value
 
 
 def dim(settings: Settings, value: object, field: str = "dim") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value not in settings.dims:
-        raise InvalidInput(f"dim {value!r} is not served; allowed: {_listing(settings.dims)}", field,
-                           type="unsupported_value")
+        raise InvalidInput(
+            f"dim {value!r} is not served; allowed: {_listing(settings.dims)}", field, type="unsupported_value"
+        )
     return value
 
 
@@ -51,8 +54,9 @@ def seed(settings: Settings, value: object, field: str = "seed") -> int:
 
 def dtype(settings: Settings, value: object, field: str = "dtype") -> str:
     if not isinstance(value, str) or value not in settings.dtypes:
-        raise InvalidInput(f"dtype {value!r} is not served; allowed: {_listing(settings.dtypes)}", field,
-                           type="unsupported_value")
+        raise InvalidInput(
+            f"dtype {value!r} is not served; allowed: {_listing(settings.dtypes)}", field, type="unsupported_value"
+        )
     return value
 
 
@@ -61,8 +65,11 @@ def vectors(settings: Settings, x: torch.Tensor, field: str = "vectors") -> int:
     (NaN/Inf are refused by the quantizer itself, on the device, in the same pass as the norms.)"""
     name = dtype_name(x.dtype)
     if name not in settings.dtypes:
-        raise InvalidInput(f"vectors dtype {name!r} is not served; allowed: {_listing(settings.dtypes)}", field,
-                           type="unsupported_value")
+        raise InvalidInput(
+            f"vectors dtype {name!r} is not served; allowed: {_listing(settings.dtypes)}",
+            field,
+            type="unsupported_value",
+        )
     if x.ndim < 1:
         raise InvalidInput("vectors must have at least one dimension [..., dim]", field)
     dim(settings, int(x.shape[-1]), field)
@@ -73,8 +80,12 @@ def count(settings: Settings, n: int, field: str) -> int:
     if n < 1:
         raise InvalidInput("the request holds no vectors; send at least one", field)
     if n > settings.max_vectors:
-        raise ApiError(f"{n} vectors exceed the limit of {settings.max_vectors} per request; split the batch",
-                       field, status=413, type="too_many_vectors")
+        raise ApiError(
+            f"{n} vectors exceed the limit of {settings.max_vectors} per request; split the batch",
+            field,
+            status=413,
+            type="too_many_vectors",
+        )
     return n
 
 
@@ -95,8 +106,11 @@ def from_pydantic(exc: ValidationError, prefix: str = "") -> InvalidInput:
     first = exc.errors(include_url=False)[0]
     loc = ".".join(str(p) for p in first["loc"])
     field = ".".join(p for p in (prefix, loc) if p) or None
-    kind = "missing_field" if first["type"] == "missing" else (
-        "unknown_field" if first["type"] == "extra_forbidden" else "invalid_value")
+    kind = (
+        "missing_field"
+        if first["type"] == "missing"
+        else ("unknown_field" if first["type"] == "extra_forbidden" else "invalid_value")
+    )
     message = f"{field}: {first['msg']}" if field else first["msg"]
     if kind == "unknown_field":
         message = f"{field} is not a known field"

@@ -13,7 +13,6 @@ from service.metrics import Metrics
 from service.schemas import ErrorBody
 from service.settings import Settings
 
-
 ERROR_RESPONSES = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
@@ -49,8 +48,9 @@ def ready_engine(request: Request) -> Engine:
         raise Unavailable("the service is shutting down", type="shutting_down")
     if engine is None or not engine.warmed:
         # Draining (after SIGTERM) still serves: load balancers need a moment to see not-ready.
-        raise Unavailable("the service is warming up; retry shortly (GET /health/ready turns 200 when ready)",
-                          type="not_ready")
+        raise Unavailable(
+            "the service is warming up; retry shortly (GET /health/ready turns 200 when ready)", type="not_ready"
+        )
     return engine
 
 

@@ -45,8 +45,9 @@ def parse(body: bytes, fmt: str, settings: Settings) -> Parsed:
         p.norms = codec.array_to_tensor(request.norms, "norms", ("float32",))
         reference = request.reference
         if isinstance(reference, dict):
-            p.reference = codec.array_to_tensor(validate.model(Array, reference, "reference"), "reference",
-                                                tuple(settings.dtypes))
+            p.reference = codec.array_to_tensor(
+                validate.model(Array, reference, "reference"), "reference", tuple(settings.dtypes)
+            )
         elif isinstance(reference, list):
             p.reference = codec.nested_to_tensor(reference, "reference")
         elif reference is None:
@@ -58,51 +59,70 @@ def parse(body: bytes, fmt: str, settings: Settings) -> Parsed:
         tensors, meta = codec.parse_safetensors(body)
         for name in ("codes", "norms"):
             if name not in tensors:
-                raise InvalidInput(f"the container has no tensor {name!r} (it has {sorted(tensors)})", name,
-                                   type="missing_field")
+                raise InvalidInput(
+                    f"the container has no tensor {name!r} (it has {sorted(tensors)})", name, type="missing_field"
+                )
         p.codes, p.norms, p.reference = tensors["codes"], tensors["norms"], tensors.get("reference")
         fields = {key: meta.get(key) for key in ("variant", "fingerprint")}
         for key in ("dim", "bits", "seed", "format_version"):
             fields[key] = codec.meta_int(meta, key)
         missing = [k for k, v in fields.items() if v is None and k != "format_version"]
         if missing:
-            raise InvalidInput(f"metadata lacks {', '.join(missing)} (the quantizer descriptor)", missing[0],
-                               type="missing_field")
+            raise InvalidInput(
+                f"metadata lacks {', '.join(missing)} (the quantizer descriptor)", missing[0], type="missing_field"
+            )
         if fields["format_version"] is None:
             fields.pop("format_version")
         descriptor = validate.model(Descriptor, fields, "quantizer")
         dtype = meta.get("dtype", "float32")
         for name, tensor, want in (("codes", p.codes, torch.uint8), ("norms", p.norms, torch.float32)):
             if tensor.dtype != want:
-                raise InvalidInput(f"{name} must be {codec.dtype_name(want)}; got {codec.dtype_name(tensor.dtype)}",
-                                   name)
+                raise InvalidInput(
+                    f"{name} must be {codec.dtype_name(want)}; got {codec.dtype_name(tensor.dtype)}", name
+                )
     variant = validate.variant(settings, descriptor.variant, "quantizer.variant")
     dim = validate.dim(settings, descriptor.dim, "quantizer.dim")
     bits = validate.bits(settings, descriptor.bits, "quantizer.bits")
     seed = validate.seed(settings, descriptor.seed, "quantizer.seed")
     p.dtype = codec.DTYPES[validate.dtype(settings, dtype)]
-    p.descriptor = {"variant": variant, "dim": dim, "bits": bits, "seed": seed,
-                    "fingerprint": descriptor.fingerprint, "format_version": descriptor.format_version}
+    p.descriptor = {
+        "variant": variant,
+        "dim": dim,
+        "bits": bits,
+        "seed": seed,
+        "fingerprint": descriptor.fingerprint,
+        "format_version": descriptor.format_version,
+    }
     need = validate.code_bytes(variant, dim, bits)
     if p.codes.ndim < 1 or p.codes.shape[-1] != need:
         raise InvalidInput(
             f"codes must be [..., {need}] ({need} bytes a vector for {variant}, dim={dim}, bits={bits}); got shape "
             f"{list(p.codes.shape)}: truncated codes or codes of another dim/bits",
-            "codes.shape" if fmt == "json" else "codes", type="shape_mismatch",
+            "codes.shape" if fmt == "json" else "codes",
+            type="shape_mismatch",
         )
     lead = list(p.codes.shape[:-1])
     if list(p.norms.shape) != lead:
-        raise InvalidInput(f"norms must have shape {lead} (the codes' leading shape); got {list(p.norms.shape)}",
-                           "norms.shape" if fmt == "json" else "norms", type="shape_mismatch")
+        raise InvalidInput(
+            f"norms must have shape {lead} (the codes' leading shape); got {list(p.norms.shape)}",
+            "norms.shape" if fmt == "json" else "norms",
+            type="shape_mismatch",
+        )
     validate.count(settings, p.norms.numel(), "codes")
     if p.reference is not None:
         name = codec.dtype_name(p.reference.dtype)
         if name not in settings.dtypes:
-            raise InvalidInput(f"reference dtype {name!r} is not served; allowed: {', '.join(settings.dtypes)}",
-                               "reference", type="unsupported_value")
+            raise InvalidInput(
+                f"reference dtype {name!r} is not served; allowed: {', '.join(settings.dtypes)}",
+                "reference",
+                type="unsupported_value",
+            )
         if list(p.reference.shape) != lead + [dim]:
-            raise InvalidInput(f"reference must have shape {lead + [dim]}; got {list(p.reference.shape)}", "reference",
-                               type="shape_mismatch")
+            raise InvalidInput(
+                f"reference must have shape {lead + [dim]}; got {list(p.reference.shape)}",
+                "reference",
+                type="shape_mismatch",
+            )
         if not bool(torch.isfinite(p.reference).all()):
             raise InvalidInput("reference holds NaN or Inf", "reference", type="non_finite")
     return p

@@ -27,8 +27,14 @@ async def live() -> dict:
 async def ready(request: Request) -> JSONResponse:
     engine = get_state(request).engine
     if engine is not None and engine.ready:
-        return JSONResponse({"status": "ready", "device": str(engine.device), "backend": engine.backend,
-                             "warmup_seconds": engine.warmup_seconds})
+        return JSONResponse(
+            {
+                "status": "ready",
+                "device": str(engine.device),
+                "backend": engine.backend,
+                "warmup_seconds": engine.warmup_seconds,
+            }
+        )
     if engine is None:
         raise Unavailable("the engine is not started yet", type="not_ready")
     if engine.draining or not engine.accepting:

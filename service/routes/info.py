@@ -35,8 +35,12 @@ async def info(request: Request) -> dict:
         "ready": bool(engine and engine.ready),
         "device": str(engine.device) if engine else None,
         "backend": engine.backend if engine else None,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "triton": _version("triton"), "fastapi": _version("fastapi")},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "fastapi": _version("fastapi"),
+        },
         "variants": s.variants,
         "dims": s.dims,
         "bits": s.bits,
@@ -45,8 +49,14 @@ async def info(request: Request) -> dict:
         "warm_set": {"variants": s.warm_variants, "dims": s.warm_dims, "bits": s.warm_bits, "dtypes": s.warm_dtypes},
         "warmup_seconds": engine.warmup_seconds if engine else None,
         "quantizers_resident": engine.resident_count() if engine else None,
-        "limits": {"max_request_bytes": s.max_request_bytes, "max_vectors": s.max_vectors, "max_queue": s.max_queue,
-                   "workers": s.workers, "job_timeout_s": s.job_timeout_s, "seed_cache_size": s.seed_cache_size},
+        "limits": {
+            "max_request_bytes": s.max_request_bytes,
+            "max_vectors": s.max_vectors,
+            "max_queue": s.max_queue,
+            "workers": s.workers,
+            "job_timeout_s": s.job_timeout_s,
+            "seed_cache_size": s.seed_cache_size,
+        },
         "media_types": ["application/json", "application/x-safetensors"],
         "auth": "bearer" if s.api_key is not None else None,
     }
@@ -55,8 +65,14 @@ async def info(request: Request) -> dict:
 def describe(q: Quantizer) -> dict:
     """The quantizer's defining values as JSON numbers: rotation parameters and codebook exactly as
     applied (float32 values, which the fingerprint hashes, docs/FORMAT.md), plus the float64 codebook."""
-    names = {"full": ("q_left", "q_right"), "fast": ("q_left",), "2d": ("theta",), "dense": ("matrix",),
-             "hadamard": ("signs",), "identity": ()}[q.variant]
+    names = {
+        "full": ("q_left", "q_right"),
+        "fast": ("q_left",),
+        "2d": ("theta",),
+        "dense": ("matrix",),
+        "hadamard": ("signs",),
+        "identity": (),
+    }[q.variant]
     params = {name: q.rotation.tensors[name].tolist() for name in names}
     return {
         **q.descriptor(),
@@ -82,7 +98,11 @@ async def quantizer(
 ) -> dict:
     settings = get_state(request).settings
     engine = ready_engine(request)
-    args = (validate.variant(settings, variant), validate.dim(settings, dim), validate.bits(settings, bits),
-            validate.seed(settings, seed))
+    args = (
+        validate.variant(settings, variant),
+        validate.dim(settings, dim),
+        validate.bits(settings, bits),
+        validate.seed(settings, seed),
+    )
     q = await engine.run(engine.quantizer, *args)
     return describe(q)

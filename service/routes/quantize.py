@@ -41,20 +41,23 @@ def parse(body: bytes, fmt: str, settings: Settings) -> Parsed:
     if fmt == "json":
         request = validate.model(QuantizeRequest, codec.parse_json(body))
         if isinstance(request.vectors, dict):
-            p.x = codec.array_to_tensor(validate.model(Array, request.vectors, "vectors"), "vectors",
-                                        tuple(settings.dtypes))
+            p.x = codec.array_to_tensor(
+                validate.model(Array, request.vectors, "vectors"), "vectors", tuple(settings.dtypes)
+            )
         elif isinstance(request.vectors, list):
             p.x = codec.nested_to_tensor(request.vectors, "vectors")
         else:
-            raise InvalidInput("vectors must be an array object {data, dtype, shape} or nested lists of numbers",
-                               "vectors")
+            raise InvalidInput(
+                "vectors must be an array object {data, dtype, shape} or nested lists of numbers", "vectors"
+            )
         variant, bits, seed = request.variant, request.bits, request.seed
         p.want_reconstruction, p.want_distortion = request.return_reconstruction, request.return_distortion
     else:
         tensors, meta = codec.parse_safetensors(body)
         if "vectors" not in tensors:
-            raise InvalidInput(f"the container has no tensor 'vectors' (it has {sorted(tensors)})", "vectors",
-                               type="missing_field")
+            raise InvalidInput(
+                f"the container has no tensor 'vectors' (it has {sorted(tensors)})", "vectors", type="missing_field"
+            )
         p.x = tensors["vectors"]
         variant = meta.get("variant", "full")
         bits = codec.meta_int(meta, "bits", 3)
@@ -90,8 +93,13 @@ def encode(result: QuantizeResult, x: torch.Tensor, fmt: str) -> tuple[bytes, in
     tensors = {"codes": result.codes, "norms": result.norms}
     if result.reconstruction is not None:
         tensors["reconstruction"] = result.reconstruction
-    metadata = {**result.descriptor, "shape": json.dumps(list(x.shape)), "bytes_in": bytes_in,
-                "bytes_out": bytes_out, "compression_ratio": ratio}
+    metadata = {
+        **result.descriptor,
+        "shape": json.dumps(list(x.shape)),
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "compression_ratio": ratio,
+    }
     if result.stats is not None:
         metadata.update(result.stats.as_dict())
     return codec.dump_safetensors(tensors, metadata), returned
@@ -115,8 +123,9 @@ async def quantize(request: Request) -> Response:
     out_fmt = codec.response_format(request.headers.get("accept"), fmt)
     body = await codec.read_body(request, settings.max_request_bytes)
     p = await run_in_threadpool(parse, body, fmt, settings)
-    result = await engine.run(engine.quantize_job, p.variant, p.bits, p.seed, p.x, p.want_reconstruction,
-                              p.want_distortion)
+    result = await engine.run(
+        engine.quantize_job, p.variant, p.bits, p.seed, p.x, p.want_reconstruction, p.want_distortion
+    )
     content, returned = await run_in_threadpool(encode, result, p.x, out_fmt)
     metrics.batch_size.labels("quantize").observe(result.norms.numel())
     metrics.payload_bytes.labels("quantize", "in").inc(codec.tensor_nbytes(p.x))

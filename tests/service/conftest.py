@@ -18,8 +18,15 @@ SAFETENSORS = "application/x-safetensors"
 
 # Small warm set: the tests build other quantizers on demand, which is itself under test.
 BASE = dict(
-    warm_variants=["full", "fast", "2d"], warm_dims=[64, 128], warm_bits=[3], warm_dtypes=["float16", "float32"],
-    warm_batch=8, max_request_bytes=4 << 20, max_vectors=4096, max_queue=128, seed_cache_size=2,
+    warm_variants=["full", "fast", "2d"],
+    warm_dims=[64, 128],
+    warm_bits=[3],
+    warm_dtypes=["float16", "float32"],
+    warm_batch=8,
+    max_request_bytes=4 << 20,
+    max_vectors=4096,
+    max_queue=128,
+    seed_cache_size=2,
 )
 
 
@@ -72,14 +79,19 @@ async def client(app) -> httpx.AsyncClient:
 def b64(t: torch.Tensor) -> dict:
     """A CPU tensor as the API's array object."""
     t = t.contiguous()
-    return {"data": base64.b64encode(t.reshape(-1).view(torch.uint8).numpy().tobytes()).decode(),
-            "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+    return {
+        "data": base64.b64encode(t.reshape(-1).view(torch.uint8).numpy().tobytes()).decode(),
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "shape": list(t.shape),
+    }
 
 
 def unb64(array: dict) -> torch.Tensor:
     dtype = getattr(torch, array["dtype"])
     raw = bytearray(base64.b64decode(array["data"]))
-    return torch.frombuffer(raw, dtype=dtype).reshape(array["shape"]) if raw else torch.empty(array["shape"], dtype=dtype)
+    return (
+        torch.frombuffer(raw, dtype=dtype).reshape(array["shape"]) if raw else torch.empty(array["shape"], dtype=dtype)
+    )
 
 
 def assert_error(response: httpx.Response, status: int, type_: str | None, field: str | None, *fragments: str) -> dict:

@@ -81,20 +81,23 @@ def _metadata(container: bytes) -> dict:
 
 async def test_accept_header_picks_the_response_format(client):
     x = _vectors(4, 64)
-    r = await client.post("/quantize", json={"vectors": b64(x), "variant": "fast", "bits": 3},
-                          headers={"accept": SAFETENSORS})
+    r = await client.post(
+        "/quantize", json={"vectors": b64(x), "variant": "fast", "bits": 3}, headers={"accept": SAFETENSORS}
+    )
     assert r.status_code == 200 and r.headers["content-type"] == SAFETENSORS
     assert st_load(r.content)["codes"].shape == (4, 24)
     body = st_save({"vectors": x}, metadata={"variant": "fast", "bits": "3"})
-    r = await client.post("/quantize", content=body,
-                          headers={"content-type": SAFETENSORS, "accept": "text/html;q=0.9, application/json"})
+    r = await client.post(
+        "/quantize", content=body, headers={"content-type": SAFETENSORS, "accept": "text/html;q=0.9, application/json"}
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
 
 
 async def test_dequantize_of_quantize_json_response_equals_library(client):
     x = _vectors(33, 128, torch.float32, seed=3)
-    r = await client.post("/quantize", json={"vectors": b64(x), "variant": "full", "bits": 3,
-                                             "return_reconstruction": True})
+    r = await client.post(
+        "/quantize", json={"vectors": b64(x), "variant": "full", "bits": 3, "return_reconstruction": True}
+    )
     assert r.status_code == 200
     d = await client.post("/dequantize", content=r.content, headers={"content-type": "application/json"})
     assert d.status_code == 200, d.text
@@ -109,8 +112,11 @@ async def test_dequantize_of_quantize_json_response_equals_library(client):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 async def test_dequantize_of_quantize_safetensors_response(client, dtype):
     x = _vectors(20, 64, torch.bfloat16, seed=5)
-    r = await client.post("/quantize", content=st_save({"vectors": x}, metadata={"variant": "2d", "bits": "2"}),
-                          headers={"content-type": SAFETENSORS})
+    r = await client.post(
+        "/quantize",
+        content=st_save({"vectors": x}, metadata={"variant": "2d", "bits": "2"}),
+        headers={"content-type": SAFETENSORS},
+    )
     assert r.status_code == 200
     # The /quantize container is a /dequantize request once the output dtype is added to its metadata.
     tensors, meta = st_load(r.content), {**_metadata(r.content), "dtype": dtype}
@@ -124,8 +130,16 @@ async def test_dequantize_of_quantize_safetensors_response(client, dtype):
 async def test_distortion_matches_recomputation(client):
     x = _vectors(300, 256, torch.float32, seed=9)
     x[5] = 0  # a zero vector has relative error 0 by definition
-    r = await client.post("/quantize", json={"vectors": b64(x), "variant": "fast", "bits": 2,
-                                             "return_reconstruction": True, "return_distortion": True})
+    r = await client.post(
+        "/quantize",
+        json={
+            "vectors": b64(x),
+            "variant": "fast",
+            "bits": 2,
+            "return_reconstruction": True,
+            "return_distortion": True,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     x_hat = unb64(body["reconstruction"]).double()
@@ -140,8 +154,13 @@ async def test_distortion_matches_recomputation(client):
     assert 0.25 < stats["mean_relative_error"] < 0.45
 
     # /dequantize with the reference: statistics of the returned vectors against it.
-    req = {"quantizer": body["quantizer"], "codes": body["codes"], "norms": body["norms"], "reference": b64(x),
-           "dtype": "float16"}
+    req = {
+        "quantizer": body["quantizer"],
+        "codes": body["codes"],
+        "norms": body["norms"],
+        "reference": b64(x),
+        "dtype": "float16",
+    }
     d = await client.post("/dequantize", json=req)
     assert d.status_code == 200, d.text
     out = unb64(d.json()["vectors"])
@@ -155,8 +174,10 @@ async def test_distortion_matches_recomputation(client):
 
 async def test_safetensors_distortion_and_reconstruction(client):
     x = _vectors(64, 128, torch.float16, seed=2)
-    body = st_save({"vectors": x}, metadata={"variant": "full", "bits": "4", "return_reconstruction": "true",
-                                             "return_distortion": "true"})
+    body = st_save(
+        {"vectors": x},
+        metadata={"variant": "full", "bits": "4", "return_reconstruction": "true", "return_distortion": "true"},
+    )
     r = await client.post("/quantize", content=body, headers={"content-type": SAFETENSORS})
     assert r.status_code == 200
     tensors, meta = st_load(r.content), _metadata(r.content)
@@ -197,7 +218,7 @@ async def test_quantizer_parameters_reproduce_the_fingerprint(client):
             digest.update(np.round(a.reshape(-1) * float(1 << 24)).astype("<i8").tobytes())
         assert digest.hexdigest()[:16] == p["fingerprint"] == Quantizer(variant, 96, 3, 5).fingerprint
         c, t = p["codebook"]["centroids"], p["codebook"]["boundaries"]
-        assert len(c) == 8 and t == pytest.approx([(a + b) / 2 for a, b in zip(c, c[1:])], rel=1e-6)
+        assert len(c) == 8 and t == pytest.approx([(a + b) / 2 for a, b in zip(c, c[1:], strict=False)], rel=1e-6)
         assert p["code_bytes"] == -(-p["n_coded"] * 3 // 8)
 
 
@@ -206,8 +227,12 @@ async def test_info_and_docs(client):
     assert info["device"] == "cpu" and info["backend"] == "torch" and info["ready"] is True
     assert info["variants"] == ["full", "fast", "2d", "dense", "hadamard", "identity"]
     assert info["dtypes"] == ["float16", "bfloat16", "float32"] and 128 in info["dims"] and info["bits"][0] == 1
-    assert info["warm_set"] == {"variants": ["full", "fast", "2d"], "dims": [64, 128], "bits": [3],
-                                "dtypes": ["float16", "float32"]}
+    assert info["warm_set"] == {
+        "variants": ["full", "fast", "2d"],
+        "dims": [64, 128],
+        "bits": [3],
+        "dtypes": ["float16", "float32"],
+    }
     assert info["limits"]["max_vectors"] == 4096 and info["versions"]["torch"] == torch.__version__
     assert (await client.get("/docs")).status_code == 200
     schema = (await client.get("/openapi.json")).json()
@@ -225,8 +250,13 @@ async def test_api_key():
         r = await client.post("/quantize", json=x, headers={"authorization": "Bearer wrong"})
         e = assert_error(r, 401, "unauthorized", "authorization", "invalid API key")
         assert r.headers["www-authenticate"].startswith("Bearer")
-        assert_error(await client.get("/info", headers={"authorization": "Basic czNjcmV0"}), 401, "unauthorized",
-                     "authorization", "Bearer")
+        assert_error(
+            await client.get("/info", headers={"authorization": "Basic czNjcmV0"}),
+            401,
+            "unauthorized",
+            "authorization",
+            "Bearer",
+        )
         assert (await client.post("/quantize", json=x, headers={"authorization": "Bearer s3cret"})).status_code == 200
         # Probes and scrapes stay open.
         assert (await client.get("/health/ready")).status_code == 200

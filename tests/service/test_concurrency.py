@@ -35,8 +35,9 @@ async def test_64_concurrent_requests_with_different_parameters_are_not_mixed(cl
     async def one(variant, dim, bits, seed, x, binary):
         if binary:
             meta = {"variant": variant, "bits": str(bits), "seed": str(seed)}
-            r = await client.post("/quantize", content=st_save({"vectors": x}, metadata=meta),
-                                  headers={"content-type": SAFETENSORS})
+            r = await client.post(
+                "/quantize", content=st_save({"vectors": x}, metadata=meta), headers={"content-type": SAFETENSORS}
+            )
             assert r.status_code == 200, r.text
             t = st_load(r.content)
             return t["codes"], t["norms"]
@@ -45,7 +46,7 @@ async def test_64_concurrent_requests_with_different_parameters_are_not_mixed(cl
         return unb64(r.json()["codes"]), unb64(r.json()["norms"])
 
     results = await asyncio.gather(*(one(*case) for case in cases))
-    for (variant, dim, bits, seed, x, _), (codes, norms) in zip(cases, results):
+    for (variant, dim, bits, seed, x, _), (codes, norms) in zip(cases, results, strict=True):
         packed = Quantizer(variant, dim, bits, seed).quantize(x)
         assert codes.numpy().tobytes() == packed.codes.numpy().tobytes(), (variant, dim, bits, seed)
         assert torch.equal(norms, packed.norms)

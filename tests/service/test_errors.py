@@ -38,19 +38,31 @@ async def test_malformed_json(client):
 
 async def test_malformed_safetensors(client):
     headers = {"content-type": SAFETENSORS}
-    assert_error(await client.post("/quantize", content=b"\x01\x02", headers=headers), 400, "malformed_body", "body",
-                 "shorter")
+    assert_error(
+        await client.post("/quantize", content=b"\x01\x02", headers=headers), 400, "malformed_body", "body", "shorter"
+    )
     huge = struct.pack("<Q", 1 << 40) + b"{}"
-    assert_error(await client.post("/quantize", content=huge, headers=headers), 400, "malformed_body", "body",
-                 "header length")
+    assert_error(
+        await client.post("/quantize", content=huge, headers=headers), 400, "malformed_body", "body", "header length"
+    )
     bad_json = struct.pack("<Q", 5) + b"{nope"
-    assert_error(await client.post("/quantize", content=bad_json, headers=headers), 400, "malformed_body", "body",
-                 "not valid JSON")
+    assert_error(
+        await client.post("/quantize", content=bad_json, headers=headers),
+        400,
+        "malformed_body",
+        "body",
+        "not valid JSON",
+    )
     # A valid header whose offsets point past the data.
     header = json.dumps({"vectors": {"dtype": "F32", "shape": [2, 128], "data_offsets": [0, 1024]}}).encode()
     truncated = struct.pack("<Q", len(header)) + header + b"\0" * 100
-    assert_error(await client.post("/quantize", content=truncated, headers=headers), 400, "malformed_body", "body",
-                 "malformed safetensors")
+    assert_error(
+        await client.post("/quantize", content=truncated, headers=headers),
+        400,
+        "malformed_body",
+        "body",
+        "malformed safetensors",
+    )
 
 
 async def test_wrong_content_type(client):
@@ -93,8 +105,11 @@ async def test_non_finite(client, bad):
     x[4, 7] = bad
     r = await client.post("/quantize", json={"vectors": b64(x), "variant": "full", "bits": 3})
     assert_error(r, 422, "non_finite", "vectors", "NaN or Inf", "[4]")
-    r = await client.post("/quantize", content=b'{"vectors": [[1, 2, 3, NaN]], "variant": "2d", "bits": 2}',
-                          headers={"content-type": "application/json"})
+    r = await client.post(
+        "/quantize",
+        content=b'{"vectors": [[1, 2, 3, NaN]], "variant": "2d", "bits": 2}',
+        headers={"content-type": "application/json"},
+    )
     # Python's JSON reads NaN; the value is refused by the same check.
     assert r.status_code == 422 and r.json()["error"]["field"] == "vectors"
 
@@ -159,41 +174,59 @@ async def test_truncated_codes_and_wrong_dim(client):
     q = await _quantized(client)
     codes = base64.b64decode(q["codes"]["data"])
     short = {"data": base64.b64encode(codes[:-1]).decode(), "dtype": "uint8", "shape": [4, 48]}
-    assert_error(await client.post("/dequantize", json={**q, "codes": short}), 422, "invalid_value", "codes.data",
-                 "truncated")
+    assert_error(
+        await client.post("/dequantize", json={**q, "codes": short}), 422, "invalid_value", "codes.data", "truncated"
+    )
     # Codes of 47 bytes a vector: not the 48 that dim=128, bits=3 needs.
     cut = {"data": base64.b64encode(codes[: 4 * 47]).decode(), "dtype": "uint8", "shape": [4, 47]}
-    assert_error(await client.post("/dequantize", json={**q, "codes": cut}), 422, "shape_mismatch", "codes.shape",
-                 "[..., 48]")
+    assert_error(
+        await client.post("/dequantize", json={**q, "codes": cut}), 422, "shape_mismatch", "codes.shape", "[..., 48]"
+    )
     # Claiming dim 64 for codes of dim 128 changes the expected width too.
     wrong_dim = {**q, "quantizer": {**q["quantizer"], "dim": 64}}
     assert_error(await client.post("/dequantize", json=wrong_dim), 422, "shape_mismatch", "codes.shape", "dim=64")
     norms = {"data": base64.b64encode(b"\0" * 12).decode(), "dtype": "float32", "shape": [3]}
-    assert_error(await client.post("/dequantize", json={**q, "norms": norms}), 422, "shape_mismatch", "norms.shape",
-                 "[4]")
+    assert_error(
+        await client.post("/dequantize", json={**q, "norms": norms}), 422, "shape_mismatch", "norms.shape", "[4]"
+    )
     codes_f16 = {**q["codes"], "dtype": "float16"}
-    assert_error(await client.post("/dequantize", json={**q, "codes": codes_f16}), 422, "invalid_value",
-                 "codes.dtype", "uint8")
-    assert_error(await client.post("/dequantize", json={**q, "dtype": "int8"}), 422, "unsupported_value", "dtype",
-                 "float16, bfloat16, float32")
+    assert_error(
+        await client.post("/dequantize", json={**q, "codes": codes_f16}), 422, "invalid_value", "codes.dtype", "uint8"
+    )
+    assert_error(
+        await client.post("/dequantize", json={**q, "dtype": "int8"}),
+        422,
+        "unsupported_value",
+        "dtype",
+        "float16, bfloat16, float32",
+    )
     ref = b64(torch.randn(4, 64))
-    assert_error(await client.post("/dequantize", json={**q, "reference": ref}), 422, "shape_mismatch", "reference",
-                 "[4, 128]")
+    assert_error(
+        await client.post("/dequantize", json={**q, "reference": ref}), 422, "shape_mismatch", "reference", "[4, 128]"
+    )
 
 
 async def test_wrong_fingerprint(client):
     q = await _quantized(client)
     bad = {**q, "quantizer": {**q["quantizer"], "fingerprint": "0123456789abcdef"}}
     server = Quantizer("full", 128, 3).fingerprint
-    assert_error(await client.post("/dequantize", json=bad), 422, "fingerprint_mismatch", "quantizer.fingerprint",
-                 "0123456789abcdef", server)
+    assert_error(
+        await client.post("/dequantize", json=bad),
+        422,
+        "fingerprint_mismatch",
+        "quantizer.fingerprint",
+        "0123456789abcdef",
+        server,
+    )
     # Codes made with seed 0 presented as seed 5: the fingerprint no longer matches seed 5's quantizer.
     other_seed = {**q, "quantizer": {**q["quantizer"], "seed": 5}}
-    assert_error(await client.post("/dequantize", json=other_seed), 422, "fingerprint_mismatch",
-                 "quantizer.fingerprint")
+    assert_error(
+        await client.post("/dequantize", json=other_seed), 422, "fingerprint_mismatch", "quantizer.fingerprint"
+    )
     version = {**q, "quantizer": {**q["quantizer"], "format_version": 99}}
-    assert_error(await client.post("/dequantize", json=version), 422, "format_mismatch", "quantizer.format_version",
-                 "99")
+    assert_error(
+        await client.post("/dequantize", json=version), 422, "format_mismatch", "quantizer.format_version", "99"
+    )
     missing = {**q, "quantizer": {k: v for k, v in q["quantizer"].items() if k != "fingerprint"}}
     assert_error(await client.post("/dequantize", json=missing), 422, "missing_field", "quantizer.fingerprint")
 
@@ -204,25 +237,37 @@ async def test_safetensors_field_errors(client):
     assert_error(r, 422, "missing_field", "vectors", "'vectors'")
     r = await client.post("/quantize", content=st_save({"vectors": torch.randn(2, 64).double()}), headers=headers)
     assert_error(r, 422, None, "vectors", "F64")
-    r = await client.post("/quantize", content=st_save({"vectors": torch.randn(2, 64)}, metadata={"bits": "three"}),
-                          headers=headers)
+    r = await client.post(
+        "/quantize", content=st_save({"vectors": torch.randn(2, 64)}, metadata={"bits": "three"}), headers=headers
+    )
     assert_error(r, 422, "invalid_value", "bits", "integer")
-    r = await client.post("/quantize", content=st_save({"vectors": torch.randn(2, 64)}, metadata={"variant": "x"}),
-                          headers=headers)
+    r = await client.post(
+        "/quantize", content=st_save({"vectors": torch.randn(2, 64)}, metadata={"variant": "x"}), headers=headers
+    )
     assert_error(r, 422, "unsupported_value", "variant", "full, fast")
-    r = await client.post("/dequantize", content=st_save({"codes": torch.zeros(2, 24, dtype=torch.uint8),
-                                                          "norms": torch.ones(2)}, metadata={"variant": "full"}),
-                          headers=headers)
+    r = await client.post(
+        "/dequantize",
+        content=st_save(
+            {"codes": torch.zeros(2, 24, dtype=torch.uint8), "norms": torch.ones(2)}, metadata={"variant": "full"}
+        ),
+        headers=headers,
+    )
     assert_error(r, 422, "missing_field", "fingerprint", "descriptor")
 
 
 async def test_unknown_route_and_method(client):
     assert_error(await client.get("/nope"), 404, "not_found", None)
     assert_error(await client.get("/quantize"), 405, "method_not_allowed", None)
-    assert_error(await client.get("/quantizer", params={"variant": "full", "dim": "x", "bits": 3}), 422,
-                 "invalid_value", "dim")
-    assert_error(await client.get("/quantizer", params={"variant": "full", "dim": 100, "bits": 3}), 422,
-                 "unsupported_value", "dim", "32, 64")
+    assert_error(
+        await client.get("/quantizer", params={"variant": "full", "dim": "x", "bits": 3}), 422, "invalid_value", "dim"
+    )
+    assert_error(
+        await client.get("/quantizer", params={"variant": "full", "dim": 100, "bits": 3}),
+        422,
+        "unsupported_value",
+        "dim",
+        "32, 64",
+    )
 
 
 async def test_not_ready_answers_503():

@@ -11,7 +11,6 @@ from service.app import create_app
 from tests.service.conftest import assert_error, b64, running, settings, wait_until_ready
 
 
-
 @pytest.mark.anyio
 async def test_ready_is_503_until_warm_up_completes():
     # Dense rotations of dim 1024 take ~0.5 s each to generate (10^6 normals and a QR): measurable.

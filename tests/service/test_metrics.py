@@ -20,12 +20,17 @@ pytestmark = pytest.mark.anyio
 async def exposition(app) -> str:
     client = app.state.test_client
     x = torch.randn(100, 128).half()
-    r = await client.post("/quantize", json={"vectors": b64(x), "variant": "full", "bits": 3, "return_distortion": True})
+    r = await client.post(
+        "/quantize", json={"vectors": b64(x), "variant": "full", "bits": 3, "return_distortion": True}
+    )
     assert r.status_code == 200
     d = await client.post("/dequantize", content=r.content, headers={"content-type": "application/json"})
     assert d.status_code == 200
-    r = await client.post("/quantize", content=st_save({"vectors": torch.randn(7, 64)}, metadata={"variant": "2d"}),
-                          headers={"content-type": SAFETENSORS})
+    r = await client.post(
+        "/quantize",
+        content=st_save({"vectors": torch.randn(7, 64)}, metadata={"variant": "2d"}),
+        headers={"content-type": SAFETENSORS},
+    )
     assert r.status_code == 200
     # Refused requests must not create label values outside the allowlist.
     assert (await client.post("/quantize", json={"vectors": b64(x), "variant": "rotor<script>"})).status_code == 422
@@ -52,15 +57,23 @@ async def test_kernel_histogram_labels_and_buckets(exposition):
     kernel = families["isoquant_kernel_duration_seconds"]
     assert kernel.type == "histogram"
     buckets = [s for s in kernel.samples if s.name.endswith("_bucket")]
-    series = {(s.labels["op"], s.labels["variant"], s.labels["dim"], s.labels["bits"], s.labels["dtype"]) for s in buckets}
+    series = {
+        (s.labels["op"], s.labels["variant"], s.labels["dim"], s.labels["bits"], s.labels["dtype"]) for s in buckets
+    }
     assert ("quantize", "full", "128", "3", "float16") in series
     assert ("roundtrip", "full", "128", "3", "float16") in series
     assert ("dequantize", "full", "128", "3", "float32") in series
     assert ("quantize", "2d", "64", "3", "float32") in series
     bounds = sorted({float(s.labels["le"]) for s in buckets})
     assert bounds[0] == 1e-6 and bounds[-2] == 1.0 and bounds[-1] == float("inf")
-    count = [s for s in kernel.samples if s.name.endswith("_count") and s.labels["op"] == "quantize"
-             and s.labels["variant"] == "full" and s.labels["dim"] == "128"]
+    count = [
+        s
+        for s in kernel.samples
+        if s.name.endswith("_count")
+        and s.labels["op"] == "quantize"
+        and s.labels["variant"] == "full"
+        and s.labels["dim"] == "128"
+    ]
     assert count and count[0].value >= 1
 
 

@@ -41,8 +41,13 @@ def server(tmp_path):
         "ISOQUANT_MAX_VECTORS": "65536",
     }
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0"], cwd=ROOT,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 90
         port = None
@@ -76,16 +81,22 @@ def test_real_process_serves_and_drains_on_sigterm(server):
 
         x = torch.randn(50, 128).half()
         j = client.post("/quantize", json={"vectors": b64(x), "variant": "full", "bits": 3})
-        s = client.post("/quantize", content=st_save({"vectors": x}, metadata={"variant": "full", "bits": "3"}),
-                        headers={"content-type": SAFETENSORS})
+        s = client.post(
+            "/quantize",
+            content=st_save({"vectors": x}, metadata={"variant": "full", "bits": "3"}),
+            headers={"content-type": SAFETENSORS},
+        )
         assert j.status_code == 200 and s.status_code == 200
         expected = Quantizer("full", 128, 3).quantize(x).codes.numpy().tobytes()
         assert unb64(j.json()["codes"]).numpy().tobytes() == expected == st_load(s.content)["codes"].numpy().tobytes()
         d = client.post("/dequantize", content=j.content, headers={"content-type": "application/json"})
         assert d.status_code == 200 and unb64(d.json()["vectors"]).shape == (50, 128)
         metrics = client.get("/metrics").text
-        assert 'isoquant_kernel_duration_seconds_count{bits="3",dim="128",dtype="float16",op="quantize",variant="full"}' \
-            in metrics or 'op="quantize",variant="full",dim="128",bits="3",dtype="float16"' in metrics
+        assert (
+            'isoquant_kernel_duration_seconds_count{bits="3",dim="128",dtype="float16",op="quantize",variant="full"}'
+            in metrics
+            or 'op="quantize",variant="full",dim="128",bits="3",dtype="float16"' in metrics
+        )
 
         # A long request in flight when SIGTERM arrives must still be answered in full.
         big = torch.randn(65536, 256).half()  # 32 MiB: under the default 64 MiB body limit
@@ -93,16 +104,28 @@ def test_real_process_serves_and_drains_on_sigterm(server):
 
         def long_request():
             with httpx.Client(base_url=url, timeout=120) as c:
-                result["response"] = c.post("/quantize", content=st_save({"vectors": big}, metadata={
-                    "variant": "full", "bits": "4", "return_reconstruction": "true", "return_distortion": "true"}),
-                    headers={"content-type": SAFETENSORS})
+                result["response"] = c.post(
+                    "/quantize",
+                    content=st_save(
+                        {"vectors": big},
+                        metadata={
+                            "variant": "full",
+                            "bits": "4",
+                            "return_reconstruction": "true",
+                            "return_distortion": "true",
+                        },
+                    ),
+                    headers={"content-type": SAFETENSORS},
+                )
 
         thread = threading.Thread(target=long_request)
         thread.start()
         deadline = time.monotonic() + 30
-        while 'isoquant_jobs_running 1.0' not in client.get("/metrics").text:
-            assert time.monotonic() < deadline and thread.is_alive(), ("the long request never reached the device",
-                                                                       result.get("response"))
+        while "isoquant_jobs_running 1.0" not in client.get("/metrics").text:
+            assert time.monotonic() < deadline and thread.is_alive(), (
+                "the long request never reached the device",
+                result.get("response"),
+            )
             time.sleep(0.01)
         process.send_signal(signal.SIGTERM)
         # Draining: not ready, still alive.
