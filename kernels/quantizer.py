@@ -13,7 +13,6 @@ torch.Size([10, 128])
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -118,9 +117,7 @@ class Quantizer:
     def _resolve_backend(self, backend: str) -> str:
         if backend == "torch":
             return "torch"
-        # Asked for by name, triton also runs CPU tensors under TRITON_INTERPRET=1 (the kernel tests in CI).
-        interpreted = backend == "triton" and self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-        available = (self.device.type == "cuda" or interpreted) and _triton_available()
+        available = self.device.type == "cuda" and _triton_available()
         if backend == "triton" and not available:
             raise ValueError(
                 "backend 'triton' needs a CUDA device and an importable triton with kernels for this build; "

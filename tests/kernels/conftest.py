@@ -1,0 +1,36 @@
+"""Kernel tests: on a machine without CUDA, the Triton kernels run on the CPU under TRITON_INTERPRET=1.
+triton 3.6 reads it when @triton.jit decorates a function (``kernels.triton`` is first imported) and again
+while interpreting, so it is set here, before any test module is imported, for the whole session.
+``Quantizer`` still refuses backend="triton" on the CPU; the interpreter tests call the ops directly."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+try:
+    import kernels.triton  # noqa: F401
+
+    INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+except ImportError:
+    INTERPRETED = False
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print how many codes differed from the reference over all Triton op tests of the session."""
+    import sys
+
+    module = sys.modules.get("tests.kernels.test_triton_ops")
+    stats = getattr(module, "CODE_DIFF_STATS", None)
+    if stats:
+        total = sum(n for _, _, n in stats)
+        differing = sum(d for _, d, _ in stats)
+        worst = max(stats, key=lambda s: s[1] / max(s[2], 1))
+        terminalreporter.write_line(
+            f"triton ops: {differing} of {total} codes differed from the reference over {len(stats)} cases "
+            f"(all within the boundary tolerance); worst case {worst[0]}: {worst[1]} of {worst[2]}"
+        )

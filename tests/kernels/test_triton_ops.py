@@ -1,0 +1,244 @@
+"""Triton kernels against the torch reference (``kernels.reference``), Liger-style: odd shapes, every
+variant, every bits value 1..8, every input dtype.
+
+Markers: ``interpreter`` tests run on the CPU under TRITON_INTERPRET=1 (tests/kernels/conftest.py) on
+small shapes; ``gpu`` tests run the same checks on CUDA with larger shapes (``pytest -m gpu``).
+
+What "equal" means (issue 3):
+- codes: identical, except values within 1e-6 relative of a codebook boundary, which may fall either way.
+  The kernels compute x * (1 / rho) and sum the rotation in their own order, so a rotated value can differ
+  from the reference's by a few ulps; a differing code must sit within 1e-6 * max(|t|, 1/sqrt(n_coded)) of
+  a boundary t (the floor covers the boundary at 0), and at most max(1, 1e-4 * codes) may differ. The
+  counts are reported at the end of the session.
+- reconstructions (float32): per row ||a - b|| <= 1e-5 ||b||; float16/bfloat16 outputs within one unit
+  in the last place of the output dtype (the CPU interpreter truncates to bfloat16 instead of rounding).
+- squared error: |e - e_ref| <= 1e-5 ||x||^2 (a small difference of large numbers; see reconstructions).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kernels import VARIANTS, Quantizer, reference
+from kernels.packing import unpack_codes
+from kernels.rotations import rotate
+from tests.kernels.conftest import INTERPRETED
+
+kt = pytest.importorskip("kernels.triton")
+
+CODE_DIFF_STATS: list[tuple[str, int, int]] = []  # (case, differing codes, codes), summed by conftest
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+HALF_ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="kernels are compiled for CUDA, not interpreted")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _rotated(x: torch.Tensor, plan) -> torch.Tensor:
+    """The reference's rotated coordinates float32 [N, n_coded] (the values the codebook search sees)."""
+    x = x.float()
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    direction = x / norms.clamp_min(reference.EPS).unsqueeze(-1)
+    direction = torch.nn.functional.pad(direction, (0, plan.n_coded - plan.dim))
+    return rotate(direction, plan.params, plan.variant)
+
+
+def _rows_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    err = (a.double() - b.double()).norm(dim=-1)
+    scale = b.double().norm(dim=-1)
+    bad = err > rel * scale + 1e-30
+    assert not bool(bad.any()), f"rows {bad.nonzero().flatten()[:8].tolist()}: rel err {(err / scale).max():.3g}"
+
+
+def _close_in_dtype(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
+    if dtype == torch.float32:
+        _rows_close(a, b)
+        return
+    a, b = a.float(), b.float()
+    tol = HALF_ULP[dtype] * b.abs() + 1e-6 * b.abs().amax(dim=-1, keepdim=True)
+    bad = (a - b).abs() > tol
+    assert not bool(bad.any()), f"{int(bad.sum())} elements beyond one ulp of {dtype}"
+
+
+def check_ops(variant: str, dim: int, bits: int, dtype: torch.dtype, n: int, device: str, seed: int = 0,
+              strided: bool = False) -> None:
+    """Quantize, dequantize (all three output dtypes) and round trip of n random rows vs the reference."""
+    q = Quantizer(variant, dim, bits, seed=seed + 7, device=device, backend="torch")
+    plan = q.plan
+    gen = torch.Generator().manual_seed(1000 * dim + 10 * bits + seed)
+    base = torch.randn(n, dim + 3 if strided else dim, generator=gen) * 3.0
+    base[0] = 0.0 if n > 2 else base[0]  # a zero vector: norm 0, reconstruction exactly 0
+    x = base.to(dtype).to(device)
+    if strided:
+        x = x[:, 1 : dim + 1]  # row stride dim + 3, offset start: no copy is made by the launcher
+    case = f"{variant} d={dim} b={bits} {str(dtype)[6:]} n={n}{' strided' if strided else ''}"
+
+    codes, norms = kt.quantize(x, plan)
+    ref_codes, ref_norms = reference.quantize(x, plan)
+    assert codes.shape == ref_codes.shape and codes.dtype == torch.uint8
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-6, atol=0)
+
+    idx = unpack_codes(codes, bits, plan.n_coded).long()
+    ref_idx = unpack_codes(ref_codes, bits, plan.n_coded).long()
+    differ = idx != ref_idx
+    n_diff = int(differ.sum())
+    CODE_DIFF_STATS.append((case, n_diff, idx.numel()))
+    if n_diff:
+        y = _rotated(x, plan)[differ]
+        gap = (y[:, None] - plan.boundaries[None, :]).abs().min(dim=1)
+        nearest = plan.boundaries[gap.indices].abs()
+        allowed = 1e-6 * torch.clamp(nearest, min=1.0 / math.sqrt(plan.n_coded))
+        assert bool((gap.values <= allowed).all()), f"{case}: a code differs away from any boundary"
+        assert n_diff <= max(1, 1e-4 * idx.numel()), f"{case}: {n_diff} of {idx.numel()} codes differ"
+    # Packing: the bytes are exactly the reference packing of the kernel's own indices.
+    assert torch.equal(codes.cpu(), reference.pack_codes(idx.to(torch.uint8).cpu(), bits))
+
+    for out_dtype in DTYPES.values():
+        got = kt.dequantize(ref_codes, ref_norms, plan, out_dtype)
+        want = reference.dequantize(ref_codes, ref_norms, plan, out_dtype)
+        assert got.dtype == out_dtype and got.shape == (n, dim)
+        _close_in_dtype(got.cpu(), want.cpu(), out_dtype)
+
+    x_hat, sq_err = kt.roundtrip(x, plan)
+    ref_hat, ref_err = reference.roundtrip(x, plan)
+    same = ~differ.any(dim=1)  # rows whose codes match (a flipped code changes that row's reconstruction)
+    _rows_close(x_hat[same].cpu(), ref_hat[same].cpu())
+    scale = x.float().square().sum(-1)
+    assert bool(((sq_err - ref_err).abs()[same] <= 1e-5 * scale[same] + 1e-30).all())
+    if n > 2:
+        assert float(x_hat[0].abs().max()) == 0.0 and float(sq_err[0]) == 0.0
+
+
+# Every variant x every bits value, with odd dims (padding in every variant) and the three input dtypes
+# cycled so that each dtype meets every variant; 6 x 8 = 48 cases, ~0.3 s each on the interpreter.
+_ODD_DIMS = (5, 13, 3, 7, 30, 2, 9, 21)
+INTERPRETER_CASES = [
+    (variant, _ODD_DIMS[(i + b) % len(_ODD_DIMS)], b, list(DTYPES)[(i + b) % 3])
+    for i, variant in enumerate(VARIANTS)
+    for b in range(1, 9)
+]
+
+
+@pytest.mark.interpreter
+@needs_interpreter
+@pytest.mark.parametrize("variant,dim,bits,dtype", INTERPRETER_CASES)
+def test_ops_match_reference_interpreter(variant, dim, bits, dtype):
+    check_ops(variant, dim, bits, DTYPES[dtype], n=19, device="cpu")
+
+
+@pytest.mark.interpreter
+@needs_interpreter
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_strided_rows_interpreter(variant):
+    check_ops(variant, 11, 4, torch.float32, n=7, device="cpu", strided=True)
+
+
+@pytest.mark.interpreter
+@needs_interpreter
+@pytest.mark.parametrize("variant", ["full", "2d", "identity", "dense"])
+def test_wider_tile_interpreter(variant):
+    """A dim that spans several groups of 8 and several dot tiles (dense: 2 output tiles of 64)."""
+    check_ops(variant, 77, 3, torch.float16, n=40, device="cpu", seed=3)
+
+
+@pytest.mark.interpreter
+@needs_interpreter
+def test_quantizer_backend_triton_leading_shape_interpreter(monkeypatch):
+    # Quantizer refuses backend="triton" on the CPU; let it through to run the interpreted kernels.
+    monkeypatch.setattr(Quantizer, "_resolve_backend", lambda self, backend: backend)
+    q = Quantizer("fast", 10, 3, seed=2, backend="triton")
+    ref = Quantizer("fast", 10, 3, seed=2, backend="torch")
+    assert q.backend == "triton"
+    x = torch.randn(2, 3, 10)
+    packed, want = q.quantize(x), ref.quantize(x)
+    assert packed.codes.shape == (2, 3, q.code_bytes) and packed.norms.shape == (2, 3)
+    assert torch.equal(packed.codes, want.codes)
+    _rows_close(q.dequantize(packed).reshape(-1, 10), ref.dequantize(want).reshape(-1, 10))
+    x_hat, err = q.roundtrip(x)
+    assert x_hat.shape == (2, 3, 10) and err.shape == (2, 3)
+
+
+@pytest.mark.interpreter
+@needs_interpreter
+def test_empty_batch_and_bad_inputs_interpreter():
+    plan = Quantizer("full", 8, 2, backend="torch").plan
+    codes, norms = kt.quantize(torch.empty(0, 8), plan)
+    assert codes.shape == (0, plan.code_bytes) and norms.shape == (0,)
+    assert kt.dequantize(codes, norms, plan, torch.float16).shape == (0, 8)
+    assert kt.roundtrip(torch.empty(0, 8), plan)[0].shape == (0, 8)
+    with pytest.raises(TypeError):
+        kt.quantize(torch.zeros(3, 8, dtype=torch.float64), plan)
+    with pytest.raises(ValueError):
+        kt.quantize(torch.zeros(3, 9), plan)
+    with pytest.raises(ValueError):
+        kt.dequantize(torch.zeros(3, plan.code_bytes + 1, dtype=torch.uint8), torch.zeros(3), plan, torch.float32)
+    with pytest.raises(TypeError):
+        kt.dequantize(torch.zeros(3, plan.code_bytes, dtype=torch.uint8), torch.zeros(3), plan, torch.int32)
+
+
+@pytest.mark.interpreter
+def test_import_kernels_without_triton():
+    """``import kernels`` works where triton is missing, and ``kernels.triton`` raises ImportError."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # makes "import triton" raise ImportError
+        import kernels
+        q = kernels.Quantizer("full", 16, 2)
+        assert q.backend == "torch"
+        try:
+            import kernels.triton
+        except ImportError:
+            print("ok")
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: the same checks with larger N and the benchmark's dims.
+
+GPU_CASES = [
+    (variant, dim, bits, dtype)
+    for variant in VARIANTS
+    for dim, bits, dtype in [
+        (128, 1, "float16"), (128, 2, "bfloat16"), (128, 3, "float32"), (128, 4, "float16"),
+        (64, 4, "bfloat16"), (256, 3, "float16"), (512, 2, "float32"), (37, 5, "float16"),
+        (130, 6, "bfloat16"), (255, 7, "float32"), (96, 8, "float16"), (1000, 4, "bfloat16"),
+    ]
+]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("variant,dim,bits,dtype", GPU_CASES)
+def test_ops_match_reference_gpu(variant, dim, bits, dtype):
+    check_ops(variant, dim, bits, DTYPES[dtype], n=4099, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_strided_rows_gpu(variant):
+    check_ops(variant, 128, 4, torch.float16, n=1000, device="cuda", strided=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_auto_backend_on_cuda_is_triton():
+    q = Quantizer("full", 128, 4, device="cuda")
+    assert q.backend == "triton"
+    x = torch.randn(3, 5, 128, device="cuda", dtype=torch.float16)
+    ref = Quantizer("full", 128, 4, device="cuda", backend="torch")
+    packed = q.quantize(x)
+    assert packed.codes.shape == (3, 5, q.code_bytes)
+    _rows_close(q.dequantize(packed).reshape(-1, 128).cpu(), ref.dequantize(packed).reshape(-1, 128).cpu())
