@@ -110,7 +110,9 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.device = resolve_device(settings.device)
-        self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="isoquant-device")
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.workers, thread_name_prefix="isoquant-device", initializer=self._init_worker
+        )
         self._lock = threading.Lock()  # admission counters and the quantizer caches
         self._build_lock = threading.Lock()  # one build at a time: codebooks are cached per process
         self._admitted = 0
@@ -126,6 +128,12 @@ class Engine:
         self.backend = Quantizer("identity", 4, 1, device=self.device).backend
         metrics.set_build_info(self.device, self.backend)
         metrics.ready.set(0)
+
+    def _init_worker(self) -> None:
+        # Intra-op threads are set per worker: on a small shared CPU an OpenMP team larger than the free
+        # cores spins at its barriers and can run several times slower than one thread.
+        if self.settings.torch_threads is not None:
+            torch.set_num_threads(self.settings.torch_threads)
 
     @property
     def ready(self) -> bool:

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     max_vectors: int = Field(65536, ge=1, description="Most vectors in one request (422 above).")
     max_queue: int = Field(64, ge=1, description="Most requests admitted to the device queue (429 above).")
     workers: int = Field(1, ge=1, le=64, description="Threads that run device work (1 keeps one GPU stream busy).")
+    torch_threads: int | None = Field(
+        None, ge=1, le=256, description="torch intra-op threads of each device worker on CPU (default: torch's)."
+    )
     job_timeout_s: float = Field(60.0, gt=0, description="A request whose work has not finished by then gets 503.")
     drain_seconds: float = Field(
         0.0, ge=0, description="After SIGTERM: seconds to stay up, not ready, before shutting down."

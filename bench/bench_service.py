@@ -1,0 +1,295 @@
+"""Service throughput: /quantize and /dequantize over HTTP, JSON and safetensors, next to the in-process
+library call on the same machine and device.
+
+For each batch size (default 1, 128, 8,192 and 65,536 vectors of dim 128, float16, full, 3 bits) it
+sends the same body ``repeats`` times over one keep-alive connection (sequential: latency and the
+throughput of one client) and reports requests/s, vectors/s, MB/s and p50/p99 latency. MB/s counts the
+uncompressed vectors (N * dim * 2 bytes for float16) for both ops, so every row is comparable.
+
+"library" rows: ``Quantizer.quantize`` / ``dequantize`` in this process on the service's device, in a
+worker thread like the service's engine, host tensors in and host tensors out (the service receives
+and returns host bytes too, so on a GPU the transfers are counted on both sides). "vs library" is the
+row's vectors/s over the library's at that size.
+
+    python bench/bench_service.py                       # starts `python -m service` on a free port
+    python bench/bench_service.py --url http://host:8000  # an already running service (same settings)
+    python bench/bench_service.py --batches 1,128 --quick
+
+The service it starts warms only what the benchmark uses, allows 65,536 vectors and 256 MiB bodies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+from safetensors.torch import save as st_save
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kernels import Packed, Quantizer  # noqa: E402
+
+SAFETENSORS = "application/x-safetensors"
+# Requests per (batch size, op, format): enough for a p99 at small sizes, bounded at 65,536 on a CPU.
+REPEATS = {1: 300, 128: 200, 8192: 30, 65536: 8}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str, Path]:
+    log = Path(tempfile.mkstemp(prefix="isoquant-bench-", suffix=".log")[1])
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "ISOQUANT_DEVICE": args.device,
+        "ISOQUANT_WARM_VARIANTS": args.variant,
+        "ISOQUANT_WARM_DIMS": str(args.dim),
+        "ISOQUANT_WARM_BITS": str(args.bits),
+        "ISOQUANT_WARM_DTYPES": args.dtype,
+        "ISOQUANT_MAX_VECTORS": str(max(args.batches)),
+        "ISOQUANT_MAX_REQUEST_BYTES": str(256 << 20),
+        "ISOQUANT_LOG_LEVEL": "info",
+    }
+    if args.torch_threads:
+        env["ISOQUANT_TORCH_THREADS"] = str(args.torch_threads)
+    with open(log, "wb") as out:
+        # Port 0: the OS picks a free port; uvicorn's "Uvicorn running on" line (info level) names it.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 180
+    while True:
+        match = re.search(rb"Uvicorn running on http://127\.0\.0\.1:(\d+)", log.read_bytes())
+        if match:
+            return proc, f"http://127.0.0.1:{match.group(1).decode()}", log
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"service did not start:\n{log.read_text()}")
+        time.sleep(0.05)
+
+
+def wait_ready(client: httpx.Client) -> dict:
+    deadline = time.monotonic() + 300
+    while True:
+        r = client.get("/health/ready")
+        if r.status_code == 200:
+            return r.json()
+        if time.monotonic() > deadline:
+            raise SystemExit(f"service not ready: {r.text}")
+        time.sleep(0.1)
+
+
+def b64(t: torch.Tensor) -> dict:
+    t = t.contiguous()
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    dtype = str(t.dtype).removeprefix("torch.")
+    return {"data": base64.b64encode(raw).decode(), "dtype": dtype, "shape": list(t.shape)}
+
+
+def time_requests(client: httpx.Client, path: str, body: bytes, content_type: str, repeats: int) -> list[float]:
+    headers = {"content-type": content_type}
+    r = client.post(path, content=body, headers=headers)  # warm-up (and a check)
+    if r.status_code != 200:
+        raise SystemExit(f"{path} answered {r.status_code}: {r.text[:500]}")
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        r = client.post(path, content=body, headers=headers)
+        r.read()
+        times.append(time.perf_counter() - t0)
+        assert r.status_code == 200, r.text[:300]
+    return times
+
+
+def time_library(fn, repeats: int, sync, threads: int | None) -> list[float]:
+    """Time ``fn`` in a worker thread, as the service's engine runs it. (On a loaded 2-core machine the
+    main thread's OpenMP team of 2 ran the CPU reference up to 10x slower than a worker thread did,
+    which would flatter the service; the worker thread is the stricter baseline.)"""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_time_library, fn, repeats, sync, threads).result()
+
+
+def _time_library(fn, repeats: int, sync, threads: int | None) -> list[float]:
+    if threads:
+        torch.set_num_threads(threads)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def row(kind: str, op: str, n: int, dim: int, itemsize: int, times: list[float], base: float | None) -> dict:
+    total = sum(times)
+    vps = n * len(times) / total
+    return {
+        "path": kind,
+        "op": op,
+        "batch": n,
+        "requests_per_s": len(times) / total,
+        "vectors_per_s": vps,
+        "mb_per_s": vps * dim * itemsize / 1e6,
+        "p50_ms": percentile(times, 50) * 1e3,
+        "p99_ms": percentile(times, 99) * 1e3,
+        "ratio": vps / base if base else None,
+        "repeats": len(times),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", help="benchmark a running service instead of starting one")
+    parser.add_argument("--device", default="auto", help="service and library device (auto | cpu | cuda)")
+    parser.add_argument("--batches", default="1,128,8192,65536")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--variant", default="full")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--torch-threads", type=int, help="intra-op threads for the service's and the library's worker")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the repeats")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+
+    proc = log = None
+    url = args.url
+    if url is None:
+        proc, url, log = start_server(args)
+    try:
+        with httpx.Client(base_url=url, timeout=300) as client:
+            ready = wait_ready(client)
+            device = torch.device(ready["device"])
+            rows = run(client, args, device)
+            info = client.get("/info").json()
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+            log.unlink(missing_ok=True)
+    report(rows, args, device, info)
+
+
+def run(client: httpx.Client, args, device: torch.device) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    q = Quantizer(args.variant, args.dim, args.bits, 0, device=device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    rows = []
+    for n in args.batches:
+        repeats = max(3, REPEATS.get(n, 10) // (4 if args.quick else 1))
+        x = torch.randn(n, args.dim, generator=torch.Generator().manual_seed(n)).to(dtype)
+        packed_host = q.quantize(x.to(device))
+        codes, norms = packed_host.codes.cpu(), packed_host.norms.cpu()
+
+        def lib_quantize(x=x):
+            p = q.quantize(x.to(device))
+            return p.codes.cpu(), p.norms.cpu()
+
+        def lib_dequantize(codes=codes, norms=norms):
+            p = Packed(codes=codes.to(device), norms=norms.to(device), **q.descriptor())
+            return q.dequantize(p, dtype).cpu()
+
+        base = {}
+        for op, fn in (("quantize", lib_quantize), ("dequantize", lib_dequantize)):
+            times = time_library(fn, repeats, sync, args.torch_threads)
+            r = row("library", op, n, args.dim, itemsize, times, None)
+            base[op] = r["vectors_per_s"]
+            rows.append(r)
+
+        options = {"variant": args.variant, "bits": args.bits}
+        quantize_bodies = {
+            "json": (json.dumps({"vectors": b64(x), **options}).encode(), "application/json"),
+            "safetensors": (
+                st_save({"vectors": x}, metadata={k: str(v) for k, v in options.items()}),
+                SAFETENSORS,
+            ),
+        }
+        descriptor = {k: str(v) for k, v in q.descriptor().items()}
+        dequantize_bodies = {
+            "json": (
+                json.dumps(
+                    {"quantizer": q.descriptor(), "codes": b64(codes), "norms": b64(norms), "dtype": args.dtype}
+                ).encode(),
+                "application/json",
+            ),
+            "safetensors": (
+                st_save({"codes": codes, "norms": norms}, metadata={**descriptor, "dtype": args.dtype}),
+                SAFETENSORS,
+            ),
+        }
+        for op, bodies in (("quantize", quantize_bodies), ("dequantize", dequantize_bodies)):
+            for fmt, (body, content_type) in bodies.items():
+                times = time_requests(client, f"/{op}", body, content_type, repeats)
+                rows.append(row(f"http {fmt}", op, n, args.dim, itemsize, times, base[op]))
+        print(f"batch {n}: done", file=sys.stderr, flush=True)
+    return rows
+
+
+def report(rows: list[dict], args, device: torch.device, info: dict) -> None:
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        machine = next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            platform.processor(),
+        )
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        commit = commit.stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    print(
+        f"# bench/bench_service.py: {args.variant}, dim {args.dim}, {args.bits} bits, {args.dtype}; device {device} "
+        f"({machine}, {os.cpu_count()} CPUs); backend {info.get('backend')}; torch {torch.__version__}; "
+        f"torch threads {args.torch_threads or torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}; "
+        f"{datetime.date.today()}; commit {commit}"
+    )
+    print("| path | op | batch | req/s | vectors/s | MB/s | p50 ms | p99 ms | vs library |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        ratio = f"{r['ratio'] * 100:.0f}%" if r["ratio"] is not None else "-"
+        print(
+            f"| {r['path']} | {r['op']} | {r['batch']:,} | {r['requests_per_s']:,.1f} | {r['vectors_per_s']:,.0f} "
+            f"| {r['mb_per_s']:,.1f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {ratio} |"
+        )
+    big = max(args.batches)
+    for op in ("quantize", "dequantize"):
+        hit = [r for r in rows if r["path"] == "http safetensors" and r["op"] == op and r["batch"] == big]
+        if hit:
+            verdict = "meets" if hit[0]["ratio"] >= 0.7 else "misses"
+            print(
+                f"target: binary /{op} at {big:,} vectors reaches {hit[0]['ratio'] * 100:.0f}% of the in-process "
+                f"throughput ({verdict} the 70% target)"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "machine": machine, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
