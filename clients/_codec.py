@@ -1,0 +1,320 @@
+"""Arrays <-> wire bodies for the client: safetensors containers and JSON base64 arrays, and
+``PackedCodes``, the codes of a batch with their quantizer descriptor.
+
+numpy, json and the ``safetensors`` package only: nothing here imports torch or ``kernels``. Nothing is
+ever unpickled (``.npy`` files are read with ``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+FORMAT_VERSION = 1
+# dtypes the service takes as input vectors (bfloat16 arrives widened: numpy has no bfloat16).
+WIRE_FLOATS = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
+_ST_TO_NP = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "I8": np.int8,
+             "I16": np.int16, "I32": np.int32, "I64": np.int64, "U16": np.uint16, "U32": np.uint32,
+             "U64": np.uint64, "BOOL": np.bool_}
+_NAME_TO_NP = {"float16": np.float16, "float32": np.float32, "uint8": np.uint8}
+DESCRIPTOR_KEYS = ("variant", "dim", "bits", "seed", "fingerprint", "format_version")
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def as_vectors(vectors: Any, name: str = "vectors") -> np.ndarray:
+    """numpy array, torch tensor (duck-typed: anything with ``.detach().cpu().numpy()``) or nested lists
+    [..., dim] -> a C-contiguous little-endian float16 or float32 numpy array of the same shape.
+
+    float16 and float32 are kept; bfloat16 tensors are widened to float32 (exact); float64 and integer
+    arrays become float32. Booleans, complex numbers and objects raise TypeError; a 0-d value raises
+    ValueError."""
+    if hasattr(vectors, "detach") and hasattr(vectors, "cpu") and hasattr(vectors, "numpy"):
+        tensor = vectors.detach().cpu()
+        if str(getattr(tensor, "dtype", "")) == "torch.bfloat16":
+            tensor = tensor.float()  # numpy has no bfloat16; widening is exact
+        array = tensor.numpy()
+    else:
+        array = np.asarray(vectors)
+    if array.dtype.kind == "f" and array.dtype.itemsize in (2, 4):
+        target = array.dtype
+    elif array.dtype.kind in "fiu":
+        target = np.dtype(np.float32)
+    else:
+        raise TypeError(f"{name} must hold real numbers (float16/float32, or anything castable to float32); "
+                        f"got dtype {array.dtype}")
+    if array.ndim == 0:
+        raise ValueError(f"{name} must have shape [..., dim]; got a scalar")
+    with np.errstate(over="ignore"):  # float64 out of float32 range -> inf, which the server refuses by field
+        return np.ascontiguousarray(array, dtype=target.newbyteorder("<"))
+
+
+def load_array(path: str | os.PathLike, tensor: str | None = None) -> np.ndarray:
+    """An array from ``.npy`` (no pickle) or ``.safetensors`` (the tensor named ``tensor``; by default the
+    only tensor, else one named ``vectors``). Raises ValueError with a one-line reason on a bad file."""
+    path = os.fspath(path)
+    if path.endswith(".npy"):
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as exc:  # object arrays need pickle: refused
+            raise ValueError(f"{path}: cannot read as .npy without pickle: {exc}") from None
+    if path.endswith(".safetensors"):
+        with open(path, "rb") as f:
+            tensors, _ = read_safetensors(f.read(), source=path)
+        if tensor is None:
+            if len(tensors) == 1:
+                return next(iter(tensors.values()))
+            if "vectors" in tensors:
+                return tensors["vectors"]
+            raise ValueError(f"{path} holds tensors {sorted(tensors)}; name one with --tensor")
+        if tensor not in tensors:
+            raise ValueError(f"{path} has no tensor {tensor!r}; it holds {sorted(tensors)}")
+        return tensors[tensor]
+    raise ValueError(f"{path}: unknown file type; use .npy or .safetensors")
+
+
+def save_array(path: str | os.PathLike, array: np.ndarray, name: str = "vectors",
+               metadata: dict[str, str] | None = None) -> None:
+    """Write ``array`` to ``.npy`` or to ``.safetensors`` (as tensor ``name``)."""
+    path = os.fspath(path)
+    if path.endswith(".npy"):
+        np.save(path, array, allow_pickle=False)
+    elif path.endswith(".safetensors"):
+        _write_atomically(path, write_safetensors({name: array}, metadata or {}))
+    else:
+        raise ValueError(f"{path}: unknown file type; use .npy or .safetensors")
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Safetensors
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> bytes:
+    """Tensors and metadata -> safetensors bytes (metadata values become strings; None values are dropped)."""
+    meta = {k: _meta_str(v) for k, v in metadata.items() if v is not None}
+    arrays = {k: np.ascontiguousarray(v, dtype=v.dtype.newbyteorder("<")) for k, v in tensors.items()}
+    return safetensors.numpy.save(arrays, metadata=meta or None)
+
+
+def _meta_str(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return str(value)
+
+
+def read_safetensors(data: bytes, source: str = "safetensors body") -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """safetensors bytes -> (numpy arrays, metadata). BF16 tensors are widened to float32 (exact).
+    Raises ValueError naming ``source`` when the container is malformed."""
+    if len(data) < 8:
+        raise ValueError(f"{source}: {len(data)} bytes is too short for a safetensors container")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8:
+        raise ValueError(f"{source}: safetensors header length {header_len} exceeds the {len(data)} bytes")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+        metadata = header.get("__metadata__") or {}
+        entries = safetensors.deserialize(data)
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise ValueError(f"{source}: not a valid safetensors container: {exc}") from None
+    tensors: dict[str, np.ndarray] = {}
+    for name, info in entries:
+        dtype, shape, raw = info["dtype"], info["shape"], info["data"]
+        if dtype == "BF16":
+            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+            tensors[name] = bits.view(np.float32).reshape(shape)
+        elif dtype in _ST_TO_NP:
+            tensors[name] = np.frombuffer(raw, dtype=np.dtype(_ST_TO_NP[dtype]).newbyteorder("<")).reshape(shape)
+        else:
+            raise ValueError(f"{source}: tensor {name!r} has dtype {dtype}, which the client cannot read")
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON arrays ({"data": base64, "dtype", "shape"})
+
+
+def to_json_array(array: np.ndarray) -> dict:
+    """numpy array (float16 | float32 | uint8) -> the service's JSON array object (little-endian, C order)."""
+    name = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32", np.dtype(np.uint8): "uint8"}[
+        np.dtype(array.dtype.newbyteorder("="))]
+    raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    return {"data": base64.b64encode(raw).decode("ascii"), "dtype": name, "shape": list(array.shape)}
+
+
+def from_json_array(obj: Any, name: str) -> np.ndarray:
+    """The service's JSON array object -> numpy array (ValueError if it is not one)."""
+    try:
+        dtype = np.dtype(_NAME_TO_NP[obj["dtype"]]).newbyteorder("<")
+        shape = [int(s) for s in obj["shape"]]
+        raw = base64.b64decode(obj["data"], validate=True)
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{name} is not a readable array object: {exc!r}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Packed codes
+
+
+@dataclass(eq=False)
+class PackedCodes:
+    """Codes of a batch of vectors with everything a decoder needs (docs/FORMAT.md).
+
+    Attributes:
+        codes: uint8 [..., code_bytes], the FORMAT.md bit layout, one row per vector.
+        norms: float32 [...], the vectors' L2 norms (leading shape of the input).
+        variant, dim, bits, seed, fingerprint, format_version: the quantizer descriptor.
+        bytes_in: bytes of the vectors that were quantized, in the dtype they were sent (None if unknown).
+
+    ``to_bytes()`` / ``save(path)`` write the same safetensors container as the service's binary /quantize
+    answer; ``from_bytes`` / ``load`` read it (or the service's answer itself). The container can be
+    POSTed to /dequantize as it is. ``kernels.Packed(codes=torch.from_numpy(p.codes),
+    norms=torch.from_numpy(p.norms), **p.descriptor())`` decodes it offline.
+    """
+
+    codes: np.ndarray
+    norms: np.ndarray
+    variant: str
+    dim: int
+    bits: int
+    seed: int
+    fingerprint: str
+    format_version: int = FORMAT_VERSION
+    bytes_in: int | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        self.codes = np.asarray(self.codes)
+        self.norms = np.asarray(self.norms)
+        if self.codes.dtype != np.uint8 or self.codes.ndim < 1:
+            raise ValueError(f"codes must be uint8 [..., code_bytes]; got {self.codes.dtype} {list(self.codes.shape)}")
+        if self.norms.dtype != np.float32:
+            raise ValueError(f"norms must be float32; got {self.norms.dtype}")
+        if self.codes.shape[:-1] != self.norms.shape:
+            raise ValueError(f"codes {list(self.codes.shape)} and norms {list(self.norms.shape)} must share the "
+                             "leading shape")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Leading shape of the batch: the input's shape without its last (dim) axis."""
+        return tuple(self.norms.shape)
+
+    @property
+    def n_vectors(self) -> int:
+        return int(math.prod(self.shape))
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of packed codes per vector: ceil(n_coded * bits / 8)."""
+        return int(self.codes.shape[-1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: codes plus float32 norms."""
+        return int(self.codes.nbytes + self.norms.nbytes)
+
+    @property
+    def compression_ratio(self) -> float | None:
+        """bytes_in / nbytes, when bytes_in is known."""
+        return self.bytes_in / self.nbytes if self.bytes_in is not None and self.nbytes else None
+
+    def descriptor(self) -> dict[str, Any]:
+        """{variant, dim, bits, seed, fingerprint, format_version}: the /dequantize ``quantizer`` object."""
+        return {k: getattr(self, k) for k in DESCRIPTOR_KEYS}
+
+    def metadata(self) -> dict[str, Any]:
+        """The container's metadata, with the keys of the service's /quantize answer."""
+        meta: dict[str, Any] = {**self.descriptor(), "shape": [*self.shape, self.dim]}
+        if self.bytes_in is not None:
+            meta.update(bytes_in=self.bytes_in, bytes_out=self.nbytes, compression_ratio=self.compression_ratio)
+        return meta
+
+    def to_bytes(self) -> bytes:
+        """The safetensors container: tensors ``codes`` and ``norms``, the descriptor in the metadata."""
+        return write_safetensors({"codes": self.codes, "norms": self.norms}, self.metadata())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "codes container") -> PackedCodes:
+        """Read a container written by ``to_bytes`` or answered by the service's /quantize."""
+        tensors, meta = read_safetensors(data, source)
+        missing = [k for k in ("codes", "norms") if k not in tensors]
+        missing += [k for k in DESCRIPTOR_KEYS if k not in meta and k != "format_version"]
+        if missing:
+            raise ValueError(f"{source} lacks {', '.join(missing)}: not an IsoQuant codes container")
+        try:
+            ints = {k: int(meta[k]) for k in ("dim", "bits", "seed")}
+            version = int(meta.get("format_version", FORMAT_VERSION))
+            bytes_in = int(meta["bytes_in"]) if "bytes_in" in meta else None
+        except ValueError as exc:
+            raise ValueError(f"{source}: bad integer in metadata: {exc}") from None
+        return cls(codes=tensors["codes"], norms=tensors["norms"], variant=meta["variant"], **ints,
+                   fingerprint=meta["fingerprint"], format_version=version, bytes_in=bytes_in)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the container to ``path`` (atomically: a temporary file, then rename)."""
+        _write_atomically(os.fspath(path), self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PackedCodes:
+        path = os.fspath(path)
+        with open(path, "rb") as f:
+            return cls.from_bytes(f.read(), source=path)
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(codes uint8 [N, code_bytes], norms float32 [N]): the batch flattened to rows."""
+        return self.codes.reshape(-1, self.code_bytes), self.norms.reshape(-1)
+
+    def __repr__(self) -> str:
+        return (f"PackedCodes(shape={list(self.shape)}, variant={self.variant!r}, dim={self.dim}, bits={self.bits}, "
+                f"seed={self.seed}, fingerprint={self.fingerprint!r}, nbytes={self.nbytes})")
+
+
+@dataclass(frozen=True)
+class Distortion:
+    """Error statistics of a reconstruction x_hat against the reference x it approximates.
+
+    mse: mean over all elements of (x - x_hat)^2; mean_relative_error / max_relative_error: mean / max
+    over vectors of ||x - x_hat|| / ||x|| (0 for x = 0); n_vectors: how many vectors they cover."""
+
+    mse: float
+    mean_relative_error: float
+    max_relative_error: float
+    n_vectors: int
+
+    @staticmethod
+    def combine(parts: list[Distortion]) -> Distortion:
+        """Statistics of the union of disjoint batches (all of the same dim): count-weighted means, max of maxima."""
+        n = sum(p.n_vectors for p in parts)
+        if n == 0:
+            return Distortion(0.0, 0.0, 0.0, 0)
+        return Distortion(
+            mse=sum(p.mse * p.n_vectors for p in parts) / n,
+            mean_relative_error=sum(p.mean_relative_error * p.n_vectors for p in parts) / n,
+            max_relative_error=max(p.max_relative_error for p in parts),
+            n_vectors=n,
+        )
+
+    def as_dict(self) -> dict[str, float]:
+        return {"mse": self.mse, "mean_relative_error": self.mean_relative_error,
+                "max_relative_error": self.max_relative_error, "n_vectors": self.n_vectors}
