@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     seed_cache_size: int = Field(32, ge=1, description="Quantizers kept for non-default seeds (LRU).")
 
     max_request_bytes: int = Field(64 << 20, ge=1024, description="Largest request body accepted (413 above).")
-    max_vectors: int = Field(65536, ge=1, description="Most vectors in one request (422 above).")
+    max_vectors: int = Field(65536, ge=1, description="Most vectors in one request (413 above).")
     max_queue: int = Field(64, ge=1, description="Most requests admitted to the device queue (429 above).")
     workers: int = Field(1, ge=1, le=64, description="Threads that run device work (1 keeps one GPU stream busy).")
     torch_threads: int | None = Field(
