@@ -164,13 +164,19 @@ COMMANDS = {"quantize": cmd_quantize, "dequantize": cmd_dequantize, "info": cmd_
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code (and ``sys.exit``s with it when run as a
     script)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, its line already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         return COMMANDS[args.command](args)
     except TransportError as exc:
         return _fail(EXIT_UNREACHABLE, f"cannot reach the server: {exc}")
     except IsoQuantError as exc:
         return _fail(EXIT_SERVER, str(exc))
+    except BrokenPipeError:  # e.g. `isoquant info | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at the interpreter's exit flush
+        return EXIT_OK
     except (ValueError, TypeError, OSError) as exc:
         return _fail(EXIT_USAGE, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:

@@ -94,6 +94,14 @@ def server():
     stop_server(s)
 
 
+@pytest.fixture(scope="session")
+def busy_server():
+    """A server that admits one request at a time (max_queue=1): concurrent callers get 429."""
+    s = start_server(max_queue=1, workers=1)
+    yield s
+    stop_server(s)
+
+
 @pytest.fixture
 def vectors() -> np.ndarray:
     """float32 [3, 50, 64], standard normal, fixed seed."""
