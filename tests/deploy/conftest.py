@@ -117,7 +117,9 @@ def wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) ->
     last = "no answer"
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"{process.args[0]} exited with {process.returncode} before {url} answered:\n{log.read_text()[-4000:]}")
+            pytest.fail(
+                f"{process.args[0]} exited with {process.returncode} before {url} answered:\n{log.read_text()[-4000:]}"
+            )
         try:
             response = httpx.get(url, timeout=2)
             if response.status_code == 200:
@@ -140,8 +142,11 @@ class LiveService:
 
 
 def _b64(array: np.ndarray) -> dict:
-    return {"data": base64.b64encode(np.ascontiguousarray(array).tobytes()).decode(), "dtype": str(array.dtype),
-            "shape": list(array.shape)}
+    return {
+        "data": base64.b64encode(np.ascontiguousarray(array).tobytes()).decode(),
+        "dtype": str(array.dtype),
+        "shape": list(array.shape),
+    }
 
 
 def send_traffic(client: httpx.Client, rng: np.random.Generator, rounds: int = 1) -> None:
@@ -150,14 +155,17 @@ def send_traffic(client: httpx.Client, rng: np.random.Generator, rounds: int = 1
     for _ in range(rounds):
         for variant, dim, bits in (("full", 64, 3), ("fast", 64, 2), ("2d", 128, 4)):
             x = rng.standard_normal((32, dim)).astype(np.float32)
-            r = client.post("/quantize", json={"vectors": _b64(x), "variant": variant, "bits": bits,
-                                               "return_distortion": True})
+            r = client.post(
+                "/quantize", json={"vectors": _b64(x), "variant": variant, "bits": bits, "return_distortion": True}
+            )
             assert r.status_code == 200, r.text
             answer = r.json()
             r = client.post("/dequantize", json={**answer, "reference": _b64(x)})
             assert r.status_code == 200, r.text
-        body = save_safetensors({"vectors": rng.standard_normal((64, 64)).astype(np.float16)},
-                                metadata={"variant": "full", "bits": "3", "return_distortion": "true"})
+        body = save_safetensors(
+            {"vectors": rng.standard_normal((64, 64)).astype(np.float16)},
+            metadata={"variant": "full", "bits": "3", "return_distortion": "true"},
+        )
         r = client.post("/quantize", content=body, headers={"Content-Type": "application/x-safetensors"})
         assert r.status_code == 200, r.text
         r = client.post("/dequantize", content=r.content, headers={"Content-Type": "application/x-safetensors"})
@@ -177,7 +185,10 @@ def live_service():
         with open(log, "wb") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         try:
             url = f"http://127.0.0.1:{port}"
@@ -213,8 +224,22 @@ def sample_names(text: str) -> set[str]:
 
 # ---- PromQL -----------------------------------------------------------------------------------------
 
-PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                   "offset", "inf", "nan", "atan2"}
+PROMQL_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+    "atan2",
+}
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
 _MATCHERS = re.compile(r"\{([^{}]*)\}")
 _MATCHER_LABEL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")

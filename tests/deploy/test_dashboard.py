@@ -81,7 +81,9 @@ def test_dashboard_covers_what_the_issue_lists():
         return any(re.search(pattern, e) for e in compact)
 
     for q in ("0.5", "0.99"):
-        assert has(rf"histogram_quantile\({q},sumby\(le,op,variant,dim,bits\)\(rate\(isoquant_kernel_duration_seconds_bucket"), q
+        assert has(
+            rf"histogram_quantile\({q},sumby\(le,op,variant,dim,bits\)\(rate\(isoquant_kernel_duration_seconds_bucket"
+        ), q
     assert has(r"rate\(isoquant_vectors_total")
     assert has(r"rate\(isoquant_payload_bytes_total")
     assert has(r"sumby\(route,status\)\(rate\(isoquant_requests_total")
@@ -123,8 +125,11 @@ def test_every_dashboard_metric_is_in_live_metrics_after_traffic(live_metrics, f
     # After traffic they have samples, except the GPU memory gauge (no series on a CPU service) and the
     # counters of rare events (a labelled counter has no series before its first event).
     no_samples = used - samples
-    assert no_samples == {"isoquant_gpu_memory_bytes", "isoquant_rejected_requests_total",
-                          "isoquant_device_errors_total"}, no_samples
+    assert no_samples == {
+        "isoquant_gpu_memory_bytes",
+        "isoquant_rejected_requests_total",
+        "isoquant_device_errors_total",
+    }, no_samples
     # And the labels the live series carry are the ones the metric objects declare (with 'le').
     live_labels = exposition_names(live_metrics)
     for name in used & samples:

@@ -6,8 +6,10 @@ run against a live service."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -132,8 +134,11 @@ def test_runtime_contract(parsed, target):
 
 
 def test_dockerignore_keeps_what_the_build_copies():
-    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     copied = {rest.split()[0] for k, rest in instructions(DOCKERFILE.read_text()) if k == "COPY"}
     assert copied == {"pyproject.toml", "kernels", "service", "clients", "deploy/healthcheck.py"}
     for path in copied | {"README.md"}:  # README.md: pyproject's readme
@@ -144,18 +149,24 @@ def test_dockerignore_keeps_what_the_build_copies():
 
 def test_healthcheck_script_against_a_live_service(live_service):
     script = str(ROOT / "deploy" / "healthcheck.py")
-    ok = subprocess.run([sys.executable, script, f"{live_service.url}/health/ready"], capture_output=True,
-                        text=True, timeout=30)
+    ok = subprocess.run(
+        [sys.executable, script, f"{live_service.url}/health/ready"], capture_output=True, text=True, timeout=30
+    )
     assert ok.returncode == 0, ok.stderr
     # Default URL from ISOQUANT_PORT, as in the container.
     env = {"ISOQUANT_PORT": str(live_service.port), "PATH": "/usr/bin:/bin"}
     assert subprocess.run([sys.executable, script], env=env, capture_output=True, timeout=30).returncode == 0
     # A 404 (wrong route) and a closed port are failures, with the reason on stderr.
-    bad = subprocess.run([sys.executable, script, f"{live_service.url}/health/nope"], capture_output=True, text=True,
-                         timeout=30)
+    bad = subprocess.run(
+        [sys.executable, script, f"{live_service.url}/health/nope"], capture_output=True, text=True, timeout=30
+    )
     assert bad.returncode == 1 and "HTTP 404" in bad.stderr
-    closed = subprocess.run([sys.executable, script, f"http://127.0.0.1:{free_port()}/health/ready"],
-                            capture_output=True, text=True, timeout=30)
+    closed = subprocess.run(
+        [sys.executable, script, f"http://127.0.0.1:{free_port()}/health/ready"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert closed.returncode == 1 and "not ready" in closed.stderr
 
 
@@ -180,10 +191,74 @@ def test_healthcheck_script_fails_on_503_with_the_reason():
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/health/ready"
-        result = subprocess.run([sys.executable, str(ROOT / "deploy" / "healthcheck.py"), url], capture_output=True,
-                                text=True, timeout=30)
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "deploy" / "healthcheck.py"), url], capture_output=True, text=True, timeout=30
+        )
     finally:
         server.shutdown()
         server.server_close()
     assert result.returncode == 1
     assert "HTTP 503" in result.stderr and "warming up: 1 of 9" in result.stderr
+
+
+def test_the_image_build_context_installs_a_working_service(tmp_path):
+    """What the image's `pip install ".[server]"` does, without Docker: copy only what the Dockerfile
+    COPYs, install it (no deps: they are this venv's) into a fresh directory, and run the installed
+    package from outside the source tree, as the image does from /home/isoquant."""
+    context = tmp_path / "src"
+    context.mkdir()
+    for keyword, rest in instructions(DOCKERFILE.read_text()):
+        if keyword != "COPY":
+            continue
+        *sources, _ = rest.split()
+        for source in sources:
+            if source.startswith("deploy/") or (context / source).exists():
+                continue  # deploy/: copied beside the install; both stages copy the same sources
+            src = ROOT / source
+            if src.is_dir():
+                shutil.copytree(src, context / source, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy2(src, context / source)
+    target = tmp_path / "site"
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    check = (
+        "import service, kernels, torch\n"
+        "from service.app import create_app\n"
+        "from service.settings import Settings\n"
+        "from kernels import Quantizer\n"
+        f"assert service.__file__.startswith({str(target)!r}), service.__file__\n"
+        "create_app(Settings(warm_variants=[]))\n"
+        "q = Quantizer('full', 64, 3, device='cpu')\n"
+        "x = torch.randn(8, 64)\n"
+        "assert q.dequantize(q.quantize(x)).shape == (8, 64)\n"
+        "print('ok', q.fingerprint)\n"
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ISOQUANT_")}
+    env["PYTHONPATH"] = str(target)
+    result = subprocess.run(
+        [sys.executable, "-c", check], cwd=home, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.startswith("ok "), result.stdout + result.stderr
+    flags = subprocess.run(
+        [sys.executable, "-m", "service", "--help"], cwd=home, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert flags.returncode == 0 and "--host" in flags.stdout, flags.stderr

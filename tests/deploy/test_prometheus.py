@@ -105,9 +105,16 @@ def prometheus(live_service):
         log = Path(tmp) / "prometheus.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                [PROMETHEUS, f"--config.file={path}", f"--storage.tsdb.path={tmp}/data",
-                 f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
-                stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
+                [
+                    PROMETHEUS,
+                    f"--config.file={path}",
+                    f"--storage.tsdb.path={tmp}/data",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--storage.tsdb.retention.time=1h",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=tmp,
             )
         thread = threading.Thread(target=traffic, daemon=True)
         try:
@@ -150,8 +157,10 @@ def test_prometheus_scrapes_the_service(prometheus):
 
 @needs_prometheus
 def test_histogram_quantile_p99_of_kernel_latency(prometheus):
-    expr = ("histogram_quantile(0.99, sum by (le, op, variant, dim, bits) "
-            "(rate(isoquant_kernel_duration_seconds_bucket[10s])))")
+    expr = (
+        "histogram_quantile(0.99, sum by (le, op, variant, dim, bits) "
+        "(rate(isoquant_kernel_duration_seconds_bucket[10s])))"
+    )
     result = poll(prometheus, expr, finite)
     values = {tuple(r["metric"][k] for k in ("op", "variant", "dim", "bits")): float(r["value"][1]) for r in result}
     assert ("quantize", "full", "64", "3") in values and ("dequantize", "2d", "128", "4") in values
@@ -176,18 +185,24 @@ def test_every_dashboard_query_runs_and_returns_data(prometheus, live_service):
             prometheus.query(expr)  # valid, though nothing to show yet (GPU memory, rare events)
     # The variables' label_values() answer with the values the traffic used.
     for variable in dashboard()["templating"]["list"]:
-        metric, label = variable["definition"][len("label_values("):-1].replace(" ", "").split(",")
+        metric, label = variable["definition"][len("label_values(") : -1].replace(" ", "").split(",")
         response = httpx.get(f"{prometheus.url}/api/v1/label/{label}/values", params={"match[]": metric}, timeout=10)
         values = response.json()["data"]
         assert values, variable["name"]
     assert {"full", "fast", "2d"} <= set(
-        httpx.get(f"{prometheus.url}/api/v1/label/variant/values",
-                  params={"match[]": "isoquant_kernel_duration_seconds_bucket"}, timeout=10).json()["data"])
+        httpx.get(
+            f"{prometheus.url}/api/v1/label/variant/values",
+            params={"match[]": "isoquant_kernel_duration_seconds_bucket"},
+            timeout=10,
+        ).json()["data"]
+    )
 
 
 @needs_prometheus
 def test_error_rate_query_sees_the_4xx(prometheus):
-    (target,) = [t for title, t in dashboard_targets() if title == "Error rate (API routes)" and t["legendFormat"] == "4xx"]
+    (target,) = [
+        t for title, t in dashboard_targets() if title == "Error rate (API routes)" and t["legendFormat"] == "4xx"
+    ]
     # Each traffic round sends 10 API requests, 2 of them bad (a 422 and a 404 on an unmatched route).
     result = poll(prometheus, substitute(target["expr"]), lambda r: r and float(r[0]["value"][1]) > 0)
     assert 0.05 < float(result[0]["value"][1]) < 0.3

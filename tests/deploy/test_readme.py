@@ -72,10 +72,13 @@ def test_configuration_table_is_exactly_the_settings():
         table[match[1]] = cells
     fields = {f"ISOQUANT_{name.upper()}": field for name, field in Settings.model_fields.items()}
     assert set(table) == set(fields), (
-        f"missing: {sorted(set(fields) - set(table))}; not settings: {sorted(set(table) - set(fields))}")
+        f"missing: {sorted(set(fields) - set(table))}; not settings: {sorted(set(table) - set(fields))}"
+    )
     for variable, field in fields.items():
         default = table[variable][1].strip("`")
-        assert default == _default_text(field.default), f"{variable}: README says {default!r}, settings.py {field.default!r}"
+        assert default == _default_text(field.default), (
+            f"{variable}: README says {default!r}, settings.py {field.default!r}"
+        )
         assert table[variable][2], f"{variable} has no explanation"
 
 
@@ -129,8 +132,9 @@ def test_curl_examples_work_against_a_live_service(live_service, tmp_path):
     for block in blocks:
         assert "http://localhost:8000/" in block
         script = "set -euo pipefail\n" + block.replace("localhost:8000", host)
-        result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                timeout=120)
+        result = subprocess.run(
+            ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0, f"{block}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
     codes = json.loads((tmp_path / "codes.json").read_text())
     assert codes["quantizer"]["variant"] == "full" and codes["quantizer"]["bits"] == 3
