@@ -29,10 +29,18 @@ MATRIX_VARIANTS = ("dense", "hadamard")
 # Elements of one fused tile. 4096 fp16 elements = 8 KiB of input per program at 4 warps: 32 elements,
 # four 16-byte loads per thread in flight.
 FUSED_TILE = 4096
+MIN_PROGRAMS = 1024  # ~8 per SM on a 132-SM H100/H200
+MIN_TILE = 1024  # elements: small batches shrink the tile down to this, not to single rows
 
 
 # ---------------------------------------------------------------------------------------------------
 # jit helpers
+
+
+@triton.jit
+def _coef(base, ok, k: tl.constexpr):
+    """Coefficient k of every block's 4x4 matrix, as a [1, NB] row (0 for padding blocks)."""
+    return tl.load(base + k, mask=ok, other=0.0)[None, :]
 
 
 @triton.jit
@@ -49,26 +57,16 @@ def _rotate_blocks(t, m_ptr, BN: tl.constexpr, W: tl.constexpr, N_BLOCKS, INVERS
     lo, hi = tl.split(t4)  # component j = 2a + c: lo holds c = 0 (j = 0, 2), hi holds c = 1 (j = 1, 3)
     v0, v2 = tl.split(lo)
     v1, v3 = tl.split(hi)
-    if INVERSE:
-        # v_j = sum_i M[i, j] y_i
-        w0 = (tl.load(base + 0, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 4, mask=ok, other=0.0)[None, :] * v1
-              + tl.load(base + 8, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 12, mask=ok, other=0.0)[None, :] * v3)
-        w1 = (tl.load(base + 1, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 5, mask=ok, other=0.0)[None, :] * v1
-              + tl.load(base + 9, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 13, mask=ok, other=0.0)[None, :] * v3)
-        w2 = (tl.load(base + 2, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 6, mask=ok, other=0.0)[None, :] * v1
-              + tl.load(base + 10, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 14, mask=ok, other=0.0)[None, :] * v3)
-        w3 = (tl.load(base + 3, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 7, mask=ok, other=0.0)[None, :] * v1
-              + tl.load(base + 11, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 15, mask=ok, other=0.0)[None, :] * v3)
-    else:
-        # y_i = sum_j M[i, j] v_j
-        w0 = (tl.load(base + 0, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 1, mask=ok, other=0.0)[None, :] * v1
-              + tl.load(base + 2, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 3, mask=ok, other=0.0)[None, :] * v3)
-        w1 = (tl.load(base + 4, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 5, mask=ok, other=0.0)[None, :] * v1
-              + tl.load(base + 6, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 7, mask=ok, other=0.0)[None, :] * v3)
-        w2 = (tl.load(base + 8, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 9, mask=ok, other=0.0)[None, :] * v1
-              + tl.load(base + 10, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 11, mask=ok, other=0.0)[None, :] * v3)
-        w3 = (tl.load(base + 12, mask=ok, other=0.0)[None, :] * v0 + tl.load(base + 13, mask=ok, other=0.0)[None, :] * v1
-              + tl.load(base + 14, mask=ok, other=0.0)[None, :] * v2 + tl.load(base + 15, mask=ok, other=0.0)[None, :] * v3)
+    if INVERSE:  # v_j = sum_i M[i, j] y_i; coefficient M[i, j] is element 4 i + j of the block
+        w0 = _coef(base, ok, 0) * v0 + _coef(base, ok, 4) * v1 + _coef(base, ok, 8) * v2 + _coef(base, ok, 12) * v3
+        w1 = _coef(base, ok, 1) * v0 + _coef(base, ok, 5) * v1 + _coef(base, ok, 9) * v2 + _coef(base, ok, 13) * v3
+        w2 = _coef(base, ok, 2) * v0 + _coef(base, ok, 6) * v1 + _coef(base, ok, 10) * v2 + _coef(base, ok, 14) * v3
+        w3 = _coef(base, ok, 3) * v0 + _coef(base, ok, 7) * v1 + _coef(base, ok, 11) * v2 + _coef(base, ok, 15) * v3
+    else:  # y_i = sum_j M[i, j] v_j
+        w0 = _coef(base, ok, 0) * v0 + _coef(base, ok, 1) * v1 + _coef(base, ok, 2) * v2 + _coef(base, ok, 3) * v3
+        w1 = _coef(base, ok, 4) * v0 + _coef(base, ok, 5) * v1 + _coef(base, ok, 6) * v2 + _coef(base, ok, 7) * v3
+        w2 = _coef(base, ok, 8) * v0 + _coef(base, ok, 9) * v1 + _coef(base, ok, 10) * v2 + _coef(base, ok, 11) * v3
+        w3 = _coef(base, ok, 12) * v0 + _coef(base, ok, 13) * v1 + _coef(base, ok, 14) * v2 + _coef(base, ok, 15) * v3
     out = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [BN, NB, 2(a), 2(c)], j = 2a + c
     return tl.reshape(out, [BN, W])
 
@@ -91,8 +89,9 @@ def _rotate_pairs(t, cos_ptr, sin_ptr, BN: tl.constexpr, W: tl.constexpr, N_PAIR
 
 
 @triton.jit
-def _rotate(t, p0_ptr, p1_ptr, BN: tl.constexpr, W: tl.constexpr, N_CODED, VARIANT: tl.constexpr,
-            INVERSE: tl.constexpr):
+def _rotate(
+    t, p0_ptr, p1_ptr, BN: tl.constexpr, W: tl.constexpr, N_CODED, VARIANT: tl.constexpr, INVERSE: tl.constexpr
+):
     """Rotation of a float32 tile [BN, W] for the fused variants; VARIANT 0 full/fast, 1 2d, 2 identity."""
     if VARIANT == 0:
         return _rotate_blocks(t, p0_ptr, BN, W, N_CODED // 4, INVERSE)
@@ -142,8 +141,33 @@ def _code_search(y, bnd_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
-def _pack_store(codes, codes_ptr, rows, row_ok, stride_cr, stride_cc, BN: tl.constexpr, W: tl.constexpr,
-                CODE_BYTES, BITS: tl.constexpr):
+def _word_pointer(codes_ptr, BITS: tl.constexpr):
+    """codes_ptr (uint8) seen as a pointer to words of BITS bytes (one group of 8 codes)."""
+    if BITS == 1:
+        word_ptr = codes_ptr
+    elif BITS == 2:
+        word_ptr = codes_ptr.to(tl.pointer_type(tl.uint16))
+    elif BITS == 4:
+        word_ptr = codes_ptr.to(tl.pointer_type(tl.uint32))
+    else:
+        word_ptr = codes_ptr.to(tl.pointer_type(tl.uint64))
+    return word_ptr
+
+
+@triton.jit
+def _pack_store(
+    codes,
+    codes_ptr,
+    rows,
+    row_ok,
+    stride_cr,
+    stride_cc,
+    BN: tl.constexpr,
+    W: tl.constexpr,
+    CODE_BYTES,
+    BITS: tl.constexpr,
+    WORD: tl.constexpr,
+):
     """Pack codes int32 [BN, W] (zero beyond n_coded) into bytes: group g of 8 codes -> bytes
     [g * BITS, (g + 1) * BITS) of the row, LSB first (docs/FORMAT.md)."""
     NG: tl.constexpr = W // 8
@@ -155,30 +179,56 @@ def _pack_store(codes, codes_ptr, rows, row_ok, stride_cr, stride_cc, BN: tl.con
         c3 = tl.reshape(codes, [BN, NG, 8]).to(tl.uint64)
         word = tl.sum(c3 << shifts[None, None, :].to(tl.uint64), axis=2)
     g = tl.arange(0, NG)
-    row_off = rows.to(tl.int64)[:, None] * stride_cr
-    for j in tl.static_range(BITS):
-        byte_idx = g * BITS + j
-        ok = row_ok[:, None] & (byte_idx < CODE_BYTES)[None, :]
-        tl.store(codes_ptr + row_off + byte_idx[None, :] * stride_cc, ((word >> (8 * j)) & 0xFF).to(tl.uint8),
-                 mask=ok)
+    if WORD:
+        # bits 1, 2, 4, 8 with whole groups: one 1/2/4/8-byte store per group instead of BITS byte stores
+        # (the byte planes each went through a shared-memory layout conversion: ~10% of the SASS).
+        word_ptr = _word_pointer(codes_ptr, BITS)
+        offs = rows.to(tl.int64)[:, None] * (stride_cr // BITS) + g[None, :]
+        ok = row_ok[:, None] & (g * BITS < CODE_BYTES)[None, :]
+        tl.store(word_ptr + offs, word.to(word_ptr.dtype.element_ty), mask=ok)
+    else:
+        row_off = rows.to(tl.int64)[:, None] * stride_cr
+        for j in tl.static_range(BITS):
+            byte_idx = g * BITS + j
+            ok = row_ok[:, None] & (byte_idx < CODE_BYTES)[None, :]
+            byte = ((word >> (8 * j)) & 0xFF).to(tl.uint8)
+            tl.store(codes_ptr + row_off + byte_idx[None, :] * stride_cc, byte, mask=ok)
 
 
 @triton.jit
-def _load_unpack(codes_ptr, rows, row_ok, stride_cr, stride_cc, BN: tl.constexpr, W: tl.constexpr,
-                 CODE_BYTES, BITS: tl.constexpr):
-    """Inverse of _pack_store: int32 codes [BN, W] (values beyond the row's bytes are garbage-free zeros)."""
+def _load_unpack(
+    codes_ptr,
+    rows,
+    row_ok,
+    stride_cr,
+    stride_cc,
+    BN: tl.constexpr,
+    W: tl.constexpr,
+    CODE_BYTES,
+    BITS: tl.constexpr,
+    WORD: tl.constexpr,
+):
+    """Inverse of _pack_store: int32 codes [BN, W] (zero beyond the row's bytes)."""
     NG: tl.constexpr = W // 8
     g = tl.arange(0, NG)
-    row_off = rows.to(tl.int64)[:, None] * stride_cr
-    if BITS <= 4:
-        word = tl.zeros([BN, NG], tl.uint32)
+    if WORD:
+        word_ptr = _word_pointer(codes_ptr, BITS)
+        offs = rows.to(tl.int64)[:, None] * (stride_cr // BITS) + g[None, :]
+        ok = row_ok[:, None] & (g * BITS < CODE_BYTES)[None, :]
+        word = tl.load(word_ptr + offs, mask=ok, other=0)
+        if BITS <= 4:
+            word = word.to(tl.uint32)
     else:
-        word = tl.zeros([BN, NG], tl.uint64)
-    for j in tl.static_range(BITS):
-        byte_idx = g * BITS + j
-        ok = row_ok[:, None] & (byte_idx < CODE_BYTES)[None, :]
-        byte = tl.load(codes_ptr + row_off + byte_idx[None, :] * stride_cc, mask=ok, other=0)
-        word = word | (byte.to(word.dtype) << (8 * j))
+        row_off = rows.to(tl.int64)[:, None] * stride_cr
+        if BITS <= 4:
+            word = tl.zeros([BN, NG], tl.uint32)
+        else:
+            word = tl.zeros([BN, NG], tl.uint64)
+        for j in tl.static_range(BITS):
+            byte_idx = g * BITS + j
+            ok = row_ok[:, None] & (byte_idx < CODE_BYTES)[None, :]
+            byte = tl.load(codes_ptr + row_off + byte_idx[None, :] * stride_cc, mask=ok, other=0)
+            word = word | (byte.to(word.dtype) << (8 * j))
     shifts = tl.arange(0, 8) * BITS
     codes = (word[:, :, None] >> shifts[None, None, :].to(word.dtype)) & ((1 << BITS) - 1)
     return tl.reshape(codes.to(tl.int32), [BN, W])
@@ -218,10 +268,14 @@ def fused_params(plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     return plan.centroids, plan.centroids
 
 
-def fused_tile(plan: Plan, tile: int = FUSED_TILE) -> tuple[int, int, int]:
-    """(W, BN, num_warps) for a fused kernel: W columns >= n_coded, BN rows, W * BN ~ ``tile`` elements."""
+def fused_tile(plan: Plan, n: int, tile: int = FUSED_TILE) -> tuple[int, int, int]:
+    """(W, BN, num_warps) for a fused kernel over n rows: W columns >= n_coded, BN rows, W * BN ~ ``tile``
+    elements; BN shrinks for small batches until there are >= MIN_PROGRAMS programs (8,192 rows of 128:
+    1,024 programs of 8 rows instead of 256 of 32), so that all SMs have work and each program is short."""
     width = triton.next_power_of_2(max(8, plan.n_coded))
     rows = max(1, tile // width)
+    while rows * width > MIN_TILE and triton.cdiv(n, rows) < MIN_PROGRAMS:
+        rows //= 2
     warps = 4 if width * rows <= 4096 else 8
     return width, rows, warps
 
@@ -268,6 +322,19 @@ def mixing_matrix(plan: Plan) -> torch.Tensor:
         _MATRICES[key] = matrix[:, : plan.dim].float().contiguous().to(plan.device)
         weakref.finalize(plan, _MATRICES.pop, key, None)
     return _MATRICES[key]
+
+
+def word_access(plan: Plan, codes: torch.Tensor) -> bool:
+    """Whether a group of 8 codes can move as one 1/2/4/8-byte word: bits 1, 2, 4 or 8, whole groups only
+    (code_bytes a multiple of bits, so no word runs into the next row), unit byte stride and aligned rows."""
+    b = plan.bits
+    return (
+        b in (1, 2, 4, 8)
+        and plan.code_bytes % b == 0
+        and codes.stride(1) == 1
+        and codes.stride(0) % b == 0
+        and codes.data_ptr() % b == 0
+    )
 
 
 def matrix_tiles(plan: Plan) -> tuple[int, int, int]:

@@ -26,28 +26,48 @@ from kernels.triton._common import (
     matrix_tiles,
     mixing_matrix,
     variant_id,
+    word_access,
 )
 
 
 @triton.jit
 def _dequantize_fused_kernel(
-    codes_ptr, norms_ptr, out_ptr, p0_ptr, p1_ptr, cent_ptr,
-    N, DIM: tl.constexpr, N_CODED: tl.constexpr, CODE_BYTES: tl.constexpr,
-    stride_cr, stride_cc, stride_n, stride_or, stride_oc,
-    BN: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr, VARIANT: tl.constexpr,
+    codes_ptr,
+    norms_ptr,
+    out_ptr,
+    p0_ptr,
+    p1_ptr,
+    cent_ptr,
+    N,
+    DIM: tl.constexpr,
+    N_CODED: tl.constexpr,
+    CODE_BYTES: tl.constexpr,
+    stride_cr,
+    stride_cc,
+    stride_n,
+    stride_or,
+    stride_oc,
+    BN: tl.constexpr,
+    W: tl.constexpr,
+    BITS: tl.constexpr,
+    VARIANT: tl.constexpr,
+    WORD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     cols = tl.arange(0, W)
-    codes = _load_unpack(codes_ptr, rows, row_ok, stride_cr, stride_cc, BN, W, CODE_BYTES, BITS)
+    codes = _load_unpack(codes_ptr, rows, row_ok, stride_cr, stride_cc, BN, W, CODE_BYTES, BITS, WORD)
     # Padding columns (>= n_coded) hold code 0 and would gather a nonzero centroid; zero them so that the
     # padded blocks of the tile stay out of the sums of the inverse rotation.
     c = tl.where((cols < N_CODED)[None, :], tl.load(cent_ptr + codes), 0.0)
     rho = tl.load(norms_ptr + rows * stride_n, mask=row_ok, other=0.0)
     x = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, True) * rho[:, None]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
-             x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < DIM)[None, :])
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
+        x.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (cols < DIM)[None, :],
+    )
 
 
 @triton.jit
@@ -58,17 +78,37 @@ def _unpack_columns(codes_ptr, row_off, row_ok, cols, stride_cc, CODE_BYTES, N_C
     first = bit >> 3
     ok = row_ok[:, None] & (cols < N_CODED)[None, :]
     lo = tl.load(codes_ptr + row_off + first[None, :] * stride_cc, mask=ok, other=0).to(tl.int32)
-    hi = tl.load(codes_ptr + row_off + (first + 1)[None, :] * stride_cc,
-                 mask=ok & (first + 1 < CODE_BYTES)[None, :], other=0).to(tl.int32)
+    hi = tl.load(
+        codes_ptr + row_off + (first + 1)[None, :] * stride_cc, mask=ok & (first + 1 < CODE_BYTES)[None, :], other=0
+    ).to(tl.int32)
     return (((hi << 8) | lo) >> (bit & 7)[None, :]) & ((1 << BITS) - 1)
 
 
 @triton.jit
 def _dequantize_matrix_kernel(
-    codes_ptr, norms_ptr, out_ptr, a_ptr, cent_ptr, x_ptr, err_ptr,
-    N, DIM: tl.constexpr, N_CODED: tl.constexpr, CODE_BYTES: tl.constexpr,
-    stride_cr, stride_cc, stride_n, stride_or, stride_oc, stride_xr, stride_xc,
-    BN: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, BITS: tl.constexpr, HAS_X: tl.constexpr,
+    codes_ptr,
+    norms_ptr,
+    out_ptr,
+    a_ptr,
+    cent_ptr,
+    x_ptr,
+    err_ptr,
+    N,
+    DIM: tl.constexpr,
+    N_CODED: tl.constexpr,
+    CODE_BYTES: tl.constexpr,
+    stride_cr,
+    stride_cc,
+    stride_n,
+    stride_or,
+    stride_oc,
+    stride_xr,
+    stride_xc,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BO: tl.constexpr,
+    BITS: tl.constexpr,
+    HAS_X: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BN + tl.arange(0, BN)
@@ -83,16 +123,23 @@ def _dequantize_matrix_kernel(
         for k0 in range(0, N_CODED, BK):
             codes = _unpack_columns(codes_ptr, code_rows, row_ok, k0 + ks, stride_cc, CODE_BYTES, N_CODED, BITS)
             c = tl.where((k0 + ks < N_CODED)[None, :], tl.load(cent_ptr + codes), 0.0)
-            a = tl.load(a_ptr + (k0 + ks)[:, None] * DIM + (o0 + os)[None, :],
-                        mask=(k0 + ks < N_CODED)[:, None] & (o0 + os < DIM)[None, :], other=0.0)
+            a = tl.load(
+                a_ptr + (k0 + ks)[:, None] * DIM + (o0 + os)[None, :],
+                mask=(k0 + ks < N_CODED)[:, None] & (o0 + os < DIM)[None, :],
+                other=0.0,
+            )
             acc = tl.dot(c, a, acc, input_precision="ieee")
         x_hat = acc * rho[:, None]
         out_ok = row_ok[:, None] & (o0 + os < DIM)[None, :]
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_or + (o0 + os)[None, :] * stride_oc,
-                 x_hat.to(out_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(
+            out_ptr + rows.to(tl.int64)[:, None] * stride_or + (o0 + os)[None, :] * stride_oc,
+            x_hat.to(out_ptr.dtype.element_ty),
+            mask=out_ok,
+        )
         if HAS_X:
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + (o0 + os)[None, :] * stride_xc,
-                        mask=out_ok, other=0.0).to(tl.float32)
+            x = tl.load(
+                x_ptr + rows.to(tl.int64)[:, None] * stride_xr + (o0 + os)[None, :] * stride_xc, mask=out_ok, other=0.0
+            ).to(tl.float32)
             diff = tl.where(out_ok, x - x_hat, 0.0)
             err += tl.sum(diff * diff, axis=1)
     if HAS_X:
@@ -116,10 +163,29 @@ def launch_matrix_dequantize(codes, norms, out, plan, x=None, err=None) -> None:
     has_x = x is not None
     xs = (x.stride(0), x.stride(1)) if has_x else (0, 0)
     _dequantize_matrix_kernel[(triton.cdiv(n, bn),)](
-        codes, norms, out, mixing_matrix(plan), plan.centroids, x if has_x else out, err if has_x else norms,
-        n, plan.dim, plan.n_coded, plan.code_bytes,
-        codes.stride(0), codes.stride(1), norms.stride(0), out.stride(0), out.stride(1), *xs,
-        BN=bn, BK=bk, BO=bo, BITS=plan.bits, HAS_X=has_x, num_warps=4,
+        codes,
+        norms,
+        out,
+        mixing_matrix(plan),
+        plan.centroids,
+        x if has_x else out,
+        err if has_x else norms,
+        n,
+        plan.dim,
+        plan.n_coded,
+        plan.code_bytes,
+        codes.stride(0),
+        codes.stride(1),
+        norms.stride(0),
+        out.stride(0),
+        out.stride(1),
+        *xs,
+        BN=bn,
+        BK=bk,
+        BO=bo,
+        BITS=plan.bits,
+        HAS_X=has_x,
+        num_warps=4,
     )
 
 
@@ -134,13 +200,30 @@ def dequantize(codes: torch.Tensor, norms: torch.Tensor, plan: Plan, dtype: torc
     if n == 0:
         return out
     if plan.variant in FUSED_VARIANTS:
-        width, rows, warps = fused_tile(plan)
+        width, rows, warps = fused_tile(plan, n)
         p0, p1 = fused_params(plan)
         _dequantize_fused_kernel[(triton.cdiv(n, rows),)](
-            codes, norms, out, p0, p1, plan.centroids,
-            n, plan.dim, plan.n_coded, plan.code_bytes,
-            codes.stride(0), codes.stride(1), norms.stride(0), out.stride(0), out.stride(1),
-            BN=rows, W=width, BITS=plan.bits, VARIANT=variant_id(plan.variant), num_warps=warps,
+            codes,
+            norms,
+            out,
+            p0,
+            p1,
+            plan.centroids,
+            n,
+            plan.dim,
+            plan.n_coded,
+            plan.code_bytes,
+            codes.stride(0),
+            codes.stride(1),
+            norms.stride(0),
+            out.stride(0),
+            out.stride(1),
+            BN=rows,
+            W=width,
+            BITS=plan.bits,
+            VARIANT=variant_id(plan.variant),
+            WORD=word_access(plan, codes),
+            num_warps=warps,
         )
     else:
         launch_matrix_dequantize(codes, norms, out, plan)

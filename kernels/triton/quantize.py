@@ -27,22 +27,42 @@ from kernels.triton._common import (
     mixing_matrix,
     symmetric_search,
     variant_id,
+    word_access,
 )
 
 
 @triton.jit
 def _quantize_fused_kernel(
-    x_ptr, codes_ptr, norms_ptr, p0_ptr, p1_ptr, bnd_ptr,
-    N, DIM: tl.constexpr, N_CODED: tl.constexpr, CODE_BYTES: tl.constexpr,
-    stride_xr, stride_xc, stride_cr, stride_cc,
-    BN: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr, VARIANT: tl.constexpr, SYMMETRIC: tl.constexpr,
+    x_ptr,
+    codes_ptr,
+    norms_ptr,
+    p0_ptr,
+    p1_ptr,
+    bnd_ptr,
+    N,
+    DIM: tl.constexpr,
+    N_CODED: tl.constexpr,
+    CODE_BYTES: tl.constexpr,
+    stride_xr,
+    stride_xc,
+    stride_cr,
+    stride_cc,
+    BN: tl.constexpr,
+    W: tl.constexpr,
+    BITS: tl.constexpr,
+    VARIANT: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    WORD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     cols = tl.arange(0, W)
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc,
-                mask=row_ok[:, None] & (cols < DIM)[None, :], other=0.0).to(tl.float32)
+    x = tl.load(
+        x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc,
+        mask=row_ok[:, None] & (cols < DIM)[None, :],
+        other=0.0,
+    ).to(tl.float32)
     rho = tl.sqrt_rn(tl.sum(x * x, axis=1))
     tl.store(norms_ptr + rows, rho, mask=row_ok)
     # x * (1 / rho) instead of x / rho: one multiply an element instead of a division; the two differ by
@@ -51,15 +71,29 @@ def _quantize_fused_kernel(
     y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, False)
     codes = _code_search(y, bnd_ptr, BITS, SYMMETRIC)
     codes = tl.where((cols < N_CODED)[None, :], codes, 0)  # padding codes are zero bits in the last byte
-    _pack_store(codes, codes_ptr, rows, row_ok, stride_cr, stride_cc, BN, W, CODE_BYTES, BITS)
+    _pack_store(codes, codes_ptr, rows, row_ok, stride_cr, stride_cc, BN, W, CODE_BYTES, BITS, WORD)
 
 
 @triton.jit
 def _quantize_matrix_kernel(
-    x_ptr, codes_ptr, norms_ptr, a_ptr, bnd_ptr,
-    N, DIM: tl.constexpr, N_CODED: tl.constexpr, CODE_BYTES: tl.constexpr,
-    stride_xr, stride_xc, stride_cr, stride_cc,
-    BN: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+    x_ptr,
+    codes_ptr,
+    norms_ptr,
+    a_ptr,
+    bnd_ptr,
+    N,
+    DIM: tl.constexpr,
+    N_CODED: tl.constexpr,
+    CODE_BYTES: tl.constexpr,
+    stride_xr,
+    stride_xc,
+    stride_cr,
+    stride_cc,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BO: tl.constexpr,
+    BITS: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BN + tl.arange(0, BN)
@@ -68,8 +102,9 @@ def _quantize_matrix_kernel(
     ks = tl.arange(0, BK)
     ss = tl.zeros([BN], tl.float32)
     for k0 in range(0, DIM, BK):
-        x = tl.load(x_rows + (k0 + ks)[None, :] * stride_xc, mask=row_ok[:, None] & (k0 + ks < DIM)[None, :],
-                    other=0.0).to(tl.float32)
+        x = tl.load(
+            x_rows + (k0 + ks)[None, :] * stride_xc, mask=row_ok[:, None] & (k0 + ks < DIM)[None, :], other=0.0
+        ).to(tl.float32)
         ss += tl.sum(x * x, axis=1)
     rho = tl.sqrt_rn(ss)
     tl.store(norms_ptr + rows, rho, mask=row_ok)
@@ -78,16 +113,34 @@ def _quantize_matrix_kernel(
     for o0 in range(0, N_CODED, BO):
         acc = tl.zeros([BN, BO], tl.float32)
         for k0 in range(0, DIM, BK):
-            x = tl.load(x_rows + (k0 + ks)[None, :] * stride_xc, mask=row_ok[:, None] & (k0 + ks < DIM)[None, :],
-                        other=0.0).to(tl.float32) * inv[:, None]
-            a_t = tl.load(a_ptr + (o0 + os)[None, :] * DIM + (k0 + ks)[:, None],
-                          mask=(o0 + os < N_CODED)[None, :] & (k0 + ks < DIM)[:, None], other=0.0)
+            x = (
+                tl.load(
+                    x_rows + (k0 + ks)[None, :] * stride_xc, mask=row_ok[:, None] & (k0 + ks < DIM)[None, :], other=0.0
+                ).to(tl.float32)
+                * inv[:, None]
+            )
+            a_t = tl.load(
+                a_ptr + (o0 + os)[None, :] * DIM + (k0 + ks)[:, None],
+                mask=(o0 + os < N_CODED)[None, :] & (k0 + ks < DIM)[:, None],
+                other=0.0,
+            )
             acc = tl.dot(x, a_t, acc, input_precision="ieee")
         codes = _code_search(acc, bnd_ptr, BITS, SYMMETRIC)
         codes = tl.where((o0 + os < N_CODED)[None, :], codes, 0)
         # o0 is a multiple of 8 (BO is), so this tile's codes start at byte o0 * BITS / 8.
-        _pack_store(codes, codes_ptr + (o0 // 8) * BITS * stride_cc, rows, row_ok, stride_cr, stride_cc, BN, BO,
-                    CODE_BYTES - (o0 // 8) * BITS, BITS)
+        _pack_store(
+            codes,
+            codes_ptr + (o0 // 8) * BITS * stride_cc,
+            rows,
+            row_ok,
+            stride_cr,
+            stride_cc,
+            BN,
+            BO,
+            CODE_BYTES - (o0 // 8) * BITS,
+            BITS,
+            False,
+        )
 
 
 def quantize(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,21 +154,52 @@ def quantize(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
         return codes, norms
     sym = symmetric_search(plan)
     if plan.variant in FUSED_VARIANTS:
-        width, rows, warps = fused_tile(plan)
+        width, rows, warps = fused_tile(plan, n)
         p0, p1 = fused_params(plan)
         _quantize_fused_kernel[(triton.cdiv(n, rows),)](
-            x, codes, norms, p0, p1, plan.boundaries,
-            n, plan.dim, plan.n_coded, plan.code_bytes,
-            x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
-            BN=rows, W=width, BITS=plan.bits, VARIANT=variant_id(plan.variant), SYMMETRIC=sym,
+            x,
+            codes,
+            norms,
+            p0,
+            p1,
+            plan.boundaries,
+            n,
+            plan.dim,
+            plan.n_coded,
+            plan.code_bytes,
+            x.stride(0),
+            x.stride(1),
+            codes.stride(0),
+            codes.stride(1),
+            BN=rows,
+            W=width,
+            BITS=plan.bits,
+            VARIANT=variant_id(plan.variant),
+            SYMMETRIC=sym,
+            WORD=word_access(plan, codes),
             num_warps=warps,
         )
     else:
         bn, bk, bo = matrix_tiles(plan)
         _quantize_matrix_kernel[(triton.cdiv(n, bn),)](
-            x, codes, norms, mixing_matrix(plan), plan.boundaries,
-            n, plan.dim, plan.n_coded, plan.code_bytes,
-            x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
-            BN=bn, BK=bk, BO=bo, BITS=plan.bits, SYMMETRIC=sym, num_warps=4,
+            x,
+            codes,
+            norms,
+            mixing_matrix(plan),
+            plan.boundaries,
+            n,
+            plan.dim,
+            plan.n_coded,
+            plan.code_bytes,
+            x.stride(0),
+            x.stride(1),
+            codes.stride(0),
+            codes.stride(1),
+            BN=bn,
+            BK=bk,
+            BO=bo,
+            BITS=plan.bits,
+            SYMMETRIC=sym,
+            num_warps=4,
         )
     return codes, norms

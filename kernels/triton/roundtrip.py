@@ -31,18 +31,34 @@ from kernels.triton.quantize import quantize
 
 @triton.jit
 def _roundtrip_fused_kernel(
-    x_ptr, out_ptr, err_ptr, p0_ptr, p1_ptr, bnd_ptr, cent_ptr,
-    N, DIM: tl.constexpr, N_CODED: tl.constexpr,
-    stride_xr, stride_xc, stride_or, stride_oc,
-    BN: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr, VARIANT: tl.constexpr, SYMMETRIC: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    err_ptr,
+    p0_ptr,
+    p1_ptr,
+    bnd_ptr,
+    cent_ptr,
+    N,
+    DIM: tl.constexpr,
+    N_CODED: tl.constexpr,
+    stride_xr,
+    stride_xc,
+    stride_or,
+    stride_oc,
+    BN: tl.constexpr,
+    W: tl.constexpr,
+    BITS: tl.constexpr,
+    VARIANT: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     cols = tl.arange(0, W)
     mask = row_ok[:, None] & (cols < DIM)[None, :]
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc,
-                mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(
+        tl.float32
+    )
     rho = tl.sqrt_rn(tl.sum(x * x, axis=1))
     inv = 1.0 / tl.maximum(rho, EPS)
     y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, False)
@@ -64,13 +80,28 @@ def roundtrip(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     if n == 0:
         return out, err
     if plan.variant in FUSED_VARIANTS:
-        width, rows, warps = fused_tile(plan)
+        width, rows, warps = fused_tile(plan, n)
         p0, p1 = fused_params(plan)
         _roundtrip_fused_kernel[(triton.cdiv(n, rows),)](
-            x, out, err, p0, p1, plan.boundaries, plan.centroids,
-            n, plan.dim, plan.n_coded,
-            x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            BN=rows, W=width, BITS=plan.bits, VARIANT=variant_id(plan.variant), SYMMETRIC=symmetric_search(plan),
+            x,
+            out,
+            err,
+            p0,
+            p1,
+            plan.boundaries,
+            plan.centroids,
+            n,
+            plan.dim,
+            plan.n_coded,
+            x.stride(0),
+            x.stride(1),
+            out.stride(0),
+            out.stride(1),
+            BN=rows,
+            W=width,
+            BITS=plan.bits,
+            VARIANT=variant_id(plan.variant),
+            SYMMETRIC=symmetric_search(plan),
             num_warps=warps,
         )
     else:
