@@ -26,6 +26,7 @@ BASE_ENV = {
     "ISOQUANT_WARM_DTYPES": "float32",
     "ISOQUANT_WARM_BATCH": "8",
     "ISOQUANT_LOG_LEVEL": "warning",
+    "ISOQUANT_TORCH_THREADS": "1",  # two cores shared with the test process: one intra-op thread is much faster
     "ISOQUANT_MAX_REQUEST_BYTES": str(8 << 20),
 }
 
