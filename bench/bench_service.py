@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, help="intra-op threads for the service's and the library's worker")
     parser.add_argument("--quick", action="store_true", help="a quarter of the repeats")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--metrics-out", help="save the service's /metrics exposition after the run here")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
 
@@ -187,6 +188,8 @@ def main() -> None:
             device = torch.device(ready["device"])
             rows = run(client, args, device)
             info = client.get("/info").json()
+            if args.metrics_out:
+                Path(args.metrics_out).write_text(client.get("/metrics").text)
     finally:
         if proc is not None:
             proc.terminate()

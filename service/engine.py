@@ -103,6 +103,22 @@ class DequantizeResult:
     stats: Stats | None
 
 
+class Ticket:
+    """One admitted request's place in the bounded queue (a context manager; see ``Engine.admit``)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.handed_off = False
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self.handed_off:
+            self.handed_off = True
+            self._engine._finish(started=False)
+
+
 class Engine:
     """Quantizers on one device and the workers that run them."""
 
@@ -130,6 +146,9 @@ class Engine:
         metrics.ready.set(0)
 
     def _init_worker(self) -> None:
+        if self.device.type == "cuda":
+            # Triton launches on the thread's current device: make it the service's (cuda:N).
+            torch.cuda.set_device(self.device)
         # Intra-op threads are set per worker: on a small shared CPU an OpenMP team larger than the free
         # cores spins at its barriers and can run several times slower than one thread.
         if self.settings.torch_threads is not None:
@@ -175,9 +194,10 @@ class Engine:
 
     # -- queue ------------------------------------------------------------------------------------
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on a device worker: 429 if ``max_queue`` requests are already admitted,
-        503 if it does not finish within ``job_timeout_s`` or the device fails."""
+    def admit(self) -> Ticket:
+        """Reserve one of the ``max_queue`` places (429 at once if none is free). A request takes its
+        ticket before it reads its body, so bodies in flight count against the bound too; the ticket is
+        released when its device job ends, or by ``Ticket.__exit__`` if no job was started."""
         if not self.accepting:
             raise Unavailable("the service is shutting down", type="shutting_down")
         with self._lock:
@@ -189,13 +209,23 @@ class Engine:
                 )
             self._admitted += 1
             self.metrics.queue_depth.set(self._admitted - self._running)
+        return Ticket(self)
+
+    async def run(self, fn: Callable[..., T], *args: Any, ticket: Ticket | None = None) -> T:
+        """Run ``fn(*args)`` on a device worker under ``ticket`` (admitted now if none is given): 429 if
+        the queue is full, 503 if it does not finish within ``job_timeout_s`` or the device fails."""
+        if ticket is None:
+            with self.admit() as own:
+                return await self.run(fn, *args, ticket=own)
+        if not self.accepting:
+            raise Unavailable("the service is shutting down", type="shutting_down")
         try:
             future = self._executor.submit(self._job, fn, args)
-        except RuntimeError:  # the executor is shut down
-            self._finish(started=False)
+        except RuntimeError:  # the executor is shut down; the ticket's exit releases the place
             raise Unavailable("the service is shutting down", type="shutting_down") from None
+        ticket.handed_off = True  # the job releases the place when it ends
         try:
-            # shield: a timed-out or cancelled request leaves its job to finish; admission is released
+            # shield: a timed-out or cancelled request leaves its job to finish; the place is released
             # by the job itself, so the queue bound stays honest.
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.settings.job_timeout_s)
         except asyncio.TimeoutError:

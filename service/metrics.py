@@ -110,7 +110,11 @@ class Metrics:
             buckets=RELATIVE_ERROR_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("isoquant_queue_depth", "Jobs admitted and waiting for a device worker", registry=r)
+        self.queue_depth = Gauge(
+            "isoquant_queue_depth",
+            "Requests admitted (max_queue) and not yet running on the device, bodies being read included",
+            registry=r,
+        )
         self.jobs_running = Gauge("isoquant_jobs_running", "Jobs running on the device now", registry=r)
         self.inflight = Gauge("isoquant_inflight_requests", "HTTP requests being served now", registry=r)
         self.ready = Gauge("isoquant_ready", "1 once warm-up finished and until shutdown starts, else 0", registry=r)

@@ -6,6 +6,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from service.engine import Engine
 from service.errors import Unauthorized, Unavailable
@@ -26,6 +27,18 @@ ERROR_RESPONSES = {
         503: "warming up, shutting down, device failure or timeout; retry after Retry-After seconds",
     }.items()
 }
+
+
+# Bodies below this are decoded and encoded on the event loop: a thread hop costs more than the work.
+INLINE_BYTES = 64 << 10
+
+
+async def offload(nbytes: int, fn, *args):
+    """Run ``fn(*args)`` inline for small payloads, in the thread pool for large ones (so that the loop
+    keeps answering /health and /metrics while megabytes are decoded)."""
+    if nbytes < INLINE_BYTES:
+        return fn(*args)
+    return await run_in_threadpool(fn, *args)
 
 
 @dataclass

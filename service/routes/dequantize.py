@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 from fastapi import APIRouter, Depends, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from service import codec, validate
 from service.engine import DequantizeResult
 from service.errors import InvalidInput
-from service.routes.common import ERROR_RESPONSES, authorized, get_state, ready_engine
+from service.routes.common import ERROR_RESPONSES, authorized, get_state, offload, ready_engine
 from service.schemas import Array, DequantizeRequest, DequantizeResponse, Descriptor, Distortion
 from service.settings import Settings
 
@@ -157,10 +156,13 @@ async def dequantize(request: Request) -> Response:
     engine = ready_engine(request)
     fmt = codec.request_format(request.headers.get("content-type"))
     out_fmt = codec.response_format(request.headers.get("accept"), fmt)
-    body = await codec.read_body(request, settings.max_request_bytes)
-    p = await run_in_threadpool(parse, body, fmt, settings)
-    result = await engine.run(engine.dequantize_job, p.descriptor, p.codes, p.norms, p.reference, p.dtype)
-    content = await run_in_threadpool(encode, result, p, out_fmt)
+    with engine.admit() as ticket:  # the body counts against max_queue while it is read and decoded
+        body = await codec.read_body(request, settings.max_request_bytes)
+        p = await offload(len(body), parse, body, fmt, settings)
+        result = await engine.run(
+            engine.dequantize_job, p.descriptor, p.codes, p.norms, p.reference, p.dtype, ticket=ticket
+        )
+    content = await offload(codec.tensor_nbytes(result.vectors), encode, result, p, out_fmt)
     metrics.batch_size.labels("dequantize").observe(p.norms.numel())
     metrics.payload_bytes.labels("dequantize", "in").inc(codec.tensor_nbytes(p.codes) + codec.tensor_nbytes(p.norms))
     metrics.payload_bytes.labels("dequantize", "out").inc(codec.tensor_nbytes(result.vectors))

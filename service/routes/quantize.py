@@ -6,12 +6,11 @@ import json
 
 import torch
 from fastapi import APIRouter, Depends, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from service import codec, validate
 from service.engine import QuantizeResult
 from service.errors import InvalidInput
-from service.routes.common import ERROR_RESPONSES, authorized, get_state, ready_engine
+from service.routes.common import ERROR_RESPONSES, authorized, get_state, offload, ready_engine
 from service.schemas import Array, Descriptor, Distortion, QuantizeRequest, QuantizeResponse
 from service.settings import Settings
 
@@ -121,12 +120,20 @@ async def quantize(request: Request) -> Response:
     engine = ready_engine(request)
     fmt = codec.request_format(request.headers.get("content-type"))
     out_fmt = codec.response_format(request.headers.get("accept"), fmt)
-    body = await codec.read_body(request, settings.max_request_bytes)
-    p = await run_in_threadpool(parse, body, fmt, settings)
-    result = await engine.run(
-        engine.quantize_job, p.variant, p.bits, p.seed, p.x, p.want_reconstruction, p.want_distortion
-    )
-    content, returned = await run_in_threadpool(encode, result, p.x, out_fmt)
+    with engine.admit() as ticket:  # the body counts against max_queue while it is read and decoded
+        body = await codec.read_body(request, settings.max_request_bytes)
+        p = await offload(len(body), parse, body, fmt, settings)
+        result = await engine.run(
+            engine.quantize_job,
+            p.variant,
+            p.bits,
+            p.seed,
+            p.x,
+            p.want_reconstruction,
+            p.want_distortion,
+            ticket=ticket,
+        )
+    content, returned = await offload(codec.tensor_nbytes(p.x), encode, result, p.x, out_fmt)
     metrics.batch_size.labels("quantize").observe(result.norms.numel())
     metrics.payload_bytes.labels("quantize", "in").inc(codec.tensor_nbytes(p.x))
     metrics.payload_bytes.labels("quantize", "out").inc(returned)

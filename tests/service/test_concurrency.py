@@ -84,7 +84,13 @@ async def test_queue_full_gives_429_and_probes_still_answer():
         finally:
             release.set()
         assert await asyncio.gather(*jobs) == ["released", "released"]
+        # Refused requests give their place back: with max_queue=2, a leak would turn into 429s here.
+        for _ in range(5):
+            assert (await client.post("/quantize", json={**body, "bits": 99})).status_code == 422
+            bad = await client.post("/dequantize", content=b"{", headers={"content-type": "application/json"})
+            assert bad.status_code == 400
         assert (await client.post("/quantize", json=body)).status_code == 200
+        assert "isoquant_queue_depth 0.0" in (await client.get("/metrics")).text
 
 
 async def test_job_timeout_answers_503_and_the_service_recovers():

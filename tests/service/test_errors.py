@@ -12,8 +12,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from kernels import Quantizer
-from service.app import create_app
-from tests.service.conftest import SAFETENSORS, assert_error, b64, running, settings
+from tests.service.conftest import SAFETENSORS, assert_error, b64
 
 pytestmark = pytest.mark.anyio
 
@@ -268,13 +267,3 @@ async def test_unknown_route_and_method(client):
         "dim",
         "32, 64",
     )
-
-
-async def test_not_ready_answers_503():
-    app = create_app(settings())
-    async with running(app, wait_ready=False) as client:
-        # The first request is answered before the background warm-up can finish.
-        r = await client.post("/quantize", json=GOOD)
-        if r.status_code != 200:
-            assert_error(r, 503, "not_ready", None, "warming up")
-            assert r.headers["retry-after"] == "1"
