@@ -1,0 +1,42 @@
+"""On a CUDA device (run with -m gpu on the GPU machine): the service serves from the GPU, its codes equal
+the library's on the same device, kernel time comes from CUDA events and GPU memory is reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from kernels import Quantizer
+from service.app import create_app
+from tests.service.conftest import b64, running, settings, unb64
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.anyio,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+async def test_service_on_gpu_matches_library_on_gpu():
+    app = create_app(settings(device="cuda", warm_dims=[128], warm_dtypes=["float16"]))
+    async with running(app) as client:
+        info = (await client.get("/info")).json()
+        assert info["device"].startswith("cuda")
+        for variant in ("full", "fast", "2d"):
+            x = torch.randn(4096, 128).half()
+            r = await client.post(
+                "/quantize", json={"vectors": b64(x), "variant": variant, "bits": 3, "return_distortion": True}
+            )
+            assert r.status_code == 200, r.text
+            q = Quantizer(variant, 128, 3, 0, device="cuda")
+            packed = q.quantize(x.cuda())
+            assert unb64(r.json()["codes"]).numpy().tobytes() == packed.codes.cpu().numpy().tobytes()
+            d = await client.post("/dequantize", content=r.content, headers={"content-type": "application/json"})
+            assert torch.equal(unb64(d.json()["vectors"]), q.dequantize(packed).cpu())
+        text = (await client.get("/metrics")).text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        memory = [s for s in families["isoquant_gpu_memory_bytes"].samples if s.labels["kind"] == "allocated"]
+        assert memory and memory[0].value > 0
+        counts = [s for s in families["isoquant_kernel_duration_seconds"].samples if s.name.endswith("_count")]
+        assert sum(s.value for s in counts) >= 6
