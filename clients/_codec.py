@@ -168,7 +168,7 @@ def from_json_array(obj: Any, name: str) -> np.ndarray:
     try:
         dtype = np.dtype(_NAME_TO_NP[obj["dtype"]]).newbyteorder("<")
         shape = [int(s) for s in obj["shape"]]
-        raw = base64.b64decode(obj["data"], validate=True)
+        raw = bytearray(base64.b64decode(obj["data"], validate=True))  # bytearray: a writable array
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{name} is not a readable array object: {exc!r}") from None

@@ -48,8 +48,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(api_key: str | None = None, timeout: float = 90.0, **settings: object) -> Server:
-    """Start ``python -m service`` with ISOQUANT_<NAME> = value for each setting; wait for /health/ready."""
+def start_server(api_key: str | None = None, timeout: float = 90.0, wait_for: str = "ready",
+                 **settings: object) -> Server:
+    """Start ``python -m service`` with ISOQUANT_<NAME> = value for each setting; wait until
+    /health/<wait_for> (ready or live) answers 200."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ISOQUANT_")}
     env.update(BASE_ENV)
@@ -67,7 +69,7 @@ def start_server(api_key: str | None = None, timeout: float = 90.0, **settings: 
         if process.poll() is not None:
             raise RuntimeError(f"the service exited with {process.returncode}:\n{server.log_text()[-3000:]}")
         try:
-            if httpx.get(server.url + "/health/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{server.url}/health/{wait_for}", timeout=2).status_code == 200:
                 return server
         except httpx.TransportError:
             pass

@@ -179,3 +179,21 @@ def test_parse_retry_after():
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
     date = email.utils.formatdate(time.time() + 5, usegmt=True)
     assert 3.5 < parse_retry_after(date) <= 5.0
+
+
+def test_not_ready_503_is_retried_until_warm(vectors):
+    """A server still warming up answers 503 not_ready with Retry-After; the client waits it out."""
+    from tests.clients.conftest import start_server, stop_server
+
+    # a slow warm-up (two quantizers of dim 512, 4096-vector batches): seconds of 503 not_ready
+    server = start_server(wait_for="live", warm_variants="full,fast", warm_dims="512", warm_bits="2,3",
+                          warm_batch=4096)
+    try:
+        with IsoQuantClient(server.url, max_retries=60, backoff=0.05, max_backoff=0.5) as client:
+            if client.ready():
+                pytest.skip("the warm-up finished before the first request; nothing to retry")
+            packed = client.quantize(vectors, bits=3)
+            assert client.retries >= 1 and client.ready()
+            assert packed.codes.shape == (3, 50, 24)
+    finally:
+        stop_server(server)

@@ -201,6 +201,20 @@ def test_server_errors_are_typed(client, server, vectors):
     assert info.value.message == "invalid API key"
 
 
+def test_empty_batch_is_refused_by_the_server(client, json_client):
+    for c in (client, json_client):
+        with pytest.raises(ValidationError) as info:
+            c.quantize(np.zeros((0, 64), np.float32))
+        assert (info.value.status, info.value.field) == (422, "vectors") and "no vectors" in info.value.message
+
+
+def test_results_are_writable_arrays(client, json_client, vectors):
+    for c in (client, json_client):
+        packed = c.quantize(vectors[0])
+        x_hat = c.dequantize(packed)
+        assert packed.codes.flags.writeable and packed.norms.flags.writeable and x_hat.flags.writeable
+
+
 def test_local_input_errors(client, vectors):
     with pytest.raises(TypeError, match="real numbers"):
         client.quantize(np.array([["a", "b"]]))
