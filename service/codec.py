@@ -10,6 +10,7 @@ read as safetensors too). See docs/FORMAT.md, "Safetensors container".
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -21,7 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.errors import InvalidInput, MalformedBody, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+from service.errors import (
+    InvalidInput,
+    MalformedBody,
+    NotAcceptable,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from service.schemas import Array
 
 JSON = "application/json"
@@ -88,9 +96,17 @@ def response_format(accept: str | None, request_fmt: str) -> str:
     raise NotAcceptable(f"Accept {accept!r} allows neither {JSON} nor {SAFETENSORS}", "accept")
 
 
-async def read_body(request, limit: int) -> bytes:
+async def read_body(request, limit: int, timeout: float) -> bytes:
     """The whole body, refusing (413) as soon as it is known to exceed ``limit`` bytes: from
-    Content-Length before reading, or while streaming a body without one."""
+    Content-Length before reading, or while streaming a body without one; 408 if it has not fully
+    arrived within ``timeout`` seconds (a slow client must not hold a queue place for ever)."""
+    try:
+        return await asyncio.wait_for(_read_body(request, limit), timeout)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout} s", "body") from None
+
+
+async def _read_body(request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:

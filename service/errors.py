@@ -55,6 +55,10 @@ class PayloadTooLarge(ApiError):
     status, type = 413, "payload_too_large"
 
 
+class RequestTimeout(ApiError):
+    status, type = 408, "request_timeout"
+
+
 class UnsupportedMediaType(ApiError):
     status, type = 415, "unsupported_media_type"
 

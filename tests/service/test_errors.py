@@ -3,6 +3,7 @@ allowed. Nothing here may produce a 500."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
@@ -12,7 +13,8 @@ import torch
 from safetensors.torch import save as st_save
 
 from kernels import Quantizer
-from tests.service.conftest import SAFETENSORS, assert_error, b64
+from service.app import create_app
+from tests.service.conftest import SAFETENSORS, assert_error, b64, running, settings
 
 pytestmark = pytest.mark.anyio
 
@@ -88,6 +90,20 @@ async def test_body_over_the_limit(client):
 
     r = await client.post("/quantize", content=chunks(), headers={"content-type": SAFETENSORS})
     assert_error(r, 413, "payload_too_large", "body", "exceeds the limit")
+
+
+async def test_slow_body_times_out():
+    app = create_app(settings(body_timeout_s=0.3, warm_dims=[64]))
+    async with running(app) as client:
+
+        async def trickle():
+            yield b'{"vectors": '
+            await asyncio.sleep(2)
+            yield b"[[1.0]]}"
+
+        r = await client.post("/quantize", content=trickle(), headers={"content-type": "application/json"})
+        assert_error(r, 408, "request_timeout", "body", "0.3 s")
+        assert "isoquant_queue_depth 0.0" in (await client.get("/metrics")).text
 
 
 async def test_too_many_vectors(client):
