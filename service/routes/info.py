@@ -54,6 +54,7 @@ async def info(request: Request) -> dict:
             "max_vectors": s.max_vectors,
             "max_queue": s.max_queue,
             "workers": s.workers,
+            "body_timeout_s": s.body_timeout_s,
             "torch_threads": s.torch_threads,
             "job_timeout_s": s.job_timeout_s,
             "seed_cache_size": s.seed_cache_size,
