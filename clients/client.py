@@ -366,7 +366,9 @@ class IsoQuantClient:
         return self._core.limits or self._core.set_limits(self.info())
 
     def info(self) -> dict:
-        """GET /info: device, versions, served variants/dims/bits/dtypes, warm set and ``limits``."""
+        """GET /info: device, versions, served variants/dims/bits/dtypes, warm set and ``limits``. The limits
+        are cached for splitting batches (read on the first quantize/dequantize); calling info() refreshes
+        them."""
         info = self._request("GET", "/info").json()
         self._core.set_limits(info)
         return info
@@ -404,7 +406,8 @@ class IsoQuantClient:
             parts.append(self._core.quantize_answer(response, chunk.stop - chunk.start))
         return self._core.assemble_codes(plan, rows.shape[1], rows.itemsize, parts)
 
-    def dequantize(self, packed: PackedCodes, reference: Any = None, *, dtype: str = "float32"):
+    def dequantize(self, packed: PackedCodes, reference: Any = None, *,
+                   dtype: str = "float32") -> np.ndarray | tuple[np.ndarray, Distortion]:
         """Reconstruct vectors from ``packed``.
 
         Returns the reconstruction, a numpy array [..., dim] of ``dtype`` (float32 or float16). With a
@@ -534,7 +537,8 @@ class AsyncIsoQuantClient:
         parts = await self._gather([job(chunk) for chunk in plan.slices])
         return self._core.assemble_codes(plan, rows.shape[1], rows.itemsize, parts)
 
-    async def dequantize(self, packed: PackedCodes, reference: Any = None, *, dtype: str = "float32"):
+    async def dequantize(self, packed: PackedCodes, reference: Any = None, *,
+                         dtype: str = "float32") -> np.ndarray | tuple[np.ndarray, Distortion]:
         """See IsoQuantClient.dequantize: vectors [..., dim], or (vectors, Distortion) with a reference."""
         await self._limits()
         codes, norms, ref, plan = self._core.prepare_dequantize(packed, reference, dtype)
