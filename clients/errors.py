@@ -7,7 +7,7 @@ exception carries its HTTP status and the service's one error body ``{"error": {
 =====================  =========================  ===================================================
 class                  when                       examples of ``type``
 =====================  =========================  ===================================================
-BadRequestError        any other 4xx              malformed_body (400), not_acceptable (406), ...
+BadRequestError        any other 4xx              malformed_body (400), not_acceptable (406), 408, ...
 UnauthorizedError      401                        unauthorized (field ``authorization``)
 PayloadTooLargeError   413                        payload_too_large, too_many_vectors
 ValidationError        422                        invalid_value, unsupported_value, shape_mismatch,
