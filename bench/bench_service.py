@@ -3,8 +3,9 @@ library call on the same machine and device.
 
 For each batch size (default 1, 128, 8,192 and 65,536 vectors of dim 128, float16, full, 3 bits) it
 sends the same body ``repeats`` times over one keep-alive connection (sequential: latency and the
-throughput of one client) and reports requests/s, vectors/s, MB/s and p50/p99 latency. MB/s counts the
-uncompressed vectors (N * dim * 2 bytes for float16) for both ops, so every row is comparable.
+throughput of one client; the paths are interleaved round by round so that all see the same load) and
+reports requests/s, vectors/s, MB/s and p50/p99 latency. MB/s counts the uncompressed vectors
+(N * dim * 2 bytes for float16) for both ops, so every row is comparable.
 
 "library" rows: ``Quantizer.quantize`` / ``dequantize`` in this process on the service's device, in a
 worker thread like the service's engine, host tensors in and host tensors out (the service receives
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from kernels import Packed, Quantizer  # noqa: E402
 
 SAFETENSORS = "application/x-safetensors"
+JSON = "application/json"
 # Requests per (batch size, op, format): enough for a p99 at small sizes, bounded at 65,536 on a CPU.
 REPEATS = {1: 300, 128: 200, 8192: 30, 65536: 8}
 
@@ -108,41 +110,22 @@ def b64(t: torch.Tensor) -> dict:
     return {"data": base64.b64encode(raw).decode(), "dtype": dtype, "shape": list(t.shape)}
 
 
-def time_requests(client: httpx.Client, path: str, body: bytes, content_type: str, repeats: int) -> list[float]:
-    headers = {"content-type": content_type}
-    r = client.post(path, content=body, headers=headers)  # warm-up (and a check)
+def request_once(client: httpx.Client, path: str, body: bytes, content_type: str) -> float:
+    t0 = time.perf_counter()
+    r = client.post(path, content=body, headers={"content-type": content_type})
+    r.read()
+    elapsed = time.perf_counter() - t0
     if r.status_code != 200:
         raise SystemExit(f"{path} answered {r.status_code}: {r.text[:500]}")
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        r = client.post(path, content=body, headers=headers)
-        r.read()
-        times.append(time.perf_counter() - t0)
-        assert r.status_code == 200, r.text[:300]
-    return times
+    return elapsed
 
 
-def time_library(fn, repeats: int, sync, threads: int | None) -> list[float]:
-    """Time ``fn`` in a worker thread, as the service's engine runs it. (On a loaded 2-core machine the
-    main thread's OpenMP team of 2 ran the CPU reference up to 10x slower than a worker thread did,
-    which would flatter the service; the worker thread is the stricter baseline.)"""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(_time_library, fn, repeats, sync, threads).result()
-
-
-def _time_library(fn, repeats: int, sync, threads: int | None) -> list[float]:
-    if threads:
-        torch.set_num_threads(threads)
+def library_once(fn, sync) -> float:
+    """Runs in the library's worker thread; times itself, so the thread hop is not counted."""
+    t0 = time.perf_counter()
     fn()
     sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
+    return time.perf_counter() - t0
 
 
 def row(kind: str, op: str, n: int, dim: int, itemsize: int, times: list[float], base: float | None) -> dict:
@@ -204,6 +187,12 @@ def run(client: httpx.Client, args, device: torch.device) -> list[dict]:
     q = Quantizer(args.variant, args.dim, args.bits, 0, device=device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     rows = []
+    # The library runs in a worker thread, as the service's engine runs it. (On this loaded 2-core
+    # machine the main thread's OpenMP team of 2 ran the CPU reference up to 10x slower than a worker
+    # thread did, which would flatter the service; the worker thread is the stricter baseline.)
+    pool = ThreadPoolExecutor(max_workers=1)
+    if args.torch_threads:
+        pool.submit(torch.set_num_threads, args.torch_threads).result()
     for n in args.batches:
         repeats = max(3, REPEATS.get(n, 10) // (4 if args.quick else 1))
         x = torch.randn(n, args.dim, generator=torch.Generator().manual_seed(n)).to(dtype)
@@ -218,39 +207,42 @@ def run(client: httpx.Client, args, device: torch.device) -> list[dict]:
             p = Packed(codes=codes.to(device), norms=norms.to(device), **q.descriptor())
             return q.dequantize(p, dtype).cpu()
 
+        options = {"variant": args.variant, "bits": args.bits}
+        descriptor = {k: str(v) for k, v in q.descriptor().items()}
+        quantize_json = json.dumps({"vectors": b64(x), **options}).encode()
+        quantize_st = st_save({"vectors": x}, metadata={k: str(v) for k, v in options.items()})
+        dequantize_json = json.dumps(
+            {"quantizer": q.descriptor(), "codes": b64(codes), "norms": b64(norms), "dtype": args.dtype}
+        ).encode()
+        dequantize_st = st_save({"codes": codes, "norms": norms}, metadata={**descriptor, "dtype": args.dtype})
+        measurements = {
+            ("library", "quantize"): lambda fn=lib_quantize: pool.submit(library_once, fn, sync).result(),
+            ("library", "dequantize"): lambda fn=lib_dequantize: pool.submit(library_once, fn, sync).result(),
+            ("http json", "quantize"): lambda b=quantize_json: request_once(client, "/quantize", b, JSON),
+            ("http safetensors", "quantize"): lambda b=quantize_st: request_once(client, "/quantize", b, SAFETENSORS),
+            ("http json", "dequantize"): lambda b=dequantize_json: request_once(client, "/dequantize", b, JSON),
+            ("http safetensors", "dequantize"): (
+                lambda b=dequantize_st: request_once(client, "/dequantize", b, SAFETENSORS)
+            ),
+        }
+        # Interleaved rounds: every path is measured once per round, so all see the same machine load
+        # (this 2-core machine is shared; back-to-back blocks drifted by 2x between paths).
+        times: dict = {key: [] for key in measurements}
+        for measure in measurements.values():
+            measure()  # warm-up and a check of every path
+        for _ in range(repeats):
+            for key, measure in measurements.items():
+                times[key].append(measure())
         base = {}
-        for op, fn in (("quantize", lib_quantize), ("dequantize", lib_dequantize)):
-            times = time_library(fn, repeats, sync, args.torch_threads)
-            r = row("library", op, n, args.dim, itemsize, times, None)
+        for op in ("quantize", "dequantize"):
+            r = row("library", op, n, args.dim, itemsize, times[("library", op)], None)
             base[op] = r["vectors_per_s"]
             rows.append(r)
-
-        options = {"variant": args.variant, "bits": args.bits}
-        quantize_bodies = {
-            "json": (json.dumps({"vectors": b64(x), **options}).encode(), "application/json"),
-            "safetensors": (
-                st_save({"vectors": x}, metadata={k: str(v) for k, v in options.items()}),
-                SAFETENSORS,
-            ),
-        }
-        descriptor = {k: str(v) for k, v in q.descriptor().items()}
-        dequantize_bodies = {
-            "json": (
-                json.dumps(
-                    {"quantizer": q.descriptor(), "codes": b64(codes), "norms": b64(norms), "dtype": args.dtype}
-                ).encode(),
-                "application/json",
-            ),
-            "safetensors": (
-                st_save({"codes": codes, "norms": norms}, metadata={**descriptor, "dtype": args.dtype}),
-                SAFETENSORS,
-            ),
-        }
-        for op, bodies in (("quantize", quantize_bodies), ("dequantize", dequantize_bodies)):
-            for fmt, (body, content_type) in bodies.items():
-                times = time_requests(client, f"/{op}", body, content_type, repeats)
-                rows.append(row(f"http {fmt}", op, n, args.dim, itemsize, times, base[op]))
+        for op in ("quantize", "dequantize"):
+            for path in ("http json", "http safetensors"):
+                rows.append(row(path, op, n, args.dim, itemsize, times[(path, op)], base[op]))
         print(f"batch {n}: done", file=sys.stderr, flush=True)
+    pool.shutdown()
     return rows
 
 
