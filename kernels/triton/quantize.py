@@ -18,6 +18,7 @@ from kernels.triton._common import (
     EPS,
     FUSED_VARIANTS,
     _code_search,
+    _norm,
     _pack_store,
     _rotate,
     check_rows,
@@ -63,11 +64,10 @@ def _quantize_fused_kernel(
         mask=row_ok[:, None] & (cols < DIM)[None, :],
         other=0.0,
     ).to(tl.float32)
-    rho = tl.sqrt_rn(tl.sum(x * x, axis=1))
-    tl.store(norms_ptr + rows, rho, mask=row_ok)
     # x * (1 / rho) instead of x / rho: one multiply an element instead of a division; the two differ by
-    # at most an ulp, which moves only values within ~1e-7 relative of a boundary.
-    inv = 1.0 / tl.maximum(rho, EPS)
+    # an ulp or two, which moves only values within ~1e-7 relative of a boundary.
+    rho, inv = _norm(x)
+    tl.store(norms_ptr + rows, rho, mask=row_ok)
     y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, False)
     codes = _code_search(y, bnd_ptr, BITS, SYMMETRIC)
     codes = tl.where((cols < N_CODED)[None, :], codes, 0)  # padding codes are zero bits in the last byte

@@ -15,9 +15,9 @@ import triton.language as tl
 
 from kernels.plan import Plan
 from kernels.triton._common import (
-    EPS,
     FUSED_VARIANTS,
     _code_search,
+    _norm,
     _rotate,
     check_rows,
     fused_params,
@@ -59,8 +59,7 @@ def _roundtrip_fused_kernel(
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(
         tl.float32
     )
-    rho = tl.sqrt_rn(tl.sum(x * x, axis=1))
-    inv = 1.0 / tl.maximum(rho, EPS)
+    rho, inv = _norm(x)
     y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, False)
     codes = _code_search(y, bnd_ptr, BITS, SYMMETRIC)
     c = tl.where((cols < N_CODED)[None, :], tl.load(cent_ptr + codes), 0.0)
