@@ -11,7 +11,7 @@ which the targets cover), dtype {float16, bfloat16, float32}, each op and varian
 - bytes read + written (input once, outputs once; parameters ignored), GB/s, and the fraction of the
   same-run copy bandwidth of the op's float tensor (input of quantize/round trip, output of dequantize)
   of the same N, dim and dtype (bytes-moved basis: a copy moves 2x its size);
-- the torch reference path on the GPU (every row at N = 8192; float16 rows at N = 2^20, to fit the run).
+- the torch reference path on the GPU (rows of dim 128, to fit the run in one call).
 Also the peak extra GPU memory of quantize and dequantize beyond their inputs and outputs
 (torch.cuda.max_memory_allocated), and the target verdicts. Kernels are compiled first in parallel
 worker processes (Triton's disk cache), since ~700 specializations compile in ~1 s each.
@@ -96,7 +96,7 @@ def precompile(all_configs, workers: int) -> float:
 def bench_median_us(fn) -> float:
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median") * 1e3
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e3
 
 
 def graph_per_call_us(fn, calls: int = GRAPH_CALLS, replays: int = 20) -> float:
@@ -155,6 +155,25 @@ def op_calls(kt, x: torch.Tensor, plan, dtype: torch.dtype) -> dict:
     }
 
 
+def tile_sweep(kt, say) -> None:
+    """Time the fused kernels at other (tile elements, warps) than the default, N = 2^20, fp16, dim 128."""
+    from kernels.triton import _common
+
+    say("\n## Tile sweep: N = 2^20, fp16, dim 128 (us; default tile 4096 elements, 4 warps)")
+    x = torch.randn(1 << 20, 128, device="cuda", dtype=torch.float16)
+    for variant, bits in (("full", 4), ("identity", 4), ("full", 2)):
+        plan = Quantizer(variant, 128, bits, seed=0, device="cuda").plan
+        for tile, warps in ((4096, 4), (2048, 4), (8192, 8), (4096, 8), (2048, 2), (8192, 4)):
+            _common.TILE_OVERRIDE = (tile, warps)
+            calls = op_calls(kt, x, plan, torch.float16)
+            times = [bench_median_us(calls[op][0]) for op in OPS]
+            say(
+                f"  {variant:>8} b{bits} tile {tile:5d} warps {warps}: "
+                + "  ".join(f"{op} {t:7.1f}" for op, t in zip(OPS, times, strict=True))
+            )
+    _common.TILE_OVERRIDE = None
+
+
 def peak_extra_bytes(fn, out_bytes: int) -> int:
     """Peak allocated during fn beyond what was allocated before it (inputs) and its outputs."""
     torch.cuda.synchronize()
@@ -174,6 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--quick", action="store_true", help="dim 128 only")
+    parser.add_argument("--sweep", action="store_true", help="also time other tile sizes / warps (fp16, dim 128)")
     parser.add_argument("--compile-only", action="store_true", help="fill Triton's cache and exit")
     parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     args = parser.parse_args()
@@ -232,7 +252,7 @@ def main() -> None:
             fn, ref_fn = calls[op]
             t = bench_median_us(fn)
             b2b = graph_per_call_us(fn) if n == 8192 else float("nan")
-            with_ref = n == 8192 or dtype_name == "fp16"
+            with_ref = dim == 128
             t_ref = bench_median_us(ref_fn) if with_ref else float("nan")
             nbytes = op_bytes(op, n, dim, es, plan.code_bytes)
             gbs = nbytes / t / 1e3
@@ -335,6 +355,8 @@ def main() -> None:
                 f"  {r['op']:>10} {r['variant']:>8}: triton {r['triton_us']:8.1f}  torch {r['torch_us']:9.1f}  "
                 f"x{r['speedup']:.0f}"
             )
+    if args.sweep:
+        tile_sweep(kt, say)
     with open(os.path.join(args.out, "bench_kernels.log"), "w") as f:
         f.write(log.getvalue())
 

@@ -340,15 +340,21 @@ def fused_params(plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     return plan.centroids, plan.centroids
 
 
-def fused_tile(plan: Plan, n: int, tile: int = FUSED_TILE) -> tuple[int, int, int]:
-    """(W, BN, num_warps) for a fused kernel over n rows: W columns >= n_coded, BN rows, W * BN ~ ``tile``
+# (tile elements, warps) that replace the defaults; set only by bench/bench_kernels.py --sweep.
+TILE_OVERRIDE: tuple[int, int] | None = None
+
+
+def fused_tile(plan: Plan, n: int) -> tuple[int, int, int]:
+    """(W, BN, num_warps) for a fused kernel over n rows: W columns >= n_coded, BN rows, W * BN ~ FUSED_TILE
     elements; BN shrinks for small batches until there are >= MIN_PROGRAMS programs (8,192 rows of 128:
     1,024 programs of 8 rows instead of 256 of 32), so that all SMs have work and each program is short."""
+    tile, warps = TILE_OVERRIDE or (FUSED_TILE, 0)
     width = triton.next_power_of_2(max(8, plan.n_coded))
     rows = max(1, tile // width)
     while rows * width > MIN_TILE and triton.cdiv(n, rows) < MIN_PROGRAMS:
         rows //= 2
-    warps = 4 if width * rows <= 4096 else 8
+    if not warps:
+        warps = 4 if width * rows <= 4096 else 8
     return width, rows, warps
 
 
