@@ -43,6 +43,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 MAX_NDIM = 8
+# A body not fully received within this many seconds gets 408: a slow client must not hold a queue
+# place for ever. (A constant for now; promote it to a setting together with its README row.)
+BODY_TIMEOUT_S = 30.0
 _MAX_HEADER = 1 << 20  # a safetensors header of a few tensors is well under 1 KiB
 
 
@@ -96,10 +99,11 @@ def response_format(accept: str | None, request_fmt: str) -> str:
     raise NotAcceptable(f"Accept {accept!r} allows neither {JSON} nor {SAFETENSORS}", "accept")
 
 
-async def read_body(request, limit: int, timeout: float) -> bytes:
+async def read_body(request, limit: int, timeout: float | None = None) -> bytes:
     """The whole body, refusing (413) as soon as it is known to exceed ``limit`` bytes: from
     Content-Length before reading, or while streaming a body without one; 408 if it has not fully
     arrived within ``timeout`` seconds (a slow client must not hold a queue place for ever)."""
+    timeout = BODY_TIMEOUT_S if timeout is None else timeout
     try:
         return await asyncio.wait_for(_read_body(request, limit), timeout)
     except asyncio.TimeoutError:

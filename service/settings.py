@@ -70,9 +70,6 @@ class Settings(BaseSettings):
         None, ge=1, le=256, description="torch intra-op threads of each device worker on CPU (default: torch's)."
     )
     job_timeout_s: float = Field(60.0, gt=0, description="A request whose work has not finished by then gets 503.")
-    body_timeout_s: float = Field(
-        30.0, gt=0, description="A request body not fully received by then gets 408 (slow clients hold a queue place)."
-    )
     drain_seconds: float = Field(
         0.0, ge=0, description="After SIGTERM: seconds to stay up, not ready, before shutting down."
     )

@@ -20,7 +20,7 @@ ERROR_RESPONSES = {
         400: "malformed JSON or safetensors body",
         401: "missing or invalid API key",
         406: "Accept allows neither JSON nor safetensors",
-        408: "the body did not arrive within body_timeout_s",
+        408: "the body did not arrive within 30 s",
         413: "body or vector count over the limit",
         415: "Content-Type is neither JSON nor safetensors",
         422: "a field's value is not served or not valid (the message lists the allowed values)",

@@ -11,7 +11,7 @@ import torch
 from fastapi import APIRouter, Depends, Query, Request
 
 from kernels import FORMAT_VERSION, Quantizer
-from service import validate
+from service import codec, validate
 from service.routes.common import ERROR_RESPONSES, authorized, get_state, ready_engine
 
 router = APIRouter(tags=["info"], dependencies=[Depends(authorized)])
@@ -54,7 +54,7 @@ async def info(request: Request) -> dict:
             "max_vectors": s.max_vectors,
             "max_queue": s.max_queue,
             "workers": s.workers,
-            "body_timeout_s": s.body_timeout_s,
+            "body_timeout_s": codec.BODY_TIMEOUT_S,
             "torch_threads": s.torch_threads,
             "job_timeout_s": s.job_timeout_s,
             "seed_cache_size": s.seed_cache_size,

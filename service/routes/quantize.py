@@ -121,7 +121,7 @@ async def quantize(request: Request) -> Response:
     fmt = codec.request_format(request.headers.get("content-type"))
     out_fmt = codec.response_format(request.headers.get("accept"), fmt)
     with engine.admit() as ticket:  # the body counts against max_queue while it is read and decoded
-        body = await codec.read_body(request, settings.max_request_bytes, settings.body_timeout_s)
+        body = await codec.read_body(request, settings.max_request_bytes)
         p = await offload(len(body), parse, body, fmt, settings)
         result = await engine.run(
             engine.quantize_job,

@@ -92,8 +92,11 @@ async def test_body_over_the_limit(client):
     assert_error(r, 413, "payload_too_large", "body", "exceeds the limit")
 
 
-async def test_slow_body_times_out():
-    app = create_app(settings(body_timeout_s=0.3, warm_dims=[64]))
+async def test_slow_body_times_out(monkeypatch):
+    from service import codec
+
+    monkeypatch.setattr(codec, "BODY_TIMEOUT_S", 0.3)
+    app = create_app(settings(warm_dims=[64]))
     async with running(app) as client:
 
         async def trickle():
