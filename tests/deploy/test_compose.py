@@ -117,6 +117,15 @@ def test_environment_names_only_real_settings_with_valid_defaults(compose):
         if default is not None:
             defaults[key.removeprefix("ISOQUANT_").lower()] = default
     settings = Settings(**defaults)
+    # The compose file says its ":-" defaults are the service's own: true except where it says otherwise.
+    own = Settings()
+    deliberate = {"device": "cuda", "drain_seconds": 5.0}
+    for name in defaults:
+        expected = (
+            deliberate.get(name, getattr(own, name)) if name not in ("host", "port", "triton_cache_dir") else None
+        )
+        if expected is not None:
+            assert getattr(settings, name) == expected, f"ISOQUANT_{name.upper()}: {getattr(settings, name)!r}"
     assert settings.port == 8000 and settings.host == "0.0.0.0"
     # The API key is passed through only when set: an empty default would turn auth on with no key.
     assert "ISOQUANT_API_KEY" in env and env["ISOQUANT_API_KEY"] is None
