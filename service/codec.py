@@ -119,12 +119,18 @@ async def _read_body(request, limit: int) -> bytes:
             raise MalformedBody(f"Content-Length {declared!r} is not an integer", "content-length") from None
         if size > limit:
             raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {limit} bytes", "body")
+    from starlette.requests import ClientDisconnect
+
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes", "body")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes", "body")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody will read the answer; a 400 keeps it out of the 500s and the error log.
+        raise MalformedBody("the client disconnected before the body was complete", "body") from None
     if total == 0:
         raise MalformedBody("the request body is empty", "body")
     return b"".join(chunks)

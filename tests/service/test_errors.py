@@ -286,3 +286,29 @@ async def test_unknown_route_and_method(client):
         "dim",
         "32, 64",
     )
+
+
+async def test_client_disconnect_mid_body_is_not_a_500(app):
+    """A client that goes away mid-body gets a 400 (nobody reads it) and its queue place back."""
+    received = []
+
+    async def receive():
+        if not received:
+            received.append(1)
+            return {"type": "http.request", "body": b'{"vec', "more_body": True}
+        return {"type": "http.disconnect"}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/quantize", "raw_path": b"/quantize", "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+        "http_version": "1.1", "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "",
+    }  # fmt: skip
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert b"disconnected before the body was complete" in sent[1]["body"]
+    assert "isoquant_queue_depth 0.0" in (await app.state.test_client.get("/metrics")).text
