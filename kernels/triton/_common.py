@@ -26,9 +26,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_VARIANTS = ("full", "fast", "2d", "identity")
 MATRIX_VARIANTS = ("dense", "hadamard")
 
-# Elements of one fused tile. 4096 fp16 elements = 8 KiB of input per program at 4 warps: 32 elements,
-# four 16-byte loads per thread in flight.
-FUSED_TILE = 4096
+# Tile of the fused kernels, per op: (elements of one program's tile, elements a thread holds). Measured
+# on an H100, N = 2^20, fp16, dim 128, bits 4 (bench --sweep, 2026-11-28): a tile of 4096 elements on 4
+# warps gave full quantize 208 us, dequantize 144 us, round trip 466 us; 2048 elements on 2 warps gave
+# quantize 173 us and dequantize 134 us, and 2048 on 4 warps (16 elements a thread) round trip 378 us.
+# More, smaller programs keep more loads in flight per SM at the ~96-190 registers these kernels take.
+FUSED_TILES = {"quantize": (2048, 32), "dequantize": (2048, 32), "roundtrip": (2048, 16)}
 MIN_PROGRAMS = 1024  # ~8 per SM on a 132-SM H100/H200
 MIN_TILE = 1024  # elements: small batches shrink the tile down to this, not to single rows
 
@@ -199,6 +202,30 @@ def _code_search(y, bnd_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
+def _centroid(codes, cent_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Centroid values float32 of code indices int32 (any shape).
+
+    SYMMETRIC and bits <= 2: selects among the positive centroids and a sign, with no memory access. A
+    gather (tl.load of the table) is an anchor of Triton's layout assignment: the tile took the gather's
+    layout and went through shared memory to the store's (full dequantize at bits 1-2: 528 SASS
+    instructions a tile of 2048 with 11 barriers; with selects 384 and none). At bits 3-4 the select tree
+    costs more than the conversion (7 + 8 selects an element at bits 4: 1128 instructions against 520),
+    so those keep the gather, which hits L1 (the table is 32-64 bytes)."""
+    if SYMMETRIC and BITS <= 2:
+        HALF: tl.constexpr = 1 << (BITS - 1)
+        upper = codes >= HALF
+        if BITS == 1:
+            mag = tl.zeros(codes.shape, tl.float32) + tl.load(cent_ptr + 1)
+        else:  # magnitude index m = codes ^ (2 or 1): c_{2 + m} = -c_{1 - m}
+            m = codes ^ tl.where(upper, HALF, HALF - 1)
+            mag = tl.where((m & 1) != 0, tl.load(cent_ptr + 3), tl.load(cent_ptr + 2))
+        value = tl.where(upper, mag, -mag)
+    else:
+        value = tl.load(cent_ptr + codes)
+    return value
+
+
+@triton.jit
 def _word_pointer(codes_ptr, BITS: tl.constexpr):
     """codes_ptr (uint8) seen as a pointer to words of BITS bytes (one group of 8 codes)."""
     if BITS == 1:
@@ -344,17 +371,21 @@ def fused_params(plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
 TILE_OVERRIDE: tuple[int, int] | None = None
 
 
-def fused_tile(plan: Plan, n: int) -> tuple[int, int, int]:
-    """(W, BN, num_warps) for a fused kernel over n rows: W columns >= n_coded, BN rows, W * BN ~ FUSED_TILE
-    elements; BN shrinks for small batches until there are >= MIN_PROGRAMS programs (8,192 rows of 128:
-    1,024 programs of 8 rows instead of 256 of 32), so that all SMs have work and each program is short."""
-    tile, warps = TILE_OVERRIDE or (FUSED_TILE, 0)
+def fused_tile(plan: Plan, n: int, op: str) -> tuple[int, int, int]:
+    """(W, BN, num_warps) for the fused kernel of ``op`` over n rows: W columns >= n_coded, BN rows with
+    W * BN ~ the op's tile (FUSED_TILES), warps so that a thread holds at most the op's elements (2..16).
+    BN shrinks for small batches until there are >= MIN_PROGRAMS programs (8,192 rows of 128: 1,024
+    programs of 8 rows), so that all SMs have work and each program is short."""
+    tile, per_thread = FUSED_TILES[op]
+    warps = 0
+    if TILE_OVERRIDE is not None:
+        tile, warps = TILE_OVERRIDE
     width = triton.next_power_of_2(max(8, plan.n_coded))
     rows = max(1, tile // width)
     while rows * width > MIN_TILE and triton.cdiv(n, rows) < MIN_PROGRAMS:
         rows //= 2
     if not warps:
-        warps = 4 if width * rows <= 4096 else 8
+        warps = min(16, max(2, triton.next_power_of_2(-(-width * rows // (32 * per_thread)))))
     return width, rows, warps
 
 
@@ -383,10 +414,15 @@ def mixing_matrix(plan: Plan) -> torch.Tensor:
     dense: the plan's orthogonal matrix. hadamard: A[i, j] = H[i, j] * signs[j] / sqrt(P) (Sylvester H,
     the same transform as the reference's FWHT), columns j < dim only (the padding is zero). Cached per
     plan: P x dim floats, 64 KiB at dim 128."""
-    if plan.variant == "dense":
-        return plan.params["matrix"].contiguous()
     key = id(plan)
-    if key not in _MATRICES:
+    if key in _MATRICES:
+        return _MATRICES[key]
+    if plan.variant == "dense":
+        # The plan's matrix comes from LAPACK's QR in column-major order: a per-call .contiguous() was a
+        # dim x dim copy (1 MiB at dim 512, the whole "extra memory" of the dense ops); copy it once.
+        _MATRICES[key] = plan.params["matrix"].contiguous()
+        weakref.finalize(plan, _MATRICES.pop, key, None)
+    else:
         size = plan.n_coded
         idx = torch.arange(size)
         parity = torch.zeros(size, size, dtype=torch.int64)

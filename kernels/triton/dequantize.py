@@ -18,6 +18,7 @@ from kernels.plan import Plan
 from kernels.triton._common import (
     FLOAT_DTYPES,
     FUSED_VARIANTS,
+    _centroid,
     _load_unpack,
     _rotate,
     check_device,
@@ -25,6 +26,7 @@ from kernels.triton._common import (
     fused_tile,
     matrix_tiles,
     mixing_matrix,
+    symmetric_search,
     variant_id,
     word_access,
 )
@@ -52,6 +54,7 @@ def _dequantize_fused_kernel(
     BITS: tl.constexpr,
     VARIANT: tl.constexpr,
     WORD: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BN + tl.arange(0, BN)
@@ -60,7 +63,7 @@ def _dequantize_fused_kernel(
     codes = _load_unpack(codes_ptr, rows, row_ok, stride_cr, stride_cc, BN, W, CODE_BYTES, BITS, WORD)
     # Padding columns (>= n_coded) hold code 0 and would gather a nonzero centroid; zero them so that the
     # padded blocks of the tile stay out of the sums of the inverse rotation.
-    c = tl.where((cols < N_CODED)[None, :], tl.load(cent_ptr + codes), 0.0)
+    c = tl.where((cols < N_CODED)[None, :], _centroid(codes, cent_ptr, BITS, SYMMETRIC), 0.0)
     rho = tl.load(norms_ptr + rows * stride_n, mask=row_ok, other=0.0)
     x = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, True) * rho[:, None]
     tl.store(
@@ -200,7 +203,7 @@ def dequantize(codes: torch.Tensor, norms: torch.Tensor, plan: Plan, dtype: torc
     if n == 0:
         return out
     if plan.variant in FUSED_VARIANTS:
-        width, rows, warps = fused_tile(plan, n)
+        width, rows, warps = fused_tile(plan, n, "dequantize")
         p0, p1 = fused_params(plan)
         _dequantize_fused_kernel[(triton.cdiv(n, rows),)](
             codes,
@@ -223,6 +226,7 @@ def dequantize(codes: torch.Tensor, norms: torch.Tensor, plan: Plan, dtype: torc
             BITS=plan.bits,
             VARIANT=variant_id(plan.variant),
             WORD=word_access(plan, codes),
+            SYMMETRIC=symmetric_search(plan),
             num_warps=warps,
         )
     else:

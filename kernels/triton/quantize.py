@@ -154,7 +154,7 @@ def quantize(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
         return codes, norms
     sym = symmetric_search(plan)
     if plan.variant in FUSED_VARIANTS:
-        width, rows, warps = fused_tile(plan, n)
+        width, rows, warps = fused_tile(plan, n, "quantize")
         p0, p1 = fused_params(plan)
         _quantize_fused_kernel[(triton.cdiv(n, rows),)](
             x,

@@ -16,6 +16,7 @@ import triton.language as tl
 from kernels.plan import Plan
 from kernels.triton._common import (
     FUSED_VARIANTS,
+    _centroid,
     _code_search,
     _norm,
     _rotate,
@@ -62,7 +63,7 @@ def _roundtrip_fused_kernel(
     rho, inv = _norm(x)
     y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, False)
     codes = _code_search(y, bnd_ptr, BITS, SYMMETRIC)
-    c = tl.where((cols < N_CODED)[None, :], tl.load(cent_ptr + codes), 0.0)
+    c = tl.where((cols < N_CODED)[None, :], _centroid(codes, cent_ptr, BITS, SYMMETRIC), 0.0)
     x_hat = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, True) * rho[:, None]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_or + cols[None, :] * stride_oc, x_hat, mask=mask)
     diff = tl.where(mask, x - x_hat, 0.0)
@@ -79,7 +80,7 @@ def roundtrip(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     if n == 0:
         return out, err
     if plan.variant in FUSED_VARIANTS:
-        width, rows, warps = fused_tile(plan, n)
+        width, rows, warps = fused_tile(plan, n, "roundtrip")
         p0, p1 = fused_params(plan)
         _roundtrip_fused_kernel[(triton.cdiv(n, rows),)](
             x,
