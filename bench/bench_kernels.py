@@ -45,9 +45,9 @@ OPS = ("quantize", "dequantize", "roundtrip")
 GRAPH_CALLS = 64
 
 
-def configs(quick: bool):
+def configs(quick: bool, dims: tuple[int, ...] = (64, 128, 256, 512)):
     ns = (8192, 1 << 20)
-    dims = (128,) if quick else (64, 128, 256, 512)
+    dims = (128,) if quick else dims
     for n in ns:
         for dim in dims:
             for dtype in DTYPES:
@@ -193,6 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--quick", action="store_true", help="dim 128 only")
+    parser.add_argument("--dims", default="64,128,256,512", help="comma-separated dims")
     parser.add_argument("--sweep", action="store_true", help="also time other tile sizes / warps (fp16, dim 128)")
     parser.add_argument("--compile-only", action="store_true", help="fill Triton's cache and exit")
     parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
@@ -214,7 +215,7 @@ def main() -> None:
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
         f"  commit: {commit or 'unknown'}  torch {torch.__version__}"
     )
-    all_configs = list(configs(args.quick))
+    all_configs = list(configs(args.quick, tuple(int(d) for d in args.dims.split(","))))
     say(f"# compiling {len(all_configs)} configs x 3 ops in {args.workers} processes ...")
     say(f"# compiled in {precompile(all_configs, args.workers):.0f} s")
     if args.compile_only:
