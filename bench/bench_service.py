@@ -31,6 +31,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -120,6 +121,27 @@ def request_once(client: httpx.Client, path: str, body: bytes, content_type: str
     return elapsed
 
 
+def concurrent_requests(url, path: str, body: bytes, clients: int, repeats: int) -> tuple[list[float], float]:
+    """``clients`` threads, each with its own warmed connection, send about ``repeats`` requests in all;
+    returns their latencies and the wall time from the common start to the last answer."""
+    start = threading.Barrier(clients + 1)
+
+    def worker(count: int) -> list[float]:
+        with httpx.Client(base_url=url, timeout=300) as c:
+            request_once(c, path, body, SAFETENSORS)  # connect and warm, outside the timed part
+            start.wait()
+            return [request_once(c, path, body, SAFETENSORS) for _ in range(count)]
+
+    per_client = max(2, -(-repeats // clients))
+    with ThreadPoolExecutor(max_workers=clients) as threads:
+        futures = [threads.submit(worker, per_client) for _ in range(clients)]
+        start.wait()
+        t0 = time.perf_counter()
+        results = [f.result() for f in futures]
+        wall = time.perf_counter() - t0
+    return [t for r in results for t in r], wall
+
+
 def library_once(fn, sync) -> float:
     """Runs in the library's worker thread; times itself, so the thread hop is not counted."""
     t0 = time.perf_counter()
@@ -128,8 +150,11 @@ def library_once(fn, sync) -> float:
     return time.perf_counter() - t0
 
 
-def row(kind: str, op: str, n: int, dim: int, itemsize: int, times: list[float], base: float | None) -> dict:
-    total = sum(times)
+def row(
+    kind: str, op: str, n: int, dim: int, itemsize: int, times: list[float], base: float | None, wall: float = 0.0
+) -> dict:
+    """``wall``: elapsed time of concurrent requests (throughput = requests / wall, not / sum of latencies)."""
+    total = wall or sum(times)
     vps = n * len(times) / total
     return {
         "path": kind,
@@ -155,6 +180,7 @@ def main() -> None:
     parser.add_argument("--variant", default="full")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--torch-threads", type=int, help="intra-op threads for the service's and the library's worker")
+    parser.add_argument("--concurrency", type=int, default=1, help="also N concurrent binary clients (rows xN)")
     parser.add_argument("--quick", action="store_true", help="a quarter of the repeats")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--metrics-out", help="save the service's /metrics exposition after the run here")
@@ -241,6 +267,12 @@ def run(client: httpx.Client, args, device: torch.device) -> list[dict]:
         for op in ("quantize", "dequantize"):
             for path in ("http json", "http safetensors"):
                 rows.append(row(path, op, n, args.dim, itemsize, times[(path, op)], base[op]))
+        if args.concurrency > 1:
+            # N clients at once on the binary path: decoding of one request overlaps another's device work.
+            for op, body in (("quantize", quantize_st), ("dequantize", dequantize_st)):
+                times_c, wall = concurrent_requests(client.base_url, f"/{op}", body, args.concurrency, repeats)
+                label = f"http safetensors x{args.concurrency}"
+                rows.append(row(label, op, n, args.dim, itemsize, times_c, base[op], wall))
         print(f"batch {n}: done", file=sys.stderr, flush=True)
     pool.shutdown()
     return rows
