@@ -1,0 +1,77 @@
+"""codec: arrays survive base64 and safetensors unchanged for every dtype and shape; content negotiation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service import codec
+from service.errors import InvalidInput, NotAcceptable, UnsupportedMediaType
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.uint8]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    shape=st.lists(st.integers(0, 5), min_size=1, max_size=4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_array_round_trip_is_exact(dtype, shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (int(torch.tensor(shape).prod()) * torch.empty((), dtype=dtype).element_size(),),
+                        generator=g, dtype=torch.uint8)  # fmt: skip
+    t = raw.view(dtype).reshape(shape) if raw.numel() else torch.empty(shape, dtype=dtype)
+    array = codec.tensor_to_array(t)
+    back = codec.array_to_tensor(array, "x", tuple(codec.DTYPES))
+    assert back.dtype == dtype and list(back.shape) == shape
+    assert back.reshape(-1).view(torch.uint8).tolist() == t.reshape(-1).view(torch.uint8).tolist()  # NaN-safe
+    tensors, meta = codec.parse_safetensors(codec.dump_safetensors({"t": t}, {"k": 1, "f": 0.5, "b": True}))
+    assert torch.equal(tensors["t"].view(torch.uint8), t.contiguous().view(torch.uint8))
+    assert meta == {"k": "1", "f": "0.5", "b": "true"}
+
+
+def test_nested_lists():
+    assert codec.nested_to_tensor([[1, 2.5], [3, 4]], "v").tolist() == [[1.0, 2.5], [3.0, 4.0]]
+    assert codec.nested_to_tensor([[1e39]], "v").isinf().all()
+    for bad in ([[1, 2], [3]], [["a"]], [[None]], [[True, False]], 5):
+        with pytest.raises(InvalidInput) as info:
+            codec.nested_to_tensor(bad, "v")
+        assert info.value.field == "v"
+
+
+@pytest.mark.parametrize(
+    "content_type, expected",
+    [("application/json", "json"), ("application/json; charset=utf-8", "json"), ("application/vnd.x+json", "json"),
+     ("application/x-safetensors", "safetensors"), ("application/octet-stream", "safetensors")],
+)  # fmt: skip
+def test_request_format(content_type, expected):
+    assert codec.request_format(content_type) == expected
+
+
+@pytest.mark.parametrize("content_type", [None, "", "text/plain", "multipart/form-data"])
+def test_request_format_refuses(content_type):
+    with pytest.raises(UnsupportedMediaType):
+        codec.request_format(content_type)
+
+
+@pytest.mark.parametrize(
+    "accept, request_fmt, expected",
+    [
+        (None, "json", "json"),
+        ("*/*", "safetensors", "safetensors"),
+        ("application/x-safetensors", "json", "safetensors"),
+        ("application/json;q=0.5, application/x-safetensors", "json", "safetensors"),
+        ("application/x-safetensors;q=0, application/json", "safetensors", "json"),
+        ("text/html, application/*;q=0.1", "json", "json"),
+    ],
+)
+def test_response_format(accept, request_fmt, expected):
+    assert codec.response_format(accept, request_fmt) == expected
+
+
+def test_response_format_refuses():
+    with pytest.raises(NotAcceptable):
+        codec.response_format("text/html, image/png", "json")
