@@ -30,7 +30,8 @@ MATRIX_VARIANTS = ("dense", "hadamard")
 # on an H100, N = 2^20, fp16, dim 128, bits 4 (bench --sweep, 2026-11-28): a tile of 4096 elements on 4
 # warps gave full quantize 208 us, dequantize 144 us, round trip 466 us; 2048 elements on 2 warps gave
 # quantize 173 us and dequantize 134 us, and 2048 on 4 warps (16 elements a thread) round trip 378 us.
-# More, smaller programs keep more loads in flight per SM at the ~96-190 registers these kernels take.
+# Not profiled; in the sm_90 compile the smaller tiles take fewer registers a thread (quantize 96 -> 72,
+# round trip 190 -> 128), so more programs fit an SM.
 FUSED_TILES = {"quantize": (2048, 32), "dequantize": (2048, 32), "roundtrip": (2048, 16)}
 MIN_PROGRAMS = 1024  # ~8 per SM on a 132-SM H100/H200
 MIN_TILE = 1024  # elements: small batches shrink the tile down to this, not to single rows
