@@ -144,7 +144,8 @@ class Activations:
     modules for the passages' real tokens (padding dropped), passage after passage; heads are the
     contiguous 32-channel slices. lengths: int64 [n_passages], tokens per passage (sum = n_tokens).
     context: dict layer -> float32 [n_tokens, 384], the model's own attention output (input of
-    attention.output.dense), kept only to check ``attention_output`` against the model.
+    attention.output.dense), and hidden: dict layer -> float32 [n_tokens, 384], the hidden state entering
+    the layer; both only with keep_context, to check the hooks and ``attention_output`` against the model.
     """
 
     q: dict[int, torch.Tensor]
@@ -356,8 +357,9 @@ def evaluate(model, passages: list[str], sentences: list[str], layers: list[int]
 
     kv rows: layer, tensor (k|v), dim (32|384), variant, bits, seed, rel_err, bytes.
     attention rows: layer, dim, variant, bits, seed, logit_rel, output_rel, bytes.
-    recall rows: variant, bits, seed, recall, bytes (dim 384). stats rows: layer, tensor, dim,
-    channel_energy_ratio (max over heads for dim 32), kurtosis.
+    recall rows: variant, bits, seed, recall, bytes (dim 384). stats rows: layer, tensor (k|v|q), ratio_32
+    (channel-energy ratio, largest over the 12 heads), kurtosis_32 (mean over heads), ratio_384, kurtosis_384.
+    isotropic rows: dim, variant, bits, rel_err on normalized Gaussian vectors.
     """
     started = time.perf_counter()
     acts = extract_activations(model, passages, layers)
