@@ -209,10 +209,12 @@ class Quantizer:
         out = self._ops.dequantize(codes.reshape(-1, self.code_bytes), norms.reshape(-1), self.plan, dtype)
         return out.reshape(*lead, self.dim)
 
-    def roundtrip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [..., dim] -> (reconstruction float32 [..., dim], squared error ||x - x_hat||^2 float32 [...])."""
+    def roundtrip(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., dim] -> (reconstruction [..., dim] in ``dtype`` (float16 | bfloat16 | float32), squared
+        error ||x - x_hat||^2 float32 [...] of the float32 reconstruction, whatever ``dtype`` is)."""
+        self._check_output_dtype(dtype)
         rows, lead = self._rows(x, "x")
-        x_hat, sq_err = self._ops.roundtrip(rows, self.plan)
+        x_hat, sq_err = self._ops.roundtrip(rows, self.plan, dtype)
         return x_hat.reshape(*lead, self.dim), sq_err.reshape(lead)
 
     # -- validation --------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     quantize(x [N, dim], plan) -> (codes uint8 [N, code_bytes], norms float32 [N])
     dequantize(codes, norms, plan, dtype) -> [N, dim] dtype
-    roundtrip(x, plan) -> (x_hat float32 [N, dim], sq_err float32 [N])
+    roundtrip(x, plan, dtype=float32) -> (x_hat [N, dim] dtype, sq_err float32 [N])
 
 Importing this package raises ImportError where triton is not importable (``kernels.quantizer`` then
 falls back to the torch reference). Kernels are defined at import time, so TRITON_INTERPRET=1 must be

@@ -1,5 +1,6 @@
-"""Round trip: rows x [N, dim] -> reconstruction float32 [N, dim] and squared error ||x - x_hat||^2
-float32 [N], without writing codes to memory (fused variants).
+"""Round trip: rows x [N, dim] -> reconstruction [N, dim] (float32 by default, or float16 / bfloat16) and
+squared error ||x - x_hat||^2 float32 [N] of the float32 reconstruction, without writing codes to memory
+(fused variants).
 
 Fused kernel (full, fast, 2d, identity): quantize and dequantize of one tile in registers: load, norm,
 rotate, search, gather centroids, inverse-rotate, scale, store x_hat, reduce the error. dense and hadamard
@@ -15,6 +16,7 @@ import triton.language as tl
 
 from kernels.plan import Plan
 from kernels.triton._common import (
+    FLOAT_DTYPES,
     FUSED_VARIANTS,
     _centroid,
     _code_search,
@@ -65,17 +67,27 @@ def _roundtrip_fused_kernel(
     codes = _code_search(y, bnd_ptr, BITS, SYMMETRIC)
     c = tl.where((cols < N_CODED)[None, :], _centroid(codes, cent_ptr, BITS, SYMMETRIC), 0.0)
     x_hat = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, True) * rho[:, None]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_or + cols[None, :] * stride_oc, x_hat, mask=mask)
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
+        x_hat.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
     diff = tl.where(mask, x - x_hat, 0.0)
     tl.store(err_ptr + rows, tl.sum(diff * diff, axis=1), mask=row_ok)
 
 
-def roundtrip(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows x [N, dim] -> (reconstruction float32 [N, dim], squared error float32 [N]); same results as
-    ``kernels.reference.roundtrip`` within float32 rounding (and the boundary rule of ``quantize``)."""
+def roundtrip(
+    x: torch.Tensor, plan: Plan, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [N, dim] -> (reconstruction [N, dim] in ``dtype`` (float16 | bfloat16 | float32), squared
+    error float32 [N] of the float32 reconstruction); same results as ``kernels.reference.roundtrip``
+    within float32 rounding (and the boundary rule of ``quantize``). A float16 output halves the bytes
+    written at float16 input (the N = 8,192 back-to-back target compares the round trip with a copy)."""
     check_rows(x, plan)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     n = x.shape[0]
-    out = torch.empty(n, plan.dim, dtype=torch.float32, device=x.device)
+    out = torch.empty(n, plan.dim, dtype=dtype, device=x.device)
     err = torch.empty(n, dtype=torch.float32, device=x.device)
     if n == 0:
         return out, err

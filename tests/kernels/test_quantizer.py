@@ -256,6 +256,18 @@ def test_dequantize_refuses_bad_dtype_and_nan_norms(q16):
         q16.dequantize(bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_roundtrip_output_dtype(q16, dtype):
+    x = torch.randn(2, 5, 16)
+    x_hat, sq_err = q16.roundtrip(x)
+    low_hat, low_err = q16.roundtrip(x, dtype=dtype)
+    assert low_hat.dtype == dtype and low_hat.shape == (2, 5, 16)
+    torch.testing.assert_close(low_hat, x_hat.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(low_err, sq_err, rtol=0, atol=0)  # the float32 reconstruction's error
+    with pytest.raises(ValueError, match="dtype must be one of float16, bfloat16, float32; got"):
+        q16.roundtrip(x, dtype=torch.float64)
+
+
 def test_fingerprint_follows_format_md():
     """Recompute the fingerprint as docs/FORMAT.md words it, from the stored parameters."""
     import numpy as np
