@@ -33,6 +33,13 @@ MATRIX_VARIANTS = ("dense", "hadamard")
 # Not profiled; in the sm_90 compile the smaller tiles take fewer registers a thread (quantize 96 -> 72,
 # round trip 190 -> 128), so more programs fit an SM.
 FUSED_TILES = {"quantize": (2048, 32), "dequantize": (2048, 32), "roundtrip": (2048, 16)}
+# Small batches (fewer than SMALL_PROGRAMS programs: ~4 waves of 8 programs an SM or less) are latency
+# bound: every program is resident at once and the time is about one program's dependent chain of
+# instructions (load, norm, rotate, search, ..., store). There a thread holds fewer elements (more warps a
+# program): N = 8,192, dim 128, round trip on 2 warps took 920 SASS instructions a thread (sm_90 compile),
+# on 8 warps 296. Quantize/dequantize keep 8 elements a thread (one group of 8 codes in a thread).
+SMALL_PER_THREAD = {"quantize": 8, "dequantize": 8, "roundtrip": 4}
+SMALL_PROGRAMS = 4096
 MIN_PROGRAMS = 1024  # ~8 per SM on a 132-SM H100/H200
 MIN_TILE = 1024  # elements: small batches shrink the tile down to this, not to single rows
 
@@ -265,7 +272,27 @@ def _pack_store(
         c3 = tl.reshape(codes, [BN, NG, 8]).to(tl.uint64)
         word = tl.sum(c3 << shifts[None, None, :].to(tl.uint64), axis=2)
     g = tl.arange(0, NG)
-    if WORD:
+    if WORD and BITS == 3:
+        # bits 3: 4 groups of 8 codes (4 x 24 bits) are 12 bytes = 3 aligned 32-bit words. The three byte
+        # stores each went through a shared-memory layout conversion of the tile's bytes, with single-byte
+        # stores and their masks (identity bits 3 ran slower than bits 4: 181 against 156 us, H100).
+        NQ: tl.constexpr = NG // 4
+        q4 = tl.reshape(word, [BN, NQ, 2, 2])  # group 4 q + 2 a + c at [q, a, c]
+        ga, gb = tl.split(q4)  # c = 0: groups 4q, 4q + 2; c = 1: groups 4q + 1, 4q + 3
+        g0, g2 = tl.split(ga)
+        g1, g3 = tl.split(gb)
+        w0 = g0 | (g1 << 24)
+        w1 = (g1 >> 8) | (g2 << 16)
+        w2 = (g2 >> 16) | (g3 << 8)
+        out = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, tl.zeros_like(w0))), [BN, NQ, 4])
+        k = tl.arange(0, 4)
+        qi = tl.arange(0, NQ)
+        widx = qi[:, None] * 3 + k[None, :]  # [NQ, 4]: word 3 q + k of the row (k = 3 is padding)
+        ok = row_ok[:, None, None] & ((k[None, :] < 3) & (widx < CODE_BYTES // 4))[None, :, :]
+        word_ptr = codes_ptr.to(tl.pointer_type(tl.uint32))
+        offs = rows.to(tl.int64)[:, None, None] * (stride_cr // 4) + widx[None, :, :]
+        tl.store(word_ptr + offs, out, mask=ok)
+    elif WORD:
         # bits 1, 2, 4, 8 with whole groups: one 1/2/4/8-byte store per group instead of BITS byte stores
         # (the byte planes each went through a shared-memory layout conversion: ~10% of the SASS).
         word_ptr = _word_pointer(codes_ptr, BITS)
@@ -297,7 +324,25 @@ def _load_unpack(
     """Inverse of _pack_store: int32 codes [BN, W] (zero beyond the row's bytes)."""
     NG: tl.constexpr = W // 8
     g = tl.arange(0, NG)
-    if WORD:
+    if WORD and BITS == 3:  # 3 aligned 32-bit words = 4 groups of 8 codes (see _pack_store)
+        NQ: tl.constexpr = NG // 4
+        k = tl.arange(0, 4)
+        qi = tl.arange(0, NQ)
+        widx = qi[:, None] * 3 + k[None, :]
+        ok = row_ok[:, None, None] & ((k[None, :] < 3) & (widx < CODE_BYTES // 4))[None, :, :]
+        word_ptr = codes_ptr.to(tl.pointer_type(tl.uint32))
+        offs = rows.to(tl.int64)[:, None, None] * (stride_cr // 4) + widx[None, :, :]
+        w = tl.load(word_ptr + offs, mask=ok, other=0).to(tl.uint32)
+        wa, wb = tl.split(tl.reshape(w, [BN, NQ, 2, 2]))  # k = 2 a + c: wa = (w0, w2), wb = (w1, pad)
+        w0, w2 = tl.split(wa)
+        w1, _ = tl.split(wb)
+        m24 = 0xFFFFFF
+        g0 = w0 & m24
+        g1 = ((w0 >> 24) | (w1 << 8)) & m24
+        g2 = ((w1 >> 16) | (w2 << 16)) & m24
+        g3 = w2 >> 8
+        word = tl.reshape(tl.join(tl.join(g0, g2), tl.join(g1, g3)), [BN, NG])
+    elif WORD:
         word_ptr = _word_pointer(codes_ptr, BITS)
         offs = rows.to(tl.int64)[:, None] * (stride_cr // BITS) + g[None, :]
         ok = row_ok[:, None] & (g * BITS < CODE_BYTES)[None, :]
@@ -376,7 +421,8 @@ def fused_tile(plan: Plan, n: int, op: str) -> tuple[int, int, int]:
     """(W, BN, num_warps) for the fused kernel of ``op`` over n rows: W columns >= n_coded, BN rows with
     W * BN ~ the op's tile (FUSED_TILES), warps so that a thread holds at most the op's elements (2..16).
     BN shrinks for small batches until there are >= MIN_PROGRAMS programs (8,192 rows of 128: 1,024
-    programs of 8 rows), so that all SMs have work and each program is short."""
+    programs of 8 rows), so that all SMs have work and each program is short; below SMALL_PROGRAMS programs
+    a thread holds SMALL_PER_THREAD elements (more warps), which shortens each thread's chain."""
     tile, per_thread = FUSED_TILES[op]
     warps = 0
     if TILE_OVERRIDE is not None:
@@ -385,6 +431,8 @@ def fused_tile(plan: Plan, n: int, op: str) -> tuple[int, int, int]:
     rows = max(1, tile // width)
     while rows * width > MIN_TILE and triton.cdiv(n, rows) < MIN_PROGRAMS:
         rows //= 2
+    if triton.cdiv(n, rows) < SMALL_PROGRAMS:
+        per_thread = SMALL_PER_THREAD[op]
     if not warps:
         warps = min(16, max(2, triton.next_power_of_2(-(-width * rows // (32 * per_thread)))))
     return width, rows, warps
@@ -441,8 +489,16 @@ def mixing_matrix(plan: Plan) -> torch.Tensor:
 
 def word_access(plan: Plan, codes: torch.Tensor) -> bool:
     """Whether a group of 8 codes can move as one 1/2/4/8-byte word: bits 1, 2, 4 or 8, whole groups only
-    (code_bytes a multiple of bits, so no word runs into the next row), unit byte stride and aligned rows."""
+    (code_bytes a multiple of bits, so no word runs into the next row), unit byte stride and aligned rows;
+    or bits 3 with whole quads of groups (code_bytes a multiple of 12: 3 aligned 32-bit words each)."""
     b = plan.bits
+    if b == 3:  # 4 groups (12 bytes) as 3 aligned 32-bit words: whole quads only
+        return (
+            plan.code_bytes % 12 == 0
+            and codes.stride(1) == 1
+            and codes.stride(0) % 4 == 0
+            and codes.data_ptr() % 4 == 0
+        )
     return (
         b in (1, 2, 4, 8)
         and plan.code_bytes % b == 0

@@ -116,6 +116,14 @@ def check_ops(
     if n > 2:
         assert float(x_hat[0].abs().max()) == 0.0 and float(sq_err[0]) == 0.0
 
+    # Round trip into a 16-bit output (the input's dtype, or float16 for float32 input): the same error
+    # (of the float32 reconstruction) and the reference's reconstruction cast to that dtype.
+    low = dtype if dtype != torch.float32 else torch.float16
+    low_hat, low_err = kt.roundtrip(x, plan, low)
+    assert low_hat.dtype == low and low_hat.shape == (n, dim)
+    _close_in_dtype(low_hat[same].cpu(), reference.roundtrip(x, plan, low)[0][same].cpu(), low)
+    torch.testing.assert_close(low_err, sq_err, rtol=0, atol=0)
+
 
 # Every variant x every bits value, with odd dims (padding in every variant) and the three input dtypes
 # cycled so that each dtype meets every variant; 6 x 8 = 48 cases, ~0.3 s each on the interpreter.
@@ -139,6 +147,23 @@ def test_ops_match_reference_interpreter(variant, dim, bits, dtype):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_strided_rows_interpreter(variant):
     check_ops(variant, 11, 4, torch.float32, n=7, device="cpu", strided=True)
+
+
+@pytest.mark.interpreter
+@needs_interpreter
+@pytest.mark.parametrize("variant,dim", [("full", 64), ("2d", 96), ("identity", 160), ("fast", 96)])
+def test_bits3_word_path_interpreter(variant, dim):
+    """bits 3 with code_bytes a multiple of 12 (3 aligned 32-bit words per 32 codes); dim 96 leaves
+    padding quads in the tile (W = 128), 160 a tile of 256 columns with 3 padding quads."""
+    check_ops(variant, dim, 3, torch.float16, n=21, device="cpu", seed=5)
+    check_ops(variant, dim, 3, torch.float32, n=9, device="cpu", seed=6, strided=True)
+    # Codes that are not 4-byte aligned (a view at an odd offset) take the byte path.
+    plan = Quantizer(variant, dim, 3, seed=1, backend="torch").plan
+    codes, norms = reference.quantize(torch.randn(9, dim), plan)
+    buf = torch.zeros(9, plan.code_bytes + 1, dtype=torch.uint8)
+    buf[:, 1:] = codes
+    odd = buf[:, 1:]
+    _rows_close(kt.dequantize(odd, norms, plan, torch.float32), reference.dequantize(codes, norms, plan, torch.float32))
 
 
 @pytest.mark.interpreter
@@ -182,6 +207,8 @@ def test_empty_batch_and_bad_inputs_interpreter():
         kt.dequantize(torch.zeros(3, plan.code_bytes + 1, dtype=torch.uint8), torch.zeros(3), plan, torch.float32)
     with pytest.raises(TypeError):
         kt.dequantize(torch.zeros(3, plan.code_bytes, dtype=torch.uint8), torch.zeros(3), plan, torch.int32)
+    with pytest.raises(TypeError):
+        kt.roundtrip(torch.zeros(3, 8), plan, torch.float64)
 
 
 @pytest.mark.interpreter
@@ -208,7 +235,7 @@ def test_import_kernels_without_triton():
 # ---------------------------------------------------------------------------------------------------
 # GPU: the same checks with larger N and the benchmark's dims.
 
-# Four cases a variant (each compiles 5 kernels): the benchmark's shapes plus odd dims and bits 5..8.
+# Five cases a variant (each compiles 6 kernels): the benchmark's shapes plus odd dims and bits 5..8.
 GPU_CASES = [
     (variant, dim, bits, dtype)
     for i, variant in enumerate(VARIANTS)
@@ -217,6 +244,7 @@ GPU_CASES = [
         (256, 1 + i % 3, "bfloat16"),
         (37, 5 + i % 4, "float32"),
         (130, 3 + (i % 2) * 5, "bfloat16"),
+        (96, 3, "float16"),  # bits 3 word path with padding quads (code_bytes 36)
     ]
 ]
 
