@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton kernels (issue 3): quantize, dequantize and round trip of every variant,
 beside a device-to-device copy of the same input and the torch reference, measured in the same run.
 
-    PYTHONUNBUFFERED=1 python -m bench.bench_kernels [--out DIR] [--quick]
+    PYTHONUNBUFFERED=1 python -m bench.bench_kernels [--out DIR] [--quick | --targets] [--dims 128,512]
 
 For N in {8192, 2^20}, dim in {64, 128, 256, 512}, bits {2, 3, 4} (and 1 for the fused variants at 2^20,
 which the targets cover), dtype {float16, bfloat16, float32}, each op and variant:
@@ -12,6 +12,10 @@ which the targets cover), dtype {float16, bfloat16, float32}, each op and varian
   same-run copy bandwidth of the op's float tensor (input of quantize/round trip, output of dequantize)
   of the same N, dim and dtype (bytes-moved basis: a copy moves 2x its size);
 - the torch reference path on the GPU (rows of dim 128, to fit the run in one call).
+--targets narrows the run to what issue 3's targets name: the fused variants, N = 2^20 at --dims with bits
+1..4 and the three dtypes, N = 8,192 at dim 128 float16 only, no torch reference. Every run also times the
+round trip with its reconstruction in the input's dtype (op ``roundtrip_same``: float16/bfloat16 inputs;
+x in + x_hat in the same dtype + error out), beside the float32-output round trip.
 Also the peak extra GPU memory of quantize and dequantize beyond their inputs and outputs
 (torch.cuda.max_memory_allocated), and the target verdicts. Kernels are compiled first in parallel
 worker processes (Triton's disk cache), since ~700 specializations compile in ~1 s each.
@@ -42,16 +46,19 @@ VARIANTS = ("full", "fast", "2d", "identity", "dense", "hadamard")
 FUSED = ("full", "fast", "2d", "identity")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 OPS = ("quantize", "dequantize", "roundtrip")
+# op timed besides OPS for 16-bit inputs: the round trip with x_hat in the input's dtype
+SAME = "roundtrip_same"
 GRAPH_CALLS = 64
+SHORT = {"quantize": "quant", "dequantize": "deqnt", "roundtrip": "round", "roundtrip_same": "rt-in"}
 
 
-def configs(quick: bool, dims: tuple[int, ...] = (64, 128, 256, 512)):
+def configs(quick: bool, dims: tuple[int, ...] = (64, 128, 256, 512), targets: bool = False):
     ns = (8192, 1 << 20)
     dims = (128,) if quick else dims
     for n in ns:
-        for dim in dims:
-            for dtype in DTYPES:
-                for variant in VARIANTS:
+        for dim in (128,) if targets and n == 8192 else dims:
+            for dtype in ("fp16",) if targets and n == 8192 else DTYPES:
+                for variant in FUSED if targets else VARIANTS:
                     bits_list = (2, 3, 4)
                     if n == 1 << 20 and variant in FUSED and dim >= 128:
                         bits_list = (1, 2, 3, 4)
@@ -70,11 +77,14 @@ def _compile_worker(jobs):
     torch.cuda.init()
     for n, dim, dtype, variant, bits in jobs:
         q = Quantizer(variant, dim, bits, seed=0, device="cuda")
-        small = 8192 if n == 8192 else 65536  # 65,536 rows get the same tile as 2^20 (>= 1,024 programs)
+        # 2^18 rows get the same tile as 2^20 (>= SMALL_PROGRAMS programs at every dim)
+        small = 8192 if n == 8192 else 1 << 18
         x = torch.randn(small, dim, device="cuda", dtype=DTYPES[dtype])
         codes, norms = kt.quantize(x, q.plan)
         kt.dequantize(codes, norms, q.plan, DTYPES[dtype])
         kt.roundtrip(x, q.plan)
+        if DTYPES[dtype] != torch.float32:
+            kt.roundtrip(x, q.plan, DTYPES[dtype])
     torch.cuda.synchronize()
     return len(jobs)
 
@@ -130,6 +140,8 @@ def op_bytes(op: str, n: int, dim: int, es: int, code_bytes: int) -> int:
         return n * dim * es + n * code_bytes + n * 4
     if op == "dequantize":
         return n * code_bytes + n * 4 + n * dim * es
+    if op == SAME:
+        return 2 * n * dim * es + n * 4  # x in, x_hat in the same dtype + sq_err out
     return n * dim * es + n * dim * 4 + n * 4  # round trip: x in, x_hat float32 + sq_err out
 
 
@@ -145,7 +157,7 @@ def copy_us_of(x: torch.Tensor, back_to_back: bool = False) -> float:
 def op_calls(kt, x: torch.Tensor, plan, dtype: torch.dtype) -> dict:
     """op -> (triton call, torch reference call) on the same inputs (codes from the Triton quantize)."""
     codes, norms = kt.quantize(x, plan)
-    return {
+    calls = {
         "quantize": (lambda: kt.quantize(x, plan), lambda: reference.quantize(x, plan)),
         "dequantize": (
             lambda: kt.dequantize(codes, norms, plan, dtype),
@@ -153,6 +165,9 @@ def op_calls(kt, x: torch.Tensor, plan, dtype: torch.dtype) -> dict:
         ),
         "roundtrip": (lambda: kt.roundtrip(x, plan), lambda: reference.roundtrip(x, plan)),
     }
+    if dtype != torch.float32:
+        calls[SAME] = (lambda: kt.roundtrip(x, plan, dtype), lambda: reference.roundtrip(x, plan, dtype))
+    return calls
 
 
 def tile_sweep(kt, say) -> None:
@@ -170,6 +185,27 @@ def tile_sweep(kt, say) -> None:
             say(
                 f"  {variant:>8} b{bits} tile {tile:5d} warps {warps}: "
                 + "  ".join(f"{op} {t:7.1f}" for op, t in zip(OPS, times, strict=True))
+            )
+    _common.TILE_OVERRIDE = None
+
+
+def small_sweep(kt, say) -> None:
+    """Back-to-back time per call at N = 8,192, dim 128, fp16 for other warps a program (tile 1,024
+    elements, the small-batch tile), beside the default choice, to check SMALL_PER_THREAD."""
+    from kernels.triton import _common
+
+    say("\n## Small-batch sweep: N = 8192, dim 128, fp16, back-to-back us per call (tile 1024 elements)")
+    x = torch.randn(8192, 128, device="cuda", dtype=torch.float16)
+    say(f"  copy b2b {copy_us_of(x, back_to_back=True):.2f}")
+    for variant, bits in (("full", 4), ("full", 2), ("identity", 2)):
+        plan = Quantizer(variant, 128, bits, seed=0, device="cuda").plan
+        for warps in (0, 2, 4, 8):
+            _common.TILE_OVERRIDE = (1024, warps) if warps else None
+            calls = op_calls(kt, x, plan, torch.float16)
+            times = [graph_per_call_us(calls[op][0]) for op in (*OPS, SAME)]
+            say(
+                f"  {variant:>8} b{bits} warps {warps or 'default'}: "
+                + "  ".join(f"{op} {t:6.2f}" for op, t in zip((*OPS, SAME), times, strict=True))
             )
     _common.TILE_OVERRIDE = None
 
@@ -195,6 +231,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="dim 128 only")
     parser.add_argument("--dims", default="64,128,256,512", help="comma-separated dims")
     parser.add_argument("--sweep", action="store_true", help="also time other tile sizes / warps (fp16, dim 128)")
+    parser.add_argument("--targets", action="store_true", help="only what the targets name (fused, see above)")
+    parser.add_argument("--small-sweep", action="store_true", help="warps sweep at N = 8192 (back to back)")
     parser.add_argument("--compile-only", action="store_true", help="fill Triton's cache and exit")
     parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     args = parser.parse_args()
@@ -215,7 +253,7 @@ def main() -> None:
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
         f"  commit: {commit or 'unknown'}  torch {torch.__version__}"
     )
-    all_configs = list(configs(args.quick, tuple(int(d) for d in args.dims.split(","))))
+    all_configs = list(configs(args.quick, tuple(int(d) for d in args.dims.split(",")), args.targets))
     say(f"# compiling {len(all_configs)} configs x 3 ops in {args.workers} processes ...")
     say(f"# compiled in {precompile(all_configs, args.workers):.0f} s")
     if args.compile_only:
@@ -249,11 +287,11 @@ def main() -> None:
         q = Quantizer(variant, dim, bits, seed=0, device="cuda")
         plan = q.plan
         calls = op_calls(kt, x, plan, dtype)
-        for op in OPS:
+        for op in calls:
             fn, ref_fn = calls[op]
             t = bench_median_us(fn)
             b2b = graph_per_call_us(fn) if n == 8192 else float("nan")
-            with_ref = dim == 128
+            with_ref = dim == 128 and not args.targets
             t_ref = bench_median_us(ref_fn) if with_ref else float("nan")
             nbytes = op_bytes(op, n, dim, es, plan.code_bytes)
             gbs = nbytes / t / 1e3
@@ -280,17 +318,17 @@ def main() -> None:
                 writer.writeheader()
             writer.writerow(row)
             csv_file.flush()
-            if n == 1 << 20 and op != "roundtrip":
+            if n == 1 << 20 and op in ("quantize", "dequantize"):
                 out_bytes = (n * plan.code_bytes + n * 4) if op == "quantize" else n * dim * es
                 extra = peak_extra_bytes(fn, out_bytes)
                 key = (op, variant)
                 peak[key] = max(peak.get(key, -(1 << 62)), extra)
+        last = rows[-len(calls) :]
         del calls
-        last = rows[-3:]
         say(
             f"{n:>8} {dim:>4} {dtype_name:>4} {variant:>8} b{bits}  "
             + "  ".join(
-                f"{r['op'][:5]} {r['triton_us']:8.1f}us {r['frac_copy']:5.2f}cp"
+                f"{SHORT[r['op']]} {r['triton_us']:8.1f}us {r['frac_copy']:5.2f}cp"
                 + (f" b2b {r['b2b_us']:6.2f}" if n == 8192 else "")
                 for r in last
             )
@@ -300,23 +338,26 @@ def main() -> None:
 
     # ---- summary tables ------------------------------------------------------------------------
     say("\n## Summary: N = 2^20, dim >= 128, fraction of copy bandwidth (min over dims, dtypes, bits 1..4)")
-    say(f"{'variant':>9} " + " ".join(f"{op:>22}" for op in OPS))
+    say(f"{'variant':>9} " + " ".join(f"{op:>22}" for op in (*OPS, SAME)))
     verdict_ok = True
     for variant in VARIANTS:
         cells = []
-        for op in OPS:
+        for op in (*OPS, SAME):
             sel = [
                 r for r in rows if r["n"] == 1 << 20 and r["dim"] >= 128 and r["variant"] == variant and r["op"] == op
             ]
+            if not sel:
+                cells.append("-")
+                continue
             worst = min(sel, key=lambda r: r["frac_copy"])
             med = statistics.median(r["frac_copy"] for r in sel)
             cells.append(f"min {worst['frac_copy']:.2f} med {med:.2f}")
-            if variant in FUSED and worst["frac_copy"] < 0.90:
+            if variant in FUSED and op in OPS and worst["frac_copy"] < 0.90:
                 verdict_ok = False
         say(f"{variant:>9} " + " ".join(f"{c:>22}" for c in cells))
     say(f"target >= 0.90 of copy (full, fast, 2d, identity): {'MET' if verdict_ok else 'MISSED'}")
     say("\nworst fused rows at 2^20, dim >= 128:")
-    fused_rows = [r for r in rows if r["n"] == 1 << 20 and r["dim"] >= 128 and r["variant"] in FUSED]
+    fused_rows = [r for r in rows if r["n"] == 1 << 20 and r["dim"] >= 128 and r["variant"] in FUSED and r["op"] in OPS]
     for r in sorted(fused_rows, key=lambda r: r["frac_copy"])[:12]:
         say(
             f"  {r['op']:>10} {r['variant']:>8} d={r['dim']} b={r['bits']} {r['dtype']}: {r['triton_us']:.1f} us, "
@@ -324,7 +365,10 @@ def main() -> None:
         )
 
     say("\n## N = 8192, dim 128, fp16, back-to-back per call (CUDA graph of 64 calls), us")
-    say(f"{'variant':>9} {'bits':>4} {'quantize':>9} {'dequant':>9} {'roundtrip':>9} {'copy':>6} {'rt/copy':>8}")
+    say(
+        f"{'variant':>9} {'bits':>4} {'quantize':>9} {'dequant':>9} {'roundtrip':>9} {'copy':>6} {'rt/copy':>8}"
+        f" {'rt fp16 out':>11} {'/copy':>6}"
+    )
     for variant in VARIANTS:
         for bits in (2, 3, 4):
             sel = {
@@ -336,12 +380,13 @@ def main() -> None:
                 and r["variant"] == variant
                 and r["bits"] == bits
             }
-            if len(sel) < 3:
+            if len(sel) < 4:
                 continue
-            rt = sel["roundtrip"]
+            rt, same = sel["roundtrip"], sel[SAME]
             say(
                 f"{variant:>9} {bits:>4} {sel['quantize']['b2b_us']:9.2f} {sel['dequantize']['b2b_us']:9.2f} "
                 f"{rt['b2b_us']:9.2f} {rt['copy_b2b_us']:6.2f} {rt['b2b_us'] / rt['copy_b2b_us']:8.2f}"
+                f" {same['b2b_us']:11.2f} {same['b2b_us'] / rt['copy_b2b_us']:6.2f}"
             )
     say("target: round trip <= 1.3x copy (full, fast, 2d, identity)")
 
@@ -358,6 +403,8 @@ def main() -> None:
             )
     if args.sweep:
         tile_sweep(kt, say)
+    if args.small_sweep:
+        small_sweep(kt, say)
     with open(os.path.join(args.out, "bench_kernels.log"), "w") as f:
         f.write(log.getvalue())
 
