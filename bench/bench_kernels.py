@@ -16,6 +16,9 @@ which the targets cover), dtype {float16, bfloat16, float32}, each op and varian
 1..4 and the three dtypes, N = 8,192 at dim 128 float16 only, no torch reference. Every run also times the
 round trip with its reconstruction in the input's dtype (op ``roundtrip_same``: float16/bfloat16 inputs;
 x in + x_hat in the same dtype + error out), beside the float32-output round trip.
+--baseline DIR times an earlier copy of the kernels (a package ``kbase`` in DIR, same API) on the same card
+in the same run, for the rows that matter most (fused variants, dim 128, float16: N = 2^20 median and
+N = 8,192 back to back), so that a new version is compared on one card whatever card the run gets.
 Also the peak extra GPU memory of quantize and dequantize beyond their inputs and outputs
 (torch.cuda.max_memory_allocated), and the target verdicts. Kernels are compiled first in parallel
 worker processes (Triton's disk cache), since ~700 specializations compile in ~1 s each.
@@ -71,11 +74,32 @@ def configs(quick: bool, dims: tuple[int, ...] = (64, 128, 256, 512), targets: b
 # rows, N divisible by 16) so that the main process finds every kernel in Triton's disk cache.
 
 
+def baseline_config(n: int, dim: int, dtype: str, variant: str, bits: int) -> bool:
+    return dim == 128 and dtype == "fp16" and variant in FUSED
+
+
+def _baseline_ops():
+    base_dir = os.environ.get("KBASE_DIR")
+    if not base_dir:
+        return None
+    sys.path.insert(0, os.path.abspath(base_dir))
+    import kbase
+
+    return kbase
+
+
 def _compile_worker(jobs):
     import kernels.triton as kt
 
+    kb = _baseline_ops()
     torch.cuda.init()
     for n, dim, dtype, variant, bits in jobs:
+        if kb is not None and baseline_config(n, dim, dtype, variant, bits):
+            q = Quantizer(variant, dim, bits, seed=0, device="cuda")
+            x = torch.randn(8192 if n == 8192 else 1 << 18, dim, device="cuda", dtype=DTYPES[dtype])
+            codes, norms = kb.quantize(x, q.plan)
+            kb.dequantize(codes, norms, q.plan, DTYPES[dtype])
+            kb.roundtrip(x, q.plan)
         q = Quantizer(variant, dim, bits, seed=0, device="cuda")
         # 2^18 rows get the same tile as 2^20 (>= SMALL_PROGRAMS programs at every dim)
         small = 8192 if n == 8192 else 1 << 18
@@ -233,6 +257,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time other tile sizes / warps (fp16, dim 128)")
     parser.add_argument("--targets", action="store_true", help="only what the targets name (fused, see above)")
     parser.add_argument("--small-sweep", action="store_true", help="warps sweep at N = 8192 (back to back)")
+    parser.add_argument("--baseline", default="", help="directory holding an earlier copy of the kernels (kbase)")
     parser.add_argument("--compile-only", action="store_true", help="fill Triton's cache and exit")
     parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     args = parser.parse_args()
@@ -245,6 +270,10 @@ def main() -> None:
 
     import kernels.triton as kt
 
+    if args.baseline:
+        os.environ["KBASE_DIR"] = args.baseline  # read by the compile workers too
+    kb = _baseline_ops()
+    base_rows = []
     props = torch.cuda.get_device_properties(0)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     say(
@@ -325,6 +354,15 @@ def main() -> None:
                 peak[key] = max(peak.get(key, -(1 << 62)), extra)
         last = rows[-len(calls) :]
         del calls
+        if kb is not None and baseline_config(n, dim, dtype_name, variant, bits):
+            for op, fn in op_calls(kb, x, plan, dtype).items():
+                if op not in OPS:
+                    continue
+                new = next(r for r in last if r["op"] == op)
+                if n == 8192:
+                    base_rows.append((n, variant, bits, op, "b2b", new["b2b_us"], graph_per_call_us(fn[0])))
+                else:
+                    base_rows.append((n, variant, bits, op, "median", new["triton_us"], bench_median_us(fn[0])))
         say(
             f"{n:>8} {dim:>4} {dtype_name:>4} {variant:>8} b{bits}  "
             + "  ".join(
@@ -336,75 +374,89 @@ def main() -> None:
 
     csv_file.close()
 
-    # ---- summary tables ------------------------------------------------------------------------
-    say("\n## Summary: N = 2^20, dim >= 128, fraction of copy bandwidth (min over dims, dtypes, bits 1..4)")
-    say(f"{'variant':>9} " + " ".join(f"{op:>22}" for op in (*OPS, SAME)))
-    verdict_ok = True
-    for variant in VARIANTS:
-        cells = []
-        for op in (*OPS, SAME):
-            sel = [
-                r for r in rows if r["n"] == 1 << 20 and r["dim"] >= 128 and r["variant"] == variant and r["op"] == op
-            ]
-            if not sel:
-                cells.append("-")
-                continue
-            worst = min(sel, key=lambda r: r["frac_copy"])
-            med = statistics.median(r["frac_copy"] for r in sel)
-            cells.append(f"min {worst['frac_copy']:.2f} med {med:.2f}")
-            if variant in FUSED and op in OPS and worst["frac_copy"] < 0.90:
-                verdict_ok = False
-        say(f"{variant:>9} " + " ".join(f"{c:>22}" for c in cells))
-    say(f"target >= 0.90 of copy (full, fast, 2d, identity): {'MET' if verdict_ok else 'MISSED'}")
-    say("\nworst fused rows at 2^20, dim >= 128:")
-    fused_rows = [r for r in rows if r["n"] == 1 << 20 and r["dim"] >= 128 and r["variant"] in FUSED and r["op"] in OPS]
-    for r in sorted(fused_rows, key=lambda r: r["frac_copy"])[:12]:
-        say(
-            f"  {r['op']:>10} {r['variant']:>8} d={r['dim']} b={r['bits']} {r['dtype']}: {r['triton_us']:.1f} us, "
-            f"{r['gbs']:.0f} GB/s, {r['frac_copy']:.3f} of copy"
-        )
-
-    say("\n## N = 8192, dim 128, fp16, back-to-back per call (CUDA graph of 64 calls), us")
-    say(
-        f"{'variant':>9} {'bits':>4} {'quantize':>9} {'dequant':>9} {'roundtrip':>9} {'copy':>6} {'rt/copy':>8}"
-        f" {'rt fp16 out':>11} {'/copy':>6}"
-    )
-    for variant in VARIANTS:
-        for bits in (2, 3, 4):
-            sel = {
-                r["op"]: r
-                for r in rows
-                if r["n"] == 8192
-                and r["dim"] == 128
-                and r["dtype"] == "fp16"
-                and r["variant"] == variant
-                and r["bits"] == bits
-            }
-            if len(sel) < 4:
-                continue
-            rt, same = sel["roundtrip"], sel[SAME]
-            say(
-                f"{variant:>9} {bits:>4} {sel['quantize']['b2b_us']:9.2f} {sel['dequantize']['b2b_us']:9.2f} "
-                f"{rt['b2b_us']:9.2f} {rt['copy_b2b_us']:6.2f} {rt['b2b_us'] / rt['copy_b2b_us']:8.2f}"
-                f" {same['b2b_us']:11.2f} {same['b2b_us'] / rt['copy_b2b_us']:6.2f}"
-            )
-    say("target: round trip <= 1.3x copy (full, fast, 2d, identity)")
-
-    say("\n## Peak extra GPU memory beyond inputs and outputs, N = 2^20 (max over dims, dtypes, bits), bytes")
-    for (op, variant), extra in sorted(peak.items()):
-        say(f"  {op:>10} {variant:>8}: {extra}")
-
-    say("\n## Triton vs torch reference on the GPU, N = 2^20 fp16, dim 128, bits 4 (us)")
-    for r in rows:
-        if r["n"] == 1 << 20 and r["dim"] == 128 and r["dtype"] == "fp16" and r["bits"] == 4:
-            say(
-                f"  {r['op']:>10} {r['variant']:>8}: triton {r['triton_us']:8.1f}  torch {r['torch_us']:9.1f}  "
-                f"x{r['speedup']:.0f}"
-            )
+    if base_rows:
+        say(f"\n## This version against the baseline kernels ({args.baseline}), same card, dim 128, fp16 (us)")
+        say(f"{'n':>8} {'variant':>8} {'bits':>4} {'op':>10} {'timing':>6} {'new':>8} {'base':>8} {'new/base':>8}")
+        for n, variant, bits, op, how, t_new, t_base in base_rows:
+            say(f"{n:>8} {variant:>8} {bits:>4} {op:>10} {how:>6} {t_new:8.2f} {t_base:8.2f} {t_new / t_base:8.2f}")
     if args.sweep:
         tile_sweep(kt, say)
     if args.small_sweep:
         small_sweep(kt, say)
+    try:
+        # ---- summary tables ------------------------------------------------------------------------
+        say("\n## Summary: N = 2^20, dim >= 128, fraction of copy bandwidth (min over dims, dtypes, bits 1..4)")
+        say(f"{'variant':>9} " + " ".join(f"{op:>22}" for op in (*OPS, SAME)))
+        verdict_ok = True
+        for variant in VARIANTS:
+            cells = []
+            for op in (*OPS, SAME):
+                sel = [
+                    r
+                    for r in rows
+                    if r["n"] == 1 << 20 and r["dim"] >= 128 and r["variant"] == variant and r["op"] == op
+                ]
+                if not sel:
+                    cells.append("-")
+                    continue
+                worst = min(sel, key=lambda r: r["frac_copy"])
+                med = statistics.median(r["frac_copy"] for r in sel)
+                cells.append(f"min {worst['frac_copy']:.2f} med {med:.2f}")
+                if variant in FUSED and op in OPS and worst["frac_copy"] < 0.90:
+                    verdict_ok = False
+            say(f"{variant:>9} " + " ".join(f"{c:>22}" for c in cells))
+        say(f"target >= 0.90 of copy (full, fast, 2d, identity): {'MET' if verdict_ok else 'MISSED'}")
+        say("\nworst fused rows at 2^20, dim >= 128:")
+        fused_rows = [
+            r for r in rows if r["n"] == 1 << 20 and r["dim"] >= 128 and r["variant"] in FUSED and r["op"] in OPS
+        ]
+        for r in sorted(fused_rows, key=lambda r: r["frac_copy"])[:12]:
+            say(
+                f"  {r['op']:>10} {r['variant']:>8} d={r['dim']} b={r['bits']} {r['dtype']}: {r['triton_us']:.1f} us, "
+                f"{r['gbs']:.0f} GB/s, {r['frac_copy']:.3f} of copy"
+            )
+
+        say("\n## N = 8192, dim 128, fp16, back-to-back per call (CUDA graph of 64 calls), us")
+        say(
+            f"{'variant':>9} {'bits':>4} {'quantize':>9} {'dequant':>9} {'roundtrip':>9} {'copy':>6} {'rt/copy':>8}"
+            f" {'rt fp16 out':>11} {'/copy':>6}"
+        )
+        for variant in VARIANTS:
+            for bits in (2, 3, 4):
+                sel = {
+                    r["op"]: r
+                    for r in rows
+                    if r["n"] == 8192
+                    and r["dim"] == 128
+                    and r["dtype"] == "fp16"
+                    and r["variant"] == variant
+                    and r["bits"] == bits
+                }
+                if len(sel) < 4:
+                    continue
+                rt, same = sel["roundtrip"], sel[SAME]
+                say(
+                    f"{variant:>9} {bits:>4} {sel['quantize']['b2b_us']:9.2f} {sel['dequantize']['b2b_us']:9.2f} "
+                    f"{rt['b2b_us']:9.2f} {rt['copy_b2b_us']:6.2f} {rt['b2b_us'] / rt['copy_b2b_us']:8.2f}"
+                    f" {same['b2b_us']:11.2f} {same['b2b_us'] / rt['copy_b2b_us']:6.2f}"
+                )
+        say("target: round trip <= 1.3x copy (full, fast, 2d, identity)")
+
+        say("\n## Peak extra GPU memory beyond inputs and outputs, N = 2^20 (max over dims, dtypes, bits), bytes")
+        for (op, variant), extra in sorted(peak.items()):
+            say(f"  {op:>10} {variant:>8}: {extra}")
+
+        say("\n## Triton vs torch reference on the GPU, N = 2^20 fp16, dim 128, bits 4 (us)")
+        for r in rows:
+            if r["n"] == 1 << 20 and r["dim"] == 128 and r["dtype"] == "fp16" and r["bits"] == 4:
+                say(
+                    f"  {r['op']:>10} {r['variant']:>8}: triton {r['triton_us']:8.1f}  torch {r['torch_us']:9.1f}  "
+                    f"x{r['speedup']:.0f}"
+                )
+    except Exception:  # keep the log and the tables above
+        import traceback
+
+        say(traceback.format_exc())
     with open(os.path.join(args.out, "bench_kernels.log"), "w") as f:
         f.write(log.getvalue())
 

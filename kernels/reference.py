@@ -49,9 +49,7 @@ def dequantize(codes: torch.Tensor, norms: torch.Tensor, plan: Plan, dtype: torc
     return _reconstruct(indices, norms, plan).to(dtype)
 
 
-def roundtrip(
-    x: torch.Tensor, plan: Plan, dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor]:
+def roundtrip(x: torch.Tensor, plan: Plan, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows x [N, dim] -> (reconstruction [N, dim] in ``dtype``, squared error ||x - x_hat||^2 float32 [N]),
     without packing codes. The error is that of the float32 reconstruction, whatever ``dtype`` is (the
     reconstruction is cast to ``dtype`` last, as ``dequantize`` does)."""
