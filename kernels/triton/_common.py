@@ -33,12 +33,14 @@ MATRIX_VARIANTS = ("dense", "hadamard")
 # Not profiled; in the sm_90 compile the smaller tiles take fewer registers a thread (quantize 96 -> 72,
 # round trip 190 -> 128), so more programs fit an SM.
 FUSED_TILES = {"quantize": (2048, 32), "dequantize": (2048, 32), "roundtrip": (2048, 16)}
-# Small batches (fewer than SMALL_PROGRAMS programs: ~4 waves of 8 programs an SM or less) are latency
-# bound: every program is resident at once and the time is about one program's dependent chain of
-# instructions (load, norm, rotate, search, ..., store). There a thread holds fewer elements (more warps a
-# program): N = 8,192, dim 128, round trip on 2 warps took 920 SASS instructions a thread (sm_90 compile),
-# on 8 warps 296. Quantize/dequantize keep 8 elements a thread (one group of 8 codes in a thread).
-SMALL_PER_THREAD = {"quantize": 8, "dequantize": 8, "roundtrip": 4}
+# Small batches (fewer than SMALL_PROGRAMS programs: ~4 waves of 8 programs an SM or less): every program
+# is resident at once. Quantize/dequantize there take 8 elements a thread (4 warps for 8,192 rows of 128).
+# H200, N = 8,192, dim 128, fp16, back to back, against 2 warps: dequantize bits 2 0.81x, bits 4 ~1.0x,
+# quantize 0.96-0.98x (bits 3, measured together with its new word path: 1.09-1.18x, not separated).
+# The round trip keeps 16 elements a thread: 8 warps of 4 (296 SASS instructions a thread instead of 920)
+# was predicted to shorten each program's chain, but measured full bits 4 4.39 -> 4.81-4.87 us (2 warps
+# best, 4 worst), identity bits 2 2.72 -> 2.56 us: the chain is not the instruction count.
+SMALL_PER_THREAD = {"quantize": 8, "dequantize": 8, "roundtrip": 16}
 SMALL_PROGRAMS = 4096
 MIN_PROGRAMS = 1024  # ~8 per SM on a 132-SM H100/H200
 MIN_TILE = 1024  # elements: small batches shrink the tile down to this, not to single rows
@@ -422,7 +424,7 @@ def fused_tile(plan: Plan, n: int, op: str) -> tuple[int, int, int]:
     W * BN ~ the op's tile (FUSED_TILES), warps so that a thread holds at most the op's elements (2..16).
     BN shrinks for small batches until there are >= MIN_PROGRAMS programs (8,192 rows of 128: 1,024
     programs of 8 rows), so that all SMs have work and each program is short; below SMALL_PROGRAMS programs
-    a thread holds SMALL_PER_THREAD elements (more warps), which shortens each thread's chain."""
+    a thread holds SMALL_PER_THREAD elements."""
     tile, per_thread = FUSED_TILES[op]
     warps = 0
     if TILE_OVERRIDE is not None:

@@ -116,13 +116,15 @@ def check_ops(
     if n > 2:
         assert float(x_hat[0].abs().max()) == 0.0 and float(sq_err[0]) == 0.0
 
-    # Round trip into a 16-bit output (the input's dtype, or float16 for float32 input): the same error
-    # (of the float32 reconstruction) and the reference's reconstruction cast to that dtype.
+    # Round trip into a 16-bit output (the input's dtype, or float16 for float32 input): the error of the
+    # float32 reconstruction (as close to the reference's as the float32 round trip's: the dense/hadamard
+    # kernel compiled for a 16-bit output sums in another order, ~2e-7 relative on the GPU) and the
+    # reference's reconstruction cast to that dtype.
     low = dtype if dtype != torch.float32 else torch.float16
     low_hat, low_err = kt.roundtrip(x, plan, low)
     assert low_hat.dtype == low and low_hat.shape == (n, dim)
     _close_in_dtype(low_hat[same].cpu(), reference.roundtrip(x, plan, low)[0][same].cpu(), low)
-    torch.testing.assert_close(low_err, sq_err, rtol=0, atol=0)
+    assert bool(((low_err - ref_err).abs()[same] <= 1e-5 * scale[same] + 1e-30).all())
 
 
 # Every variant x every bits value, with odd dims (padding in every variant) and the three input dtypes
