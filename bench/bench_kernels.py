@@ -18,7 +18,10 @@ round trip with its reconstruction in the input's dtype (op ``roundtrip_same``: 
 x in + x_hat in the same dtype + error out), beside the float32-output round trip.
 --baseline DIR times an earlier copy of the kernels (a package ``kbase`` in DIR, same API) on the same card
 in the same run, for the rows that matter most (fused variants, dim 128, float16: N = 2^20 median and
-N = 8,192 back to back), so that a new version is compared on one card whatever card the run gets.
+N = 8,192 back to back), so that a new version is compared on one card whatever card the run gets. Made
+with ``for f in __init__ _common quantize dequantize roundtrip; do git show REV:kernels/triton/$f.py |
+sed 's/kernels\.triton\./kbase./g' > .kbase/kbase/$f.py; done`` (.kbase ignored; name it in the device
+call's carry).
 Also the peak extra GPU memory of quantize and dequantize beyond their inputs and outputs
 (torch.cuda.max_memory_allocated), and the target verdicts. Kernels are compiled first in parallel
 worker processes (Triton's disk cache), since ~700 specializations compile in ~1 s each.
