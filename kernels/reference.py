@@ -25,14 +25,29 @@ def _indices(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     if plan.n_coded != plan.dim:
         direction = torch.nn.functional.pad(direction, (0, plan.n_coded - plan.dim))
     rotated = rotate(direction, plan.params, plan.variant)
-    # right=False counts the boundaries strictly below each value: FORMAT.md's tie rule.
-    indices = torch.searchsorted(plan.boundaries, rotated.contiguous(), right=False)
-    return indices.to(torch.uint8), norms
+    return _count_boundaries_below(rotated, plan.boundaries), norms
+
+
+def _count_boundaries_below(values: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """uint8 indices = #{k : boundaries[k] < value} (FORMAT.md's tie rule: strictly below).
+
+    Up to 15 boundaries (bits <= 4) one compare-and-add pass per boundary beats a binary search: on
+    65,536 x 128 float32 values, 9 / 20 / 43 ms against searchsorted's 65 / 76 / 87 ms at 2 / 3 / 4 bits
+    (2-core AMD EPYC). Beyond that searchsorted (right=False, the same rule) wins.
+    """
+    if boundaries.numel() > 15:
+        return torch.searchsorted(boundaries, values.contiguous(), right=False).to(torch.uint8)
+    indices = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
+    for threshold in boundaries.tolist():  # float32 values, exact as Python floats
+        indices += values > threshold
+    return indices
 
 
 def _reconstruct(indices: torch.Tensor, norms: torch.Tensor, plan: Plan) -> torch.Tensor:
     """float32 [N, dim] from code indices [N, n_coded] and norms [N]."""
-    rotated = plan.centroids[indices.long()]
+    # index_select with int32 indices: 31 ms against 38-51 ms for centroids[indices.long()] on
+    # 65,536 x 128 codes (2-core AMD EPYC).
+    rotated = torch.index_select(plan.centroids, 0, indices.reshape(-1).int()).view(indices.shape)
     direction = rotate(rotated, plan.params, plan.variant, inverse=True)[:, : plan.dim]
     return direction * norms.unsqueeze(-1)
 
