@@ -277,14 +277,31 @@ def parse_safetensors(body: bytes) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "U8": "uint8"}
+_ST_NAMES = {DTYPES[name]: code for code, name in _ST_DTYPES.items()}
 
 
 def dump_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> bytes:
-    """Tensors (any device) and scalar metadata -> safetensors bytes (metadata values as strings)."""
-    from safetensors.torch import save
+    """Tensors (any device) and scalar metadata -> safetensors bytes (metadata values as strings).
 
-    cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    return save(cpu, metadata={k: _meta_str(v) for k, v in metadata.items() if v is not None})
+    Written here rather than with ``safetensors.torch.save``, which copies every tensor twice (20 ms for
+    16 MiB on our CPU, against 1 ms for one join): 8-byte little-endian header length, the JSON header
+    (dtype, shape, data_offsets; padded with spaces to a multiple of 8 so the data is aligned), then
+    the raw little-endian bytes. Reading stays with the safetensors package (``parse_safetensors``)."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {k: _meta_str(v) for k, v in metadata.items() if v is not None}
+    chunks: list = []
+    offset = 0
+    for name, tensor in tensors.items():
+        t = _to_native(tensor.detach().cpu().contiguous())
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        if size:
+            chunks.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return b"".join([struct.pack("<Q", len(encoded)), encoded, *chunks])
 
 
 def _meta_str(value: object) -> str:
