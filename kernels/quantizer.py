@@ -30,6 +30,7 @@ MIN_BITS, MAX_BITS = 1, 8
 MAX_SEED = (1 << 64) - 1
 INPUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 BACKENDS = ("auto", "torch", "triton")
+DESCRIPTOR_FIELDS = ("variant", "dim", "bits", "seed", "fingerprint", "format_version")
 # Values are hashed on a grid of 2^-24 so that the last-ulp differences of float64 libm/LAPACK between
 # machines do not change the fingerprint (docs/FORMAT.md, "Fingerprint").
 _HASH_GRID = float(1 << 24)
@@ -70,14 +71,12 @@ class Packed:
         return self.codes.numel() * self.codes.element_size() + self.norms.numel() * self.norms.element_size()
 
     def descriptor(self) -> dict:
-        return {
-            "variant": self.variant,
-            "dim": self.dim,
-            "bits": self.bits,
-            "seed": self.seed,
-            "fingerprint": self.fingerprint,
-            "format_version": self.format_version,
-        }
+        """variant, dim, bits, seed, fingerprint, format_version: what a decoder needs to find its quantizer."""
+        return _descriptor(self)
+
+
+def _descriptor(obj: Packed | Quantizer) -> dict:
+    return {name: getattr(obj, name) for name in DESCRIPTOR_FIELDS}
 
 
 class Quantizer:
@@ -150,15 +149,13 @@ class Quantizer:
             digest.update(np.round(array.reshape(-1) * _HASH_GRID).astype("<i8").tobytes())
         return digest.hexdigest()[:16]
 
+    @property
+    def format_version(self) -> int:
+        return FORMAT_VERSION
+
     def descriptor(self) -> dict:
-        return {
-            "variant": self.variant,
-            "dim": self.dim,
-            "bits": self.bits,
-            "seed": self.seed,
-            "fingerprint": self.fingerprint,
-            "format_version": FORMAT_VERSION,
-        }
+        """variant, dim, bits, seed, fingerprint, format_version (the fields of ``Packed`` that name it)."""
+        return _descriptor(self)
 
     def __repr__(self) -> str:
         return (
@@ -175,7 +172,7 @@ class Quantizer:
         return Packed(
             codes=codes.reshape(*lead, self.code_bytes),
             norms=norms.reshape(lead),
-            **{k: v for k, v in self.descriptor().items()},
+            **self.descriptor(),
         )
 
     def dequantize(self, packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -114,15 +114,19 @@ class RotationParams:
 
     def hashed_values(self) -> list[torch.Tensor]:
         """The tensors that define the rotation, in the order the fingerprint hashes them."""
-        names = {
-            "full": ("q_left", "q_right"),
-            "fast": ("q_left",),
-            "2d": ("theta",),
-            "dense": ("matrix",),
-            "hadamard": ("signs",),
-            "identity": (),
-        }[self.variant]
-        return [self.tensors[name] for name in names]
+        return [self.tensors[name] for name in DEFINING_PARAMS[self.variant]]
+
+
+# The parameters that define each variant's rotation, in FORMAT.md's order (the fingerprint hashes
+# them; the service publishes them). The others (matrix of full/fast, cos/sin) are derived from these.
+DEFINING_PARAMS = {
+    "full": ("q_left", "q_right"),
+    "fast": ("q_left",),
+    "2d": ("theta",),
+    "dense": ("matrix",),
+    "hadamard": ("signs",),
+    "identity": (),
+}
 
 
 def make_rotation(variant: str, dim: int, seed: int) -> RotationParams:

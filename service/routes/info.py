@@ -11,6 +11,7 @@ import torch
 from fastapi import APIRouter, Depends, Query, Request
 
 from kernels import FORMAT_VERSION, Quantizer
+from kernels.rotations import DEFINING_PARAMS
 from service import codec, validate
 from service.routes.common import ERROR_RESPONSES, authorized, get_state, ready_engine
 
@@ -67,15 +68,7 @@ async def info(request: Request) -> dict:
 def describe(q: Quantizer) -> dict:
     """The quantizer's defining values as JSON numbers: rotation parameters and codebook exactly as
     applied (float32 values, which the fingerprint hashes, docs/FORMAT.md), plus the float64 codebook."""
-    names = {
-        "full": ("q_left", "q_right"),
-        "fast": ("q_left",),
-        "2d": ("theta",),
-        "dense": ("matrix",),
-        "hadamard": ("signs",),
-        "identity": (),
-    }[q.variant]
-    params = {name: q.rotation.tensors[name].tolist() for name in names}
+    params = {name: q.rotation.tensors[name].tolist() for name in DEFINING_PARAMS[q.variant]}
     return {
         **q.descriptor(),
         "n_coded": q.n_coded,
