@@ -3,20 +3,12 @@ warm set (start-up takes a few seconds on two cores), terminated when the fixtur
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
-import httpx
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests import live_service
+from tests.live_service import REPO, Server, stop_server  # noqa: F401  (the client tests import them from here)
+
 API_KEY = "client-test-key"
 BASE_ENV = {
     "ISOQUANT_DEVICE": "cpu",
@@ -31,62 +23,12 @@ BASE_ENV = {
 }
 
 
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen
-    log: Path
-    api_key: str | None
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(api_key: str | None = None, timeout: float = 90.0, wait_for: str = "ready",
                  **settings: object) -> Server:
-    """Start ``python -m service`` with ISOQUANT_<NAME> = value for each setting; wait until
+    """Start ``python -m service`` with BASE_ENV and ISOQUANT_<NAME> = value for each setting; wait until
     /health/<wait_for> (ready or live) answers 200."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ISOQUANT_")}
-    env.update(BASE_ENV)
-    env.update({f"ISOQUANT_{k.upper()}": str(v) for k, v in settings.items()})
-    if api_key:
-        env["ISOQUANT_API_KEY"] = api_key
-    env["PYTHONPATH"] = str(REPO)
-    log = Path(tempfile.mkstemp(prefix="isoquant-server-", suffix=".log")[1])
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-                                   cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, log, api_key)
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"the service exited with {process.returncode}:\n{server.log_text()[-3000:]}")
-        try:
-            if httpx.get(f"{server.url}/health/{wait_for}", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(server)
-            raise RuntimeError(f"the service was not ready after {timeout} s:\n{server.log_text()[-3000:]}")
-        time.sleep(0.1)
-
-
-def stop_server(server: Server) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait(timeout=10)
-    server.log.unlink(missing_ok=True)
+    env = {**BASE_ENV, **{f"ISOQUANT_{k.upper()}": str(v) for k, v in settings.items()}}
+    return live_service.start_server(env, api_key=api_key, timeout=timeout, wait_for=wait_for)
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +18,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import save as save_safetensors
+
+from tests.live_service import free_port, start_server, stop_server  # noqa: F401  (free_port: used by the tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "isoquant.json"
@@ -94,12 +92,6 @@ def compose_merge(base: object, override: object) -> object:
     return override
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stop(process: subprocess.Popen, timeout: float = 15.0) -> None:
     """SIGTERM, then SIGKILL if it has not exited within the timeout."""
     if process.poll() is None:
@@ -129,16 +121,6 @@ def wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) ->
             last = repr(exc)
         time.sleep(0.2)
     pytest.fail(f"{url} not 200 after {timeout} s (last: {last}):\n{log.read_text()[-4000:]}")
-
-
-class LiveService:
-    def __init__(self, url: str, port: int, process: subprocess.Popen, log: Path) -> None:
-        self.url, self.port, self.process, self.log = url, port, process, log
-
-    def metrics_text(self) -> str:
-        response = httpx.get(f"{self.url}/metrics", timeout=10)
-        response.raise_for_status()
-        return response.text
 
 
 def _b64(array: np.ndarray) -> dict:
@@ -177,27 +159,13 @@ def send_traffic(client: httpx.Client, rng: np.random.Generator, rounds: int = 1
 @pytest.fixture(scope="session")
 def live_service():
     """A real `python -m service` process on 127.0.0.1, ready, after one round of traffic."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ISOQUANT_")}
-    env.update(SERVICE_ENV)
-    with tempfile.TemporaryDirectory(prefix="isoquant-live-") as tmp:
-        log = Path(tmp) / "service.log"
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_http(f"{url}/health/ready", 90, process, log)
-            with httpx.Client(base_url=url, timeout=30) as client:
-                send_traffic(client, np.random.default_rng(0))
-            yield LiveService(url, port, process, log)
-        finally:
-            stop(process)
+    server = start_server(SERVICE_ENV)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            send_traffic(client, np.random.default_rng(0))
+        yield server
+    finally:
+        stop_server(server)
 
 
 @pytest.fixture(scope="session")
