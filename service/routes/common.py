@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from service.engine import Engine
+from service import codec
+from service.engine import Engine, Ticket
 from service.errors import Unauthorized, Unavailable
 from service.metrics import Metrics
 from service.schemas import ErrorBody
@@ -40,6 +44,31 @@ async def offload(nbytes: int, fn, *args):
     if nbytes < INLINE_BYTES:
         return fn(*args)
     return await run_in_threadpool(fn, *args)
+
+
+@dataclass
+class Admitted:
+    """An op request that holds a place in the queue: its engine, queue ticket, parsed body and answer format."""
+
+    engine: Engine
+    ticket: Ticket
+    parsed: Any
+    out_fmt: str
+
+
+@asynccontextmanager
+async def admitted(request: Request, parse: Callable[[bytes, str, Settings], Any]) -> AsyncIterator[Admitted]:
+    """The common start of /quantize and /dequantize: readiness, Content-Type and Accept, then a queue
+    place (429 when full) held while the body is read, parsed (``parse(body, fmt, settings)``, in a thread
+    when large) and, inside the ``async with``, run on the device."""
+    settings = get_state(request).settings
+    engine = ready_engine(request)
+    fmt = codec.request_format(request.headers.get("content-type"))
+    out_fmt = codec.response_format(request.headers.get("accept"), fmt)
+    with engine.admit() as ticket:  # the body counts against max_queue while it is read and decoded
+        body = await codec.read_body(request, settings.max_request_bytes)
+        parsed = await offload(len(body), parse, body, fmt, settings)
+        yield Admitted(engine, ticket, parsed, out_fmt)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service import codec, validate
 from service.engine import DequantizeResult
 from service.errors import InvalidInput
-from service.routes.common import ERROR_RESPONSES, authorized, get_state, offload, ready_engine
+from service.routes.common import ERROR_RESPONSES, admitted, authorized, get_state, offload
 from service.schemas import Array, DequantizeRequest, DequantizeResponse, Descriptor, Distortion
 from service.settings import Settings
 
@@ -151,19 +151,14 @@ def encode(result: DequantizeResult, p: Parsed, fmt: str) -> bytes:
     responses=ERROR_RESPONSES,
 )
 async def dequantize(request: Request) -> Response:
-    state = get_state(request)
-    settings, metrics = state.settings, state.metrics
-    engine = ready_engine(request)
-    fmt = codec.request_format(request.headers.get("content-type"))
-    out_fmt = codec.response_format(request.headers.get("accept"), fmt)
-    with engine.admit() as ticket:  # the body counts against max_queue while it is read and decoded
-        body = await codec.read_body(request, settings.max_request_bytes)
-        p = await offload(len(body), parse, body, fmt, settings)
-        result = await engine.run(
-            engine.dequantize_job, p.descriptor, p.codes, p.norms, p.reference, p.dtype, ticket=ticket
+    metrics = get_state(request).metrics
+    async with admitted(request, parse) as a:
+        p = a.parsed
+        result = await a.engine.run(
+            a.engine.dequantize_job, p.descriptor, p.codes, p.norms, p.reference, p.dtype, ticket=a.ticket
         )
-    content = await offload(codec.tensor_nbytes(result.vectors), encode, result, p, out_fmt)
+    content = await offload(codec.tensor_nbytes(result.vectors), encode, result, p, a.out_fmt)
     metrics.batch_size.labels("dequantize").observe(p.norms.numel())
     metrics.payload_bytes.labels("dequantize", "in").inc(codec.tensor_nbytes(p.codes) + codec.tensor_nbytes(p.norms))
     metrics.payload_bytes.labels("dequantize", "out").inc(codec.tensor_nbytes(result.vectors))
-    return Response(content, media_type=codec.JSON if out_fmt == "json" else codec.SAFETENSORS)
+    return Response(content, media_type=codec.JSON if a.out_fmt == "json" else codec.SAFETENSORS)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service import codec, validate
 from service.engine import QuantizeResult
 from service.errors import InvalidInput
-from service.routes.common import ERROR_RESPONSES, authorized, get_state, offload, ready_engine
+from service.routes.common import ERROR_RESPONSES, admitted, authorized, get_state, offload
 from service.schemas import Array, Descriptor, Distortion, QuantizeRequest, QuantizeResponse
 from service.settings import Settings
 
@@ -115,26 +115,21 @@ def encode(result: QuantizeResult, x: torch.Tensor, fmt: str) -> tuple[bytes, in
     responses=ERROR_RESPONSES,
 )
 async def quantize(request: Request) -> Response:
-    state = get_state(request)
-    settings, metrics = state.settings, state.metrics
-    engine = ready_engine(request)
-    fmt = codec.request_format(request.headers.get("content-type"))
-    out_fmt = codec.response_format(request.headers.get("accept"), fmt)
-    with engine.admit() as ticket:  # the body counts against max_queue while it is read and decoded
-        body = await codec.read_body(request, settings.max_request_bytes)
-        p = await offload(len(body), parse, body, fmt, settings)
-        result = await engine.run(
-            engine.quantize_job,
+    metrics = get_state(request).metrics
+    async with admitted(request, parse) as a:
+        p = a.parsed
+        result = await a.engine.run(
+            a.engine.quantize_job,
             p.variant,
             p.bits,
             p.seed,
             p.x,
             p.want_reconstruction,
             p.want_distortion,
-            ticket=ticket,
+            ticket=a.ticket,
         )
-    content, returned = await offload(codec.tensor_nbytes(p.x), encode, result, p.x, out_fmt)
+    content, returned = await offload(codec.tensor_nbytes(p.x), encode, result, p.x, a.out_fmt)
     metrics.batch_size.labels("quantize").observe(result.norms.numel())
     metrics.payload_bytes.labels("quantize", "in").inc(codec.tensor_nbytes(p.x))
     metrics.payload_bytes.labels("quantize", "out").inc(returned)
-    return Response(content, media_type=codec.JSON if out_fmt == "json" else codec.SAFETENSORS)
+    return Response(content, media_type=codec.JSON if a.out_fmt == "json" else codec.SAFETENSORS)
