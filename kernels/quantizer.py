@@ -229,14 +229,13 @@ class Quantizer:
         self._check_device(x, name)
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.dim)
-        self._check_finite(rows, name)
-        if rows.numel():
-            norms = torch.linalg.vector_norm(rows.float(), dim=-1)
-            overflow = torch.isinf(norms)
-            if bool(overflow.any()):
-                raise ValueError(
-                    f"{name}: the norm of vectors {_index_list(overflow)} overflows float32; scale the input down"
-                )
+        # One pass over the input finds both kinds of bad row: a norm is not finite exactly when the row
+        # holds NaN/Inf or its squares overflow float32. Only then is the input looked at again, to say which.
+        norms = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)
+        bad = ~torch.isfinite(norms)
+        if bool(bad.any()):
+            self._check_finite(rows, name)
+            raise ValueError(f"{name}: the norm of vectors {_index_list(bad)} overflows float32; scale the input down")
         return rows, lead
 
     def _check_device(self, t: torch.Tensor, name: str) -> None:
