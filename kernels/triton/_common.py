@@ -44,6 +44,13 @@ SMALL_PER_THREAD = {"quantize": 8, "dequantize": 8, "roundtrip": 16}
 SMALL_PROGRAMS = 4096
 MIN_PROGRAMS = 1024  # ~8 per SM on a 132-SM H100/H200
 MIN_TILE = 1024  # elements: small batches shrink the tile down to this, not to single rows
+# full/fast rows wider than CHUNK_COLUMNS go through the kernels in chunks of that many columns, each chunk
+# a tile of the dim-128 shape. A [BN, 512] tile needed 37 layout conversions in the round trip's TTGIR (5
+# at dim 128; sm_90 compile, float16): a coefficient row of 128 blocks is as large as the 128 threads,
+# so Triton loads it in its own layout and converts it (through shared memory) to each of the two layouts
+# the rotations use, 2 x 32 conversions, instead of loading it in the user's layout.
+CHUNK_COLUMNS = 128
+CHUNKED_VARIANTS = ("full", "fast")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -52,27 +59,57 @@ MIN_TILE = 1024  # elements: small batches shrink the tile down to this, not to 
 
 @triton.jit
 def _norm(x):
-    """Row norms and reciprocals of a float32 tile x [BN, W] -> (rho [BN], inv [BN]).
+    """Row norms and reciprocals of a float32 tile x [BN, W] -> (rho [BN], inv [BN]) (see _norm_of)."""
+    return _norm_of(tl.sum(x * x, axis=1))
+
+
+@triton.jit
+def _norm_of(ss):
+    """(rho, inv) float32 [BN] from the row sums of squares ss [BN].
 
     inv = rsqrt(sum x^2) (MUFU.RSQ) and rho = sum * inv: the first version's sqrt_rn and IEEE division
     cost ~30 SASS instructions a row, with slow-path branches, for every row a thread holds (4 rows of
     dim 128 a thread: ~4 instructions an element). Both differ from the reference's sqrt and x / rho by
     an ulp or two. sum x^2 is clamped to the smallest normal float32, which keeps a zero vector at
     direction 0 (the reference's max(rho, 1e-30) clamp) and misses only ||x|| < 1.1e-19."""
-    ss = tl.sum(x * x, axis=1)
     inv = tl.math.rsqrt(tl.maximum(ss, 1.1754944e-38))
     return ss * inv, inv
 
 
 @triton.jit
+def _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc):
+    """float32 tile [BN, W] of rows ``rows`` [BN] and columns ``cols`` [W] (zero beyond DIM and N)."""
+    return tl.load(
+        x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc,
+        mask=row_ok[:, None] & (cols < DIM)[None, :],
+        other=0.0,
+    ).to(tl.float32)
+
+
+@triton.jit
+def _chunk_norm(x_ptr, rows, row_ok, DIM, N_CODED: tl.constexpr, stride_xr, stride_xc, W: tl.constexpr):
+    """(rho, inv) float32 [BN] of rows wider than one chunk: a first pass over the row's chunks of W
+    columns sums the squares; the second pass of the caller loads each chunk again (an L1/L2 hit: the
+    program's rows were just read; one more 16-byte load a thread per 8 float16 elements)."""
+    cols = tl.arange(0, W)
+    ss = tl.zeros([rows.shape[0]], tl.float32)
+    for c0 in tl.static_range(0, N_CODED, W):
+        x = _load_rows(x_ptr, rows, row_ok, c0 + cols, DIM, stride_xr, stride_xc)
+        ss += tl.sum(x * x, axis=1)
+    return _norm_of(ss)
+
+
+@triton.jit
 def _coef(base, ok, k: tl.constexpr, N_BLOCKS):
-    """Coefficient k (= 4 i + j) of every block's 4x4 matrix, as a [1, NB] row (0 for padding blocks)."""
+    """Coefficient k (= 4 i + j) of every block's 4x4 matrix, as a [1, NB] row (0 for padding blocks);
+    N_BLOCKS is the row stride of the coefficient-major table."""
     return tl.load(base + k * N_BLOCKS, mask=ok, other=0.0)[None, :]
 
 
 @triton.jit
-def _rotate_blocks(t, m_ptr, BN: tl.constexpr, W: tl.constexpr, N_BLOCKS, INVERSE: tl.constexpr):
-    """4x4 block rotation of a float32 tile t [BN, W] (W // 4 blocks of 4 consecutive columns).
+def _rotate_blocks(t, m_ptr, BN: tl.constexpr, W: tl.constexpr, N_BLOCKS, B0, INVERSE: tl.constexpr):
+    """4x4 block rotation of a float32 tile t [BN, W] (W // 4 blocks of 4 consecutive columns, blocks
+    B0 .. B0 + W // 4 - 1 of the row: the tile is a chunk of the row that starts at column 4 B0).
 
     m_ptr: float32 [16, N_BLOCKS], coefficient-major (``block_coefficients``): forward y = M v, inverse
     v = M^T y. Blocks >= N_BLOCKS (tile padding) get a zero matrix, so their output is zero.
@@ -81,7 +118,7 @@ def _rotate_blocks(t, m_ptr, BN: tl.constexpr, W: tl.constexpr, N_BLOCKS, INVERS
     instruction) and full/fast ran at 0.20-0.25 of copy bandwidth against 0.5-0.9 for identity
     (H200, N = 2^20, dim 128)."""
     NB: tl.constexpr = W // 4
-    blk = tl.arange(0, NB)
+    blk = B0 + tl.arange(0, NB)
     ok = blk < N_BLOCKS
     base = m_ptr + blk
     t4 = tl.reshape(t, [BN, NB, 2, 2])
@@ -143,11 +180,12 @@ def _rotate_blocks(t, m_ptr, BN: tl.constexpr, W: tl.constexpr, N_BLOCKS, INVERS
 
 
 @triton.jit
-def _rotate_pairs(t, cos_ptr, sin_ptr, BN: tl.constexpr, W: tl.constexpr, N_PAIRS, INVERSE: tl.constexpr):
-    """Planar rotation of a float32 tile t [BN, W] (W // 2 pairs): y0 = c x0 - s x1, y1 = s x0 + c x1;
-    the inverse uses -s. Pairs >= N_PAIRS (tile padding) come out zero."""
+def _rotate_pairs(t, cos_ptr, sin_ptr, BN: tl.constexpr, W: tl.constexpr, N_PAIRS, P0, INVERSE: tl.constexpr):
+    """Planar rotation of a float32 tile t [BN, W] (W // 2 pairs P0 .. P0 + W // 2 - 1 of the row):
+    y0 = c x0 - s x1, y1 = s x0 + c x1; the inverse uses -s. Pairs >= N_PAIRS (tile padding) come out
+    zero."""
     NP: tl.constexpr = W // 2
-    pair = tl.arange(0, NP)
+    pair = P0 + tl.arange(0, NP)
     ok = pair < N_PAIRS
     c = tl.load(cos_ptr + pair, mask=ok, other=0.0)[None, :]
     s = tl.load(sin_ptr + pair, mask=ok, other=0.0)[None, :]
@@ -161,13 +199,22 @@ def _rotate_pairs(t, cos_ptr, sin_ptr, BN: tl.constexpr, W: tl.constexpr, N_PAIR
 
 @triton.jit
 def _rotate(
-    t, p0_ptr, p1_ptr, BN: tl.constexpr, W: tl.constexpr, N_CODED, VARIANT: tl.constexpr, INVERSE: tl.constexpr
+    t,
+    p0_ptr,
+    p1_ptr,
+    BN: tl.constexpr,
+    W: tl.constexpr,
+    N_CODED,
+    C0,
+    VARIANT: tl.constexpr,
+    INVERSE: tl.constexpr,
 ):
-    """Rotation of a float32 tile [BN, W] for the fused variants; VARIANT 0 full/fast, 1 2d, 2 identity."""
+    """Rotation of a float32 tile [BN, W] whose first column is column C0 (a multiple of W) of the row,
+    for the fused variants; VARIANT 0 full/fast, 1 2d, 2 identity."""
     if VARIANT == 0:
-        return _rotate_blocks(t, p0_ptr, BN, W, N_CODED // 4, INVERSE)
+        return _rotate_blocks(t, p0_ptr, BN, W, N_CODED // 4, C0 // 4, INVERSE)
     elif VARIANT == 1:
-        return _rotate_pairs(t, p0_ptr, p1_ptr, BN, W, N_CODED // 2, INVERSE)
+        return _rotate_pairs(t, p0_ptr, p1_ptr, BN, W, N_CODED // 2, C0 // 2, INVERSE)
     else:
         return t
 
@@ -420,7 +467,8 @@ TILE_OVERRIDE: tuple[int, int] | None = None
 
 
 def fused_tile(plan: Plan, n: int, op: str) -> tuple[int, int, int]:
-    """(W, BN, num_warps) for the fused kernel of ``op`` over n rows: W columns >= n_coded, BN rows with
+    """(W, BN, num_warps) for the fused kernel of ``op`` over n rows: W columns >= n_coded, or for full/fast
+    rows wider than CHUNK_COLUMNS a chunk of that many (the kernels loop over the row's chunks), BN rows with
     W * BN ~ the op's tile (FUSED_TILES), warps so that a thread holds at most the op's elements (2..16).
     BN shrinks for small batches until there are >= MIN_PROGRAMS programs (8,192 rows of 128: 1,024
     programs of 8 rows), so that all SMs have work and each program is short; below SMALL_PROGRAMS programs
@@ -430,6 +478,8 @@ def fused_tile(plan: Plan, n: int, op: str) -> tuple[int, int, int]:
     if TILE_OVERRIDE is not None:
         tile, warps = TILE_OVERRIDE
     width = triton.next_power_of_2(max(8, plan.n_coded))
+    if plan.variant in CHUNKED_VARIANTS:
+        width = min(width, CHUNK_COLUMNS)
     rows = max(1, tile // width)
     while rows * width > MIN_TILE and triton.cdiv(n, rows) < MIN_PROGRAMS:
         rows //= 2

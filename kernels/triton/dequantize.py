@@ -60,17 +60,22 @@ def _dequantize_fused_kernel(
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     cols = tl.arange(0, W)
-    codes = _load_unpack(codes_ptr, rows, row_ok, stride_cr, stride_cc, BN, W, CODE_BYTES, BITS, WORD)
-    # Padding columns (>= n_coded) hold code 0 and would gather a nonzero centroid; zero them so that the
-    # padded blocks of the tile stay out of the sums of the inverse rotation.
-    c = tl.where((cols < N_CODED)[None, :], _centroid(codes, cent_ptr, BITS, SYMMETRIC), 0.0)
     rho = tl.load(norms_ptr + rows * stride_n, mask=row_ok, other=0.0)
-    x = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, True) * rho[:, None]
-    tl.store(
-        out_ptr + rows.to(tl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
-        x.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & (cols < DIM)[None, :],
-    )
+    # Rows wider than one tile go in chunks of W columns (see fused_tile); C0 a multiple of 8.
+    for c0 in tl.static_range(0, N_CODED, W):
+        first = (c0 // 8) * BITS  # the chunk's first byte
+        codes = _load_unpack(
+            codes_ptr + first * stride_cc, rows, row_ok, stride_cr, stride_cc, BN, W, CODE_BYTES - first, BITS, WORD
+        )
+        # Padding columns (>= n_coded) hold code 0 and would gather a nonzero centroid; zero them so that the
+        # padded blocks of the tile stay out of the sums of the inverse rotation.
+        c = tl.where((c0 + cols < N_CODED)[None, :], _centroid(codes, cent_ptr, BITS, SYMMETRIC), 0.0)
+        x = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, c0, VARIANT, True) * rho[:, None]
+        tl.store(
+            out_ptr + rows.to(tl.int64)[:, None] * stride_or + (c0 + cols)[None, :] * stride_oc,
+            x.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & (c0 + cols < DIM)[None, :],
+        )
 
 
 @triton.jit

@@ -17,7 +17,9 @@ from kernels.plan import Plan
 from kernels.triton._common import (
     EPS,
     FUSED_VARIANTS,
+    _chunk_norm,
     _code_search,
+    _load_rows,
     _norm,
     _pack_store,
     _rotate,
@@ -59,19 +61,105 @@ def _quantize_fused_kernel(
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     cols = tl.arange(0, W)
-    x = tl.load(
-        x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc,
-        mask=row_ok[:, None] & (cols < DIM)[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    if N_CODED <= W:  # the whole row in one tile: load once
+        x = _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
+        rho, inv = _norm(x)
+        tl.store(norms_ptr + rows, rho, mask=row_ok)
+        _quantize_tile(
+            x,
+            inv,
+            codes_ptr,
+            p0_ptr,
+            p1_ptr,
+            bnd_ptr,
+            rows,
+            row_ok,
+            cols,
+            N_CODED,
+            0,
+            CODE_BYTES,
+            stride_cr,
+            stride_cc,
+            BN,
+            W,
+            BITS,
+            VARIANT,
+            SYMMETRIC,
+            WORD,
+        )
+    else:  # chunks of W columns (see fused_tile): norm pass, then each chunk loaded again
+        rho, inv = _chunk_norm(x_ptr, rows, row_ok, DIM, N_CODED, stride_xr, stride_xc, W)
+        tl.store(norms_ptr + rows, rho, mask=row_ok)
+        for c0 in tl.static_range(0, N_CODED, W):
+            x = _load_rows(x_ptr, rows, row_ok, c0 + cols, DIM, stride_xr, stride_xc)
+            _quantize_tile(
+                x,
+                inv,
+                codes_ptr,
+                p0_ptr,
+                p1_ptr,
+                bnd_ptr,
+                rows,
+                row_ok,
+                c0 + cols,
+                N_CODED,
+                c0,
+                CODE_BYTES,
+                stride_cr,
+                stride_cc,
+                BN,
+                W,
+                BITS,
+                VARIANT,
+                SYMMETRIC,
+                WORD,
+            )
+
+
+@triton.jit
+def _quantize_tile(
+    x,
+    inv,
+    codes_ptr,
+    p0_ptr,
+    p1_ptr,
+    bnd_ptr,
+    rows,
+    row_ok,
+    cols,
+    N_CODED,
+    C0,
+    CODE_BYTES,
+    stride_cr,
+    stride_cc,
+    BN: tl.constexpr,
+    W: tl.constexpr,
+    BITS: tl.constexpr,
+    VARIANT: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    WORD: tl.constexpr,
+):
+    """Codes of the float32 tile x [BN, W] (columns ``cols`` = C0 .. C0 + W - 1, C0 a multiple of 8;
+    1 / rho [BN]), packed and stored from byte C0 * BITS / 8 of the rows."""
     # x * (1 / rho) instead of x / rho: one multiply an element instead of a division; the two differ by
     # an ulp or two, which moves only values within ~1e-7 relative of a boundary.
-    rho, inv = _norm(x)
-    tl.store(norms_ptr + rows, rho, mask=row_ok)
-    y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, False)
+    y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, C0, VARIANT, False)
     codes = _code_search(y, bnd_ptr, BITS, SYMMETRIC)
     codes = tl.where((cols < N_CODED)[None, :], codes, 0)  # padding codes are zero bits in the last byte
-    _pack_store(codes, codes_ptr, rows, row_ok, stride_cr, stride_cc, BN, W, CODE_BYTES, BITS, WORD)
+    first = (C0 // 8) * BITS  # the chunk's first byte
+    _pack_store(
+        codes,
+        codes_ptr + first * stride_cc,
+        rows,
+        row_ok,
+        stride_cr,
+        stride_cc,
+        BN,
+        W,
+        CODE_BYTES - first,
+        BITS,
+        WORD,
+    )
 
 
 @triton.jit

@@ -19,7 +19,9 @@ from kernels.triton._common import (
     FLOAT_DTYPES,
     FUSED_VARIANTS,
     _centroid,
+    _chunk_norm,
     _code_search,
+    _load_rows,
     _norm,
     _rotate,
     check_rows,
@@ -58,27 +60,104 @@ def _roundtrip_fused_kernel(
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     cols = tl.arange(0, W)
-    mask = row_ok[:, None] & (cols < DIM)[None, :]
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(
-        tl.float32
-    )
-    rho, inv = _norm(x)
-    y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, False)
+    if N_CODED <= W:  # the whole row in one tile: load once
+        x = _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
+        rho, inv = _norm(x)
+        err = _roundtrip_tile(
+            x,
+            rho,
+            inv,
+            out_ptr,
+            p0_ptr,
+            p1_ptr,
+            bnd_ptr,
+            cent_ptr,
+            rows,
+            row_ok,
+            cols,
+            DIM,
+            N_CODED,
+            0,
+            stride_or,
+            stride_oc,
+            BN,
+            W,
+            BITS,
+            VARIANT,
+            SYMMETRIC,
+        )
+    else:  # chunks of W columns (see fused_tile): norm pass, then each chunk loaded again
+        rho, inv = _chunk_norm(x_ptr, rows, row_ok, DIM, N_CODED, stride_xr, stride_xc, W)
+        err = tl.zeros([BN], tl.float32)
+        for c0 in tl.static_range(0, N_CODED, W):
+            x = _load_rows(x_ptr, rows, row_ok, c0 + cols, DIM, stride_xr, stride_xc)
+            err += _roundtrip_tile(
+                x,
+                rho,
+                inv,
+                out_ptr,
+                p0_ptr,
+                p1_ptr,
+                bnd_ptr,
+                cent_ptr,
+                rows,
+                row_ok,
+                c0 + cols,
+                DIM,
+                N_CODED,
+                c0,
+                stride_or,
+                stride_oc,
+                BN,
+                W,
+                BITS,
+                VARIANT,
+                SYMMETRIC,
+            )
+    tl.store(err_ptr + rows, err, mask=row_ok)
+
+
+@triton.jit
+def _roundtrip_tile(
+    x,
+    rho,
+    inv,
+    out_ptr,
+    p0_ptr,
+    p1_ptr,
+    bnd_ptr,
+    cent_ptr,
+    rows,
+    row_ok,
+    cols,
+    DIM,
+    N_CODED,
+    C0,
+    stride_or,
+    stride_oc,
+    BN: tl.constexpr,
+    W: tl.constexpr,
+    BITS: tl.constexpr,
+    VARIANT: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+):
+    """Round trip of the float32 tile x [BN, W] (columns ``cols`` = C0 .. C0 + W - 1 of the rows, norms
+    rho and 1 / rho [BN]): stores x_hat and returns the tile's part of ||x - x_hat||^2 [BN]."""
+    y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, C0, VARIANT, False)
     codes = _code_search(y, bnd_ptr, BITS, SYMMETRIC)
     c = tl.where((cols < N_CODED)[None, :], _centroid(codes, cent_ptr, BITS, SYMMETRIC), 0.0)
-    x_hat = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, VARIANT, True) * rho[:, None]
+    x_hat = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, C0, VARIANT, True) * rho[:, None]
+    mask = row_ok[:, None] & (cols < DIM)[None, :]
     tl.store(
         out_ptr + rows.to(tl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
         x_hat.to(out_ptr.dtype.element_ty),
         mask=mask,
     )
     diff = tl.where(mask, x - x_hat, 0.0)
-    tl.store(err_ptr + rows, tl.sum(diff * diff, axis=1), mask=row_ok)
+    return tl.sum(diff * diff, axis=1)
 
 
-def roundtrip(
-    x: torch.Tensor, plan: Plan, dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor]:
+def roundtrip(x: torch.Tensor, plan: Plan, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows x [N, dim] -> (reconstruction [N, dim] in ``dtype`` (float16 | bfloat16 | float32), squared
     error float32 [N] of the float32 reconstruction); same results as ``kernels.reference.roundtrip``
     within float32 rounding (and the boundary rule of ``quantize``). A float16 output halves the bytes

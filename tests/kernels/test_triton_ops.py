@@ -176,6 +176,34 @@ def test_wider_tile_interpreter(variant):
     check_ops(variant, 77, 3, torch.float16, n=40, device="cpu", seed=3)
 
 
+# full/fast rows wider than CHUNK_COLUMNS (128) go through the kernels in chunks of 128 columns: a last
+# chunk of mostly padding (130 -> n_coded 132), three chunks with a partial last one (300, odd code_bytes
+# 113: byte path), the bits 3 word path across chunks (384: 144 bytes, 48 a chunk), bits 5 (binary search,
+# byte path), bits 1 and 8, and a strided view.
+CHUNKED_CASES = [
+    ("full", 130, 4, "float16"),
+    ("fast", 300, 3, "bfloat16"),
+    ("full", 384, 3, "float16"),
+    ("fast", 257, 2, "float32"),
+    ("full", 512, 5, "float16"),
+    ("full", 200, 1, "bfloat16"),
+    ("fast", 129, 8, "float32"),
+]
+
+
+@pytest.mark.interpreter
+@needs_interpreter
+@pytest.mark.parametrize("variant,dim,bits,dtype", CHUNKED_CASES)
+def test_chunked_rows_interpreter(variant, dim, bits, dtype):
+    from kernels.triton._common import CHUNK_COLUMNS, fused_tile
+
+    plan = Quantizer(variant, dim, bits, backend="torch").plan
+    assert all(fused_tile(plan, 21, op)[0] == CHUNK_COLUMNS for op in ("quantize", "dequantize", "roundtrip"))
+    check_ops(variant, dim, bits, DTYPES[dtype], n=21, device="cpu", seed=dim)
+    if bits in (3, 4):
+        check_ops(variant, dim, bits, torch.float32, n=5, device="cpu", seed=dim + 1, strided=True)
+
+
 @pytest.mark.interpreter
 @needs_interpreter
 def test_quantizer_backend_triton_leading_shape_interpreter(monkeypatch):
