@@ -143,7 +143,7 @@ class Engine:
         self.warmup_seconds: float | None = None
         self.backend = Quantizer("identity", 4, 1, device=self.device).backend
         metrics.set_build_info(self.device, self.backend)
-        metrics.ready.set(0)
+        metrics.set_ready(False)
 
     def _init_worker(self) -> None:
         if self.device.type == "cuda":
@@ -160,6 +160,12 @@ class Engine:
         return self.warmed and not self.draining
 
     # -- quantizers -------------------------------------------------------------------------------
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """A uint8 [nbytes] host buffer for a request body. On a GPU it is pinned (torch's caching host
+        allocator: reused across requests, no page faults), so the vectors parsed in place go to the
+        device in one DMA; the cache keeps up to the peak of concurrently admitted bodies."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
 
     def quantizer(self, variant: str, dim: int, bits: int, seed: int) -> Quantizer:
         """The resident quantizer for these parameters, built on first use (call from a worker)."""
@@ -243,6 +249,7 @@ class Engine:
             return self._guard(fn, *args)
         finally:
             self._finish(started=True)
+            self.metrics.refresh_gpu_memory()
 
     def _finish(self, started: bool) -> None:
         with self._lock:
@@ -319,7 +326,7 @@ class Engine:
         """x [..., dim] CPU float16|bfloat16|float32 -> QuantizeResult (codes, norms; with the fused
         round trip's float32 reconstruction and Stats when asked)."""
         q = self.quantizer(variant, x.shape[-1], bits, seed)
-        xd = x.to(self.device, non_blocking=False)
+        xd = x.to(self.device, non_blocking=True)  # ordered before the kernel on the stream
         packed = self._timed("quantize", q, x.dtype, lambda: q.quantize(xd))
         n = packed.norms.numel()
         self._count("quantize", q, n)
@@ -401,6 +408,7 @@ class Engine:
         seconds = time.perf_counter() - t0
         self.warmup_seconds = seconds
         self.metrics.warmup_seconds.set(seconds)
+        self.metrics.refresh_gpu_memory()
         return seconds
 
     def start_warm_up(self) -> Future:
@@ -414,7 +422,7 @@ class Engine:
                 return
             self.warmed = True
             if not self.draining:
-                self.metrics.ready.set(1)
+                self.metrics.set_ready(True)
             log.info(
                 "warm-up done in %.2f s: %d quantizers on %s (backend %s)",
                 future.result(),
@@ -430,7 +438,7 @@ class Engine:
     def begin_shutdown(self) -> None:
         """Turn not-ready (readiness probes fail) but keep serving what is admitted."""
         self.draining = True
-        self.metrics.ready.set(0)
+        self.metrics.set_ready(False)
 
     def close(self) -> None:
         """Refuse new work and wait for the admitted jobs to finish."""

@@ -3,12 +3,19 @@
 Label values come only from the served allowlists in ``Settings`` (variants, dims, bits, dtypes) and
 the fixed op/direction names below; ``Metrics.label`` maps anything else to ``other``, so the number
 of series is bounded whatever clients send. Every duration is in seconds and every size in bytes.
+
+With several server processes (``ISOQUANT_PROCESSES`` > 1) prometheus_client's multiprocess mode is on
+(``PROMETHEUS_MULTIPROC_DIR``, set by ``python -m service`` before the workers start): every process
+writes its samples to files there and any process's /metrics sums them (counters, histograms) or
+combines the gauges as each gauge's ``multiprocess_mode`` says (queue depth and in-flight: sum over
+live processes; ready: the minimum, so 1 only when every process is warm). The per-process
+``process_*`` metrics are left out in that mode: they would describe only the process scraped.
 """
 
 from __future__ import annotations
 
+import os
 import platform
-from collections.abc import Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,9 +24,9 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.settings import Settings
 
@@ -52,25 +59,9 @@ RELATIVE_ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-class _GpuMemoryCollector(Collector):
-    """isoquant_gpu_memory_bytes{device, kind}: read from torch at scrape time (no samples on CPU)."""
-
-    def __init__(self, device_getter) -> None:
-        self._device_getter = device_getter
-
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
-            "isoquant_gpu_memory_bytes",
-            "GPU memory held by this process's torch allocator (allocated: in tensors; reserved: cached)",
-            labels=["device", "kind"],
-        )
-        device = self._device_getter()
-        if device is not None and device.type == "cuda":
-            import torch
-
-            family.add_metric([str(device), "allocated"], float(torch.cuda.memory_allocated(device)))
-            family.add_metric([str(device), "reserved"], float(torch.cuda.memory_reserved(device)))
-        yield family
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus_client's multiprocess mode, when it is on."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class Metrics:
@@ -78,6 +69,7 @@ class Metrics:
 
     def __init__(self, settings: Settings, version: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._multiprocess_dir = multiprocess_dir()
         self._allowed = {
             "variant": set(settings.variants),
             "dim": {str(d) for d in settings.dims},
@@ -114,23 +106,52 @@ class Metrics:
             "isoquant_queue_depth",
             "Requests admitted (max_queue) and not yet running on the device, bodies being read included",
             registry=r,
+            multiprocess_mode="livesum",
         )
-        self.jobs_running = Gauge("isoquant_jobs_running", "Jobs running on the device now", registry=r)
-        self.inflight = Gauge("isoquant_inflight_requests", "HTTP requests being served now", registry=r)
-        self.ready = Gauge("isoquant_ready", "1 once warm-up finished and until shutdown starts, else 0", registry=r)
+        self.jobs_running = Gauge(
+            "isoquant_jobs_running", "Jobs running on the device now", registry=r, multiprocess_mode="livesum"
+        )
+        self.inflight = Gauge(
+            "isoquant_inflight_requests", "HTTP requests being served now", registry=r, multiprocess_mode="livesum"
+        )
+        self.ready = Gauge(
+            "isoquant_ready",
+            "1 once warm-up finished and until shutdown starts, else 0 (several processes: 1 when all are)",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.rejected = Counter(
             "isoquant_rejected_requests", "Requests refused before device work, by reason", ["reason"], registry=r
         )
         self.device_errors = Counter(
             "isoquant_device_errors", "Device failures answered with 503", ["kind"], registry=r
         )
-        self.quantizers = Gauge("isoquant_quantizers_resident", "Quantizers held on the device", ["cache"], registry=r)
-        self.warmup_seconds = Gauge("isoquant_warmup_duration_seconds", "Wall time of the start-up warm-up", registry=r)
+        self.quantizers = Gauge(
+            "isoquant_quantizers_resident",
+            "Quantizers held on the device (summed over processes)",
+            ["cache"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.warmup_seconds = Gauge(
+            "isoquant_warmup_duration_seconds",
+            "Wall time of the start-up warm-up (the longest over processes)",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.build_info = Gauge(
             "isoquant_build_info",
             "Constant 1; labels say what is running",
             ["version", "torch", "python", "device", "backend"],
             registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.gpu_memory = Gauge(
+            "isoquant_gpu_memory_bytes",
+            "GPU memory held by the torch allocator (allocated: in tensors; reserved: cached), summed over processes",
+            ["device", "kind"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.request_duration = Histogram(
             "isoquant_request_duration_seconds",
@@ -144,9 +165,48 @@ class Metrics:
         )
         self._version = version
         self.device = None
-        r.register(_GpuMemoryCollector(lambda: self.device))
-        ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+        if self._multiprocess_dir is None:
+            ProcessCollector(registry=r)
+            self._exposed = r
+        else:
+            # The samples of every process, read from the multiprocess directory at each scrape.
+            self._exposed = CollectorRegistry(auto_describe=True)
+            MultiProcessCollector(self._exposed, path=self._multiprocess_dir)
+            PlatformCollector(registry=self._exposed)
+
+    def set_ready(self, ready: bool) -> None:
+        """isoquant_ready for this process; in multiprocess mode also a marker file ``ready-<pid>`` in the
+        shared folder, which ``processes_ready`` counts for /health/ready."""
+        self.ready.set(1 if ready else 0)
+        if self._multiprocess_dir is not None:
+            marker = os.path.join(self._multiprocess_dir, f"ready-{os.getpid()}")
+            if ready:
+                open(marker, "w").close()
+            elif os.path.exists(marker):
+                os.remove(marker)
+
+    def processes_ready(self) -> int | None:
+        """How many server processes are ready (multiprocess mode), else None."""
+        if self._multiprocess_dir is None:
+            return None
+        return sum(name.startswith("ready-") for name in os.listdir(self._multiprocess_dir))
+
+    def exposition(self) -> bytes:
+        """The text exposition for /metrics (of all processes in multiprocess mode)."""
+        self.refresh_gpu_memory()
+        return generate_latest(self._exposed)
+
+    def refresh_gpu_memory(self) -> None:
+        """Reads this process's torch allocator into isoquant_gpu_memory_bytes (no samples on CPU). Called
+        at each scrape and after each job, so that other processes' values in multiprocess mode are at
+        most one job old."""
+        if self.device is not None and self.device.type == "cuda":
+            import torch
+
+            device = str(self.device)
+            self.gpu_memory.labels(device, "allocated").set(torch.cuda.memory_allocated(self.device))
+            self.gpu_memory.labels(device, "reserved").set(torch.cuda.memory_reserved(self.device))
 
     def label(self, name: str, value: object) -> str:
         """The label value if it is on the allowlist, else 'other' (bounded cardinality)."""

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     max_vectors: int = Field(65536, ge=1, description="Most vectors in one request (413 above).")
     max_queue: int = Field(64, ge=1, description="Most requests admitted to the device queue (429 above).")
     workers: int = Field(1, ge=1, le=64, description="Threads that run device work (1 keeps one GPU stream busy).")
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Server processes sharing the port, each with its own engine on the device (python -m service).",
+    )
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch intra-op threads of each device worker on CPU (default: torch's)."
     )

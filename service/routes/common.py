@@ -66,7 +66,9 @@ async def admitted(request: Request, parse: Callable[[bytes, str, Settings], Any
     fmt = codec.request_format(request.headers.get("content-type"))
     out_fmt = codec.response_format(request.headers.get("accept"), fmt)
     with engine.admit() as ticket:  # the body counts against max_queue while it is read and decoded
-        body = await codec.read_body(request, settings.max_request_bytes)
+        # Binary bodies land in the engine's host buffer (pinned on a GPU) and are parsed in place.
+        allocate = engine.host_buffer if fmt == "safetensors" else None
+        body = await codec.read_body(request, settings.max_request_bytes, allocate=allocate)
         parsed = await offload(len(body), parse, body, fmt, settings)
         yield Admitted(engine, ticket, parsed, out_fmt)
 

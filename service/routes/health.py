@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.errors import Unavailable
 from service.routes.common import get_state
@@ -21,12 +21,16 @@ async def live() -> dict:
 
 @router.get(
     "/health/ready",
-    summary="200 once warm-up has finished; 503 before it, if it failed, and after shutdown began",
+    summary="200 once warm-up has finished (in every server process); 503 before, on failure, after shutdown began",
     responses={503: {"model": ErrorBody}},
 )
 async def ready(request: Request) -> JSONResponse:
-    engine = get_state(request).engine
-    if engine is not None and engine.ready:
+    state = get_state(request)
+    engine = state.engine
+    # With several server processes, one port answers for all of them: ready when every one is.
+    ready_processes = state.metrics.processes_ready()
+    others_ready = ready_processes is None or ready_processes >= state.settings.processes
+    if engine is not None and engine.ready and others_ready:
         return JSONResponse(
             {
                 "status": "ready",
@@ -41,11 +45,15 @@ async def ready(request: Request) -> JSONResponse:
         raise Unavailable("the service is shutting down", type="shutting_down")
     if engine.warmup_error is not None:
         raise Unavailable(f"warm-up failed: {engine.warmup_error}", type="warmup_failed", retry_after=60)
+    if engine.ready:
+        raise Unavailable(
+            f"this process is ready, {ready_processes} of {state.settings.processes} server processes are",
+            type="not_ready",
+        )
     done, total = engine.warm_progress
     raise Unavailable(f"warming up: {done} of {total} quantizers built and run", type="not_ready")
 
 
 @router.get("/metrics", summary="Prometheus text exposition", response_class=Response)
 async def metrics(request: Request) -> Response:
-    registry = get_state(request).metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(get_state(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

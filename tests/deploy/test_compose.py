@@ -119,7 +119,7 @@ def test_environment_names_only_real_settings_with_valid_defaults(compose):
     settings = Settings(**defaults)
     # The compose file says its ":-" defaults are the service's own: true except where it says otherwise.
     own = Settings()
-    deliberate = {"device": "cuda", "drain_seconds": 5.0}
+    deliberate = {"device": "cuda", "drain_seconds": 5.0, "processes": 8}
     for name in defaults:
         expected = (
             deliberate.get(name, getattr(own, name)) if name not in ("host", "port", "triton_cache_dir") else None
@@ -187,6 +187,7 @@ def test_cpu_override_removes_the_gpu_and_keeps_the_rest(compose, compose_cpu):
     assert "deploy" not in service, "the CPU stack must not reserve a GPU"
     assert service["build"] == {"context": ".", "target": "cpu"}
     assert service["environment"]["ISOQUANT_DEVICE"] == "cpu"
+    assert service["environment"]["ISOQUANT_PROCESSES"] == "${ISOQUANT_PROCESSES:-1}"  # not the GPU stack's 8
     assert service["image"] != compose["services"]["isoquant"]["image"]
     # Healthcheck, volume and the other services are inherited unchanged.
     assert service["healthcheck"]["test"] == compose["services"]["isoquant"]["healthcheck"]["test"]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import struct
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service import codec
-from service.errors import InvalidInput, NotAcceptable, UnsupportedMediaType
+from service.errors import InvalidInput, MalformedBody, NotAcceptable, UnsupportedMediaType
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.uint8]
 
@@ -75,3 +78,53 @@ def test_response_format(accept, request_fmt, expected):
 def test_response_format_refuses():
     with pytest.raises(NotAcceptable):
         codec.response_format("text/html, image/png", "json")
+
+
+def _container(entries: dict, data: bytes, pad_to: int = 8) -> bytearray:
+    header = json.dumps(entries).encode()
+    header += b" " * (-len(header) % pad_to)
+    return bytearray(struct.pack("<Q", len(header)) + header + data)
+
+
+def test_parse_safetensors_views_the_body_without_copies():
+    """The tensors share the body's memory (what keeps a 16 MiB request at one copy: socket -> buffer)."""
+    x = torch.randn(3, 8).to(torch.float16)
+    body = torch.frombuffer(bytearray(codec.dump_safetensors({"vectors": x}, {"bits": 3})), dtype=torch.uint8)
+    tensors, meta = codec.parse_safetensors(body)
+    vectors = tensors["vectors"]
+    assert torch.equal(vectors, x) and meta == {"bits": "3"}
+    start = body.data_ptr()
+    assert start <= vectors.data_ptr() < start + body.numel()
+
+
+def test_parse_safetensors_aligns_an_unpadded_header_by_copying():
+    """A writer that does not pad its header to 8 bytes still parses: misaligned tensors are copied."""
+    norms = torch.tensor([1.5, -2.0, 3.25])
+    body = _container({"norms": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}, norms.numpy().tobytes(), 1)
+    header_len = len(body) - 8 - 12
+    body = bytearray(struct.pack("<Q", header_len + 1)) + body[8 : 8 + header_len] + b" " + body[8 + header_len :]
+    assert (8 + header_len + 1) % 4  # the data starts off a 4-byte boundary
+    tensors, _ = codec.parse_safetensors(body)
+    assert tensors["norms"].tolist() == [1.5, -2.0, 3.25]
+    assert tensors["norms"].data_ptr() % 4 == 0
+
+
+@pytest.mark.parametrize(
+    "entries, data_len, message",
+    [
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, 4, "needs 8 bytes"),
+        ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]}}, 4, "starts at byte 2"),
+        ({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+          "b": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]}}, 4, "starts at byte 2"),
+        ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}, 6, "cover 2 bytes of data, the body holds 6"),
+        ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}, 1, "cover 2 bytes of data, the body holds 1"),
+        ({"a": {"dtype": "U8", "shape": [-2], "data_offsets": [0, 2]}}, 2, "shape"),
+        ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [2, 0]}}, 2, "data_offsets"),
+        ({"a": {"dtype": "U8", "shape": [2], "data_offsets": "0-2"}}, 2, "data_offsets"),
+    ],
+)  # fmt: skip
+def test_parse_safetensors_refuses_bad_layouts(entries, data_len, message):
+    """Gaps, overlaps, sizes that disagree with the shape, data short or long: 400 naming the tensor."""
+    with pytest.raises(MalformedBody) as info:
+        codec.parse_safetensors(_container(entries, b"\0" * data_len))
+    assert info.value.field == "body" and message in info.value.message

@@ -143,3 +143,52 @@ def test_real_process_serves_and_drains_on_sigterm(server):
     assert process.wait(timeout=60) in (0, -signal.SIGTERM)
     log = log_path.read_text()
     assert "Traceback" not in log, log
+
+
+def _counter(metrics: str, name: str, **labels: str) -> float:
+    """The value of one sample in a text exposition (0 when absent)."""
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            sample_labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0])) if "{" in line else {}
+            if all(sample_labels.get(k) == v for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_several_processes_share_the_port_and_sum_their_metrics():
+    """ISOQUANT_PROCESSES=2: both server processes accept on one port and answer correctly; every
+    /metrics scrape (whichever process answers it) counts the vectors of all requests; ready is 1 only
+    when both are warm; SIGTERM stops both and the supervisor exits 0 and removes its metrics folder."""
+    from tests.live_service import start_server
+
+    server = start_server(
+        {
+            "ISOQUANT_PROCESSES": "2",
+            "ISOQUANT_WARM_VARIANTS": "full",
+            "ISOQUANT_WARM_DIMS": "128",
+            "ISOQUANT_WARM_BITS": "3",
+            "ISOQUANT_WARM_DTYPES": "float16",
+        }
+    )
+    try:
+        x = torch.randn(37, 128).half()
+        expected = Quantizer("full", 128, 3).quantize(x).codes.numpy().tobytes()
+        body = st_save({"vectors": x}, metadata={"variant": "full", "bits": "3"})
+        requests = 12
+        for _ in range(requests):  # a new connection each time, so that the kernel spreads them over both
+            r = httpx.post(f"{server.url}/quantize", content=body, headers={"content-type": SAFETENSORS}, timeout=60)
+            assert r.status_code == 200 and st_load(r.content)["codes"].numpy().tobytes() == expected
+        for _ in range(6):
+            text = server.metrics_text()
+            assert _counter(text, "isoquant_vectors_total", op="quantize", variant="full", dim="128") == requests * 37
+            assert _counter(text, "isoquant_ready") == 1.0
+            assert "process_cpu_seconds_total" not in text  # per-process metrics are left out in this mode
+        log = server.log_text()
+        assert log.count("Application startup complete") == 2, log
+        metrics_dir = re.search(r"metrics in (\S+)", log)
+    finally:
+        server.process.terminate()
+        status = server.process.wait(timeout=60)
+    assert status == 0, server.log_text()
+    assert metrics_dir and not Path(metrics_dir.group(1)).exists()
+    assert "Traceback" not in server.log_text()

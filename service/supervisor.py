@@ -1,0 +1,144 @@
+"""Running the service: one uvicorn server process, or ``processes`` of them on one port.
+
+``ISOQUANT_PROCESSES=N`` (N > 1): the calling process binds the port and starts N server processes that
+accept on it, each with its own engine (quantizers, warm-up, CUDA context) on the same device; it
+forwards SIGTERM/SIGINT to them and waits. Why: one uvicorn process received 16 MiB request bodies at
+0.9-1.0 GB/s on the H200 host's CPU with no work in the route, whatever the number of clients; 8
+processes took 6.4 GB/s with 8 clients (docs/BENCHMARKS.md). If a server process dies, the others are
+stopped and the supervisor exits with status 1, so that the container restarts whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from multiprocessing.connection import wait
+
+import uvicorn
+
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with a not-ready phase before the graceful shutdown."""
+
+    def __init__(self, config: uvicorn.Config, app, settings: Settings) -> None:
+        super().__init__(config)
+        self._app = app
+        self._settings = settings
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()  # uvicorn installs handle_exit inside serve()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        # A signal handler runs between two bytecodes of the main thread, which may hold a lock right
+        # then (logging's, a metric's; in multiprocess mode one lock guards every metric write). So it
+        # only sets flags and hands the rest to the event loop (call_soon_threadsafe takes no lock):
+        # calling engine.begin_shutdown() here deadlocked a server process whose main thread was
+        # inside a metric update.
+        engine = self._app.state.isoquant.engine
+        if engine is not None:
+            engine.draining = True  # /health/ready answers 503 from now on
+            self._loop.call_soon_threadsafe(engine.begin_shutdown)
+        if self._settings.drain_seconds > 0 and not self._draining:
+            self._draining = True
+            self._loop.call_soon_threadsafe(self._drain, sig, frame)
+            return
+        super().handle_exit(sig, frame)
+
+    def _drain(self, sig, frame) -> None:
+        """On the event loop: stay up, not ready, for drain_seconds, then shut down gracefully."""
+        log.info("signal %s: not ready; draining for %.1f s", sig, self._settings.drain_seconds)
+        self._loop.call_later(self._settings.drain_seconds, uvicorn.Server.handle_exit, self, sig, frame)
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _uvicorn_config(app, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(settings.job_timeout_s, 1.0) + 5.0,
+        access_log=settings.log_level in ("debug", "trace"),
+    )
+
+
+def serve(settings: Settings, sock: socket.socket | None = None) -> None:
+    """One server process: the app, its engine and uvicorn (on ``sock`` when the parent bound it)."""
+    from service.app import create_app
+
+    app = create_app(settings)
+    _Server(_uvicorn_config(app, settings), app, settings).run(sockets=[sock] if sock is not None else None)
+
+
+def _worker(overrides: dict, sock: socket.socket) -> None:
+    """Entry point of a server process started by ``_supervise`` (a fresh interpreter: spawn)."""
+    settings = Settings(**overrides)
+    configure_logging(settings)
+    serve(settings, sock)
+
+
+def supervise(settings: Settings, overrides: dict) -> int:
+    """Bind the port, run ``settings.processes`` server processes on it, forward SIGTERM/SIGINT, wait."""
+    metrics_dir = tempfile.mkdtemp(prefix="isoquant-metrics-")
+    # Read by prometheus_client when it is first imported, in each (spawned) server process.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    config = _uvicorn_config(None, settings)
+    sock = config.bind_socket()  # logs "Uvicorn running on http://host:port"
+    # Listening now: connections made before a server process accepts wait in the backlog instead of
+    # being refused.
+    sock.listen(config.backlog)
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    workers = [
+        context.Process(target=_worker, args=(overrides, sock), name=f"isoquant-server-{i}")
+        for i in range(settings.processes)
+    ]
+    stopping: list[int] = []  # the signals received; a list append takes no lock (see _Server.handle_exit)
+
+    def stop(sig, frame) -> None:
+        stopping.append(sig)
+        for worker in workers:
+            if worker.exitcode is None and worker.pid is not None:
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for worker in workers:
+        worker.start()
+    pids = ", ".join(str(w.pid) for w in workers)
+    log.info("started %d server processes (%s); metrics in %s", len(workers), pids, metrics_dir)
+    status = 0
+    try:
+        alive = {worker.sentinel: worker for worker in workers}
+        while alive:
+            for sentinel in wait(list(alive)):
+                worker = alive.pop(sentinel)
+                worker.join()
+                if not stopping:
+                    log.error("server process %d exited with %s; stopping the others", worker.pid, worker.exitcode)
+                    status = 1
+                    stop(signal.SIGTERM, None)
+        if stopping:
+            log.info("signal %s: all %d server processes stopped", stopping[0], len(workers))
+    finally:
+        sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return status
