@@ -18,12 +18,11 @@ from kernels.plan import Plan
 from kernels.triton._common import (
     FLOAT_DTYPES,
     FUSED_VARIANTS,
-    _centroid,
     _chunk_norm,
-    _code_search,
     _load_rows,
     _norm,
     _rotate,
+    _search_centroid,
     check_rows,
     fused_params,
     fused_tile,
@@ -144,8 +143,7 @@ def _roundtrip_tile(
     """Round trip of the float32 tile x [BN, W] (columns ``cols`` = C0 .. C0 + W - 1 of the rows, norms
     rho and 1 / rho [BN]): stores x_hat and returns the tile's part of ||x - x_hat||^2 [BN]."""
     y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, C0, VARIANT, False)
-    codes = _code_search(y, bnd_ptr, BITS, SYMMETRIC)
-    c = tl.where((cols < N_CODED)[None, :], _centroid(codes, cent_ptr, BITS, SYMMETRIC), 0.0)
+    c = tl.where((cols < N_CODED)[None, :], _search_centroid(y, bnd_ptr, cent_ptr, BITS, SYMMETRIC), 0.0)
     x_hat = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, C0, VARIANT, True) * rho[:, None]
     mask = row_ok[:, None] & (cols < DIM)[None, :]
     tl.store(

@@ -206,6 +206,24 @@ def test_chunked_rows_interpreter(variant, dim, bits, dtype):
 
 @pytest.mark.interpreter
 @needs_interpreter
+@pytest.mark.parametrize("variant,dim", [("identity", 24), ("full", 24), ("2d", 24), ("fast", 260)])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_exact_zero_coordinates_interpreter(variant, dim, bits):
+    """Rotated coordinates exactly 0 (zero blocks of 4 in nonzero rows) sit on the middle boundary 0 and take
+    the code below it (the negative centroid) in the round trip's select-based centroid as in the reference."""
+    plan = Quantizer(variant, dim, bits, seed=4, backend="torch").plan
+    x = torch.randn(6, dim, generator=torch.Generator().manual_seed(bits))
+    x[:, :8] = 0.0  # two zero blocks (full/fast), four zero pairs (2d), eight zero coordinates (identity)
+    x[1::2, 12:16] = 0.0
+    x_hat, err = kt.roundtrip(x, plan)
+    ref_hat, ref_err = reference.roundtrip(x, plan)
+    assert torch.equal(kt.quantize(x, plan)[0], reference.quantize(x, plan)[0])
+    _rows_close(x_hat, ref_hat)
+    torch.testing.assert_close(err, ref_err, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.interpreter
+@needs_interpreter
 def test_quantizer_backend_triton_leading_shape_interpreter(monkeypatch):
     # Quantizer refuses backend="triton" on the CPU; let it through to run the interpreted kernels.
     monkeypatch.setattr(Quantizer, "_resolve_backend", lambda self, backend: backend)
