@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service import codec, validate
 from service.engine import QuantizeResult
 from service.errors import InvalidInput
-from service.routes.common import ERROR_RESPONSES, admitted, authorized, get_state, offload
+from service.routes.common import ERROR_RESPONSES, admitted, answer, authorized, get_state, offload
 from service.schemas import Array, Descriptor, Distortion, QuantizeRequest, QuantizeResponse
 from service.settings import Settings
 
@@ -70,8 +70,8 @@ def parse(body: bytes, fmt: str, settings: Settings) -> Parsed:
     return p
 
 
-def encode(result: QuantizeResult, x: torch.Tensor, fmt: str) -> tuple[bytes, int]:
-    """Result -> (body, tensor bytes returned)."""
+def encode(result: QuantizeResult, x: torch.Tensor, fmt: str) -> tuple[bytes | list, int]:
+    """Result -> (JSON body or safetensors parts, tensor bytes returned)."""
     bytes_in = codec.tensor_nbytes(x)
     bytes_out = codec.tensor_nbytes(result.codes) + codec.tensor_nbytes(result.norms)
     ratio = bytes_in / bytes_out
@@ -101,7 +101,7 @@ def encode(result: QuantizeResult, x: torch.Tensor, fmt: str) -> tuple[bytes, in
     }
     if result.stats is not None:
         metadata.update(result.stats.as_dict())
-    return codec.dump_safetensors(tensors, metadata), returned
+    return codec.safetensors_parts(tensors, metadata), returned
 
 
 @router.post(
@@ -128,8 +128,11 @@ async def quantize(request: Request) -> Response:
             p.want_distortion,
             ticket=a.ticket,
         )
-    content, returned = await offload(codec.tensor_nbytes(p.x), encode, result, p.x, a.out_fmt)
+    if a.out_fmt == "json":
+        content, returned = await offload(codec.tensor_nbytes(p.x), encode, result, p.x, a.out_fmt)
+    else:
+        content, returned = encode(result, p.x, a.out_fmt)
     metrics.batch_size.labels("quantize").observe(result.norms.numel())
     metrics.payload_bytes.labels("quantize", "in").inc(codec.tensor_nbytes(p.x))
     metrics.payload_bytes.labels("quantize", "out").inc(returned)
-    return Response(content, media_type=codec.JSON if a.out_fmt == "json" else codec.SAFETENSORS)
+    return answer(content, a.out_fmt)
