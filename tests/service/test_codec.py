@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -128,3 +129,15 @@ def test_parse_safetensors_refuses_bad_layouts(entries, data_len, message):
     with pytest.raises(MalformedBody) as info:
         codec.parse_safetensors(_container(entries, b"\0" * data_len))
     assert info.value.field == "body" and message in info.value.message
+
+
+def test_safetensors_parts_are_views_of_the_tensors():
+    """The answer's tensor bytes are sent from the tensors' own memory: parts after the header share it."""
+    codes = torch.randint(0, 256, (5, 48), dtype=torch.uint8)
+    norms = torch.rand(5)
+    parts = codec.safetensors_parts({"codes": codes, "norms": norms}, {"bits": 3})
+    assert len(parts) == 3 and bytes(parts[1]) == codes.numpy().tobytes() and bytes(parts[2]) == norms.numpy().tobytes()
+    assert np.shares_memory(np.asarray(parts[1]), codes.numpy())
+    assert np.shares_memory(np.asarray(parts[2]), norms.numpy())
+    tensors, meta = codec.parse_safetensors(b"".join(parts))
+    assert torch.equal(tensors["codes"], codes) and torch.equal(tensors["norms"], norms) and meta == {"bits": "3"}
