@@ -49,8 +49,13 @@ MIN_TILE = 1024  # elements: small batches shrink the tile down to this, not to 
 # at dim 128; sm_90 compile, float16): a coefficient row of 128 blocks is as large as the 128 threads,
 # so Triton loads it in its own layout and converts it (through shared memory) to each of the two layouts
 # the rotations use, 2 x 32 conversions, instead of loading it in the user's layout.
+# Ops that chunk: H200 run 5 (N = 2^20, dim 512, fraction of copy) took the round trip from 0.33-0.40 to
+# 0.67-0.91 (float16/bfloat16, bits 1-4), but quantize went down in 16-bit bits 3-4 cells (bf16 bits 4
+# 0.41 -> 0.33, min over dims) and fp32 bits 1 (0.82 -> 0.68), so quantize keeps whole rows. Every op's
+# kernel keeps its chunk loop (the tests run all three chunked).
 CHUNK_COLUMNS = 128
 CHUNKED_VARIANTS = ("full", "fast")
+CHUNKED_OPS = ("dequantize", "roundtrip")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -511,7 +516,8 @@ TILE_OVERRIDE: tuple[int, int] | None = None
 
 def fused_tile(plan: Plan, n: int, op: str) -> tuple[int, int, int]:
     """(W, BN, num_warps) for the fused kernel of ``op`` over n rows: W columns >= n_coded, or for full/fast
-    rows wider than CHUNK_COLUMNS a chunk of that many (the kernels loop over the row's chunks), BN rows with
+    rows wider than CHUNK_COLUMNS a chunk of that many when ``op`` is in CHUNKED_OPS (the kernels loop over the
+    row's chunks), BN rows with
     W * BN ~ the op's tile (FUSED_TILES), warps so that a thread holds at most the op's elements (2..16).
     BN shrinks for small batches until there are >= MIN_PROGRAMS programs (8,192 rows of 128: 1,024
     programs of 8 rows), so that all SMs have work and each program is short; below SMALL_PROGRAMS programs
@@ -521,7 +527,7 @@ def fused_tile(plan: Plan, n: int, op: str) -> tuple[int, int, int]:
     if TILE_OVERRIDE is not None:
         tile, warps = TILE_OVERRIDE
     width = triton.next_power_of_2(max(8, plan.n_coded))
-    if plan.variant in CHUNKED_VARIANTS:
+    if plan.variant in CHUNKED_VARIANTS and op in CHUNKED_OPS:
         width = min(width, CHUNK_COLUMNS)
     rows = max(1, tile // width)
     while rows * width > MIN_TILE and triton.cdiv(n, rows) < MIN_PROGRAMS:
