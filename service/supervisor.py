@@ -3,7 +3,7 @@
 ``ISOQUANT_PROCESSES=N`` (N > 1): the calling process binds the port and starts N server processes that
 accept on it, each with its own engine (quantizers, warm-up, CUDA context) on the same device; it
 forwards SIGTERM/SIGINT to them and waits. Why: one uvicorn process received 16 MiB request bodies at
-0.9-1.0 GB/s on the H200 host's CPU with no work in the route, whatever the number of clients; 8
+0.5-1.2 GB/s on the H200 host's CPU with no work in the route, whatever the number of clients; 8
 processes took 6.4 GB/s with 8 clients (docs/BENCHMARKS.md). If a server process dies, the others are
 stopped and the supervisor exits with status 1, so that the container restarts whole.
 """
