@@ -164,8 +164,22 @@ class Engine:
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A uint8 [nbytes] host buffer for a request body. On a GPU it is pinned (torch's caching host
         allocator: reused across requests, no page faults), so the vectors parsed in place go to the
-        device in one DMA; the cache keeps up to the peak of concurrently admitted bodies."""
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        device in one DMA; the cache keeps up to the peak of concurrently admitted bodies. If pinned
+        memory cannot be had, pageable memory does (slower copies, same results); if no memory can be
+        had, 503."""
+        try:
+            if self.device.type == "cuda":
+                try:
+                    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                except RuntimeError as exc:
+                    log.warning("pinned host memory of %d bytes not available (%s); using pageable memory", nbytes, exc)
+            return torch.empty(nbytes, dtype=torch.uint8)
+        except (MemoryError, RuntimeError) as exc:
+            self.metrics.device_errors.labels("out_of_memory").inc()
+            raise Unavailable(
+                f"no host memory for a body of {nbytes} bytes; retry later or with a smaller batch",
+                type="out_of_memory",
+            ) from exc
 
     def quantizer(self, variant: str, dim: int, bits: int, seed: int) -> Quantizer:
         """The resident quantizer for these parameters, built on first use (call from a worker)."""

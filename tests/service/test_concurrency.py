@@ -138,3 +138,35 @@ async def test_device_out_of_memory_is_503_and_serving_continues():
         assert 'isoquant_device_errors_total{kind="runtime"} 1.0' in text
         r = await client.post("/quantize", json={"vectors": b64(torch.randn(3, 64)), "bits": 3})
         assert r.status_code == 200 and engine.resident_count()["default_seed"] >= 1
+
+
+class _TorchWithoutHostMemory:
+    """torch, except that a request-body buffer of 1 MiB or more cannot be allocated (as when the host is
+    out of memory): fault injection for Engine.host_buffer, the one allocation made outside a job."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*shape, **kwargs):
+        if kwargs.get("dtype") is torch.uint8 and len(shape) == 1 and shape[0] >= 1 << 20:
+            raise MemoryError
+        return torch.empty(*shape, **kwargs)
+
+
+async def test_no_host_memory_for_a_body_is_503_and_serving_continues(monkeypatch):
+    import service.engine
+
+    app = create_app(settings(warm_dims=[64]))
+    async with running(app) as client:
+        monkeypatch.setattr(service.engine, "torch", _TorchWithoutHostMemory())
+        big = st_save({"vectors": torch.randn(4096, 64)}, metadata={"bits": "3"})  # 1 MiB of float32
+        r = await client.post("/quantize", content=big, headers={"content-type": SAFETENSORS})
+        assert_error(r, 503, "out_of_memory", None, "no host memory", str(len(big)))
+        assert r.headers["Retry-After"] == "1"
+        small = st_save({"vectors": torch.randn(3, 64)}, metadata={"bits": "3"})
+        r = await client.post("/quantize", content=small, headers={"content-type": SAFETENSORS})
+        assert r.status_code == 200
+        text = (await client.get("/metrics")).text
+        assert 'isoquant_device_errors_total{kind="out_of_memory"} 1.0' in text
+        assert "isoquant_queue_depth 0.0" in text  # the refused body gave its queue place back
