@@ -48,7 +48,10 @@ MAX_NDIM = 8
 # A body not fully received within this many seconds gets 408: a slow client must not hold a queue
 # place for ever. (A constant for now; promote it to a setting together with its README row.)
 BODY_TIMEOUT_S = 30.0
-_MAX_HEADER = 1 << 20  # a safetensors header of a few tensors is well under 1 KiB
+# A safetensors header of the few tensors a request holds is well under 1 KiB. The header is parsed on
+# the event loop, so both bounds keep that parse short whatever a client sends.
+_MAX_HEADER = 64 << 10
+_MAX_TENSORS = 16
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -129,6 +132,8 @@ async def _read_body(request, limit: int, allocate) -> bytearray | torch.Tensor:
             size = int(declared)
         except ValueError:
             raise MalformedBody(f"Content-Length {declared!r} is not an integer", "content-length") from None
+        if size < 0:
+            raise MalformedBody(f"Content-Length {declared!r} is negative", "content-length")
         if size > limit:
             raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {limit} bytes", "body")
     from starlette.requests import ClientDisconnect
@@ -170,8 +175,8 @@ def parse_json(body: bytes | bytearray) -> dict:
     """The body as a JSON object (400 if it is not)."""
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedBody(f"body is not valid JSON: {exc}", "body") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise MalformedBody(f"body is not valid JSON: {exc or 'nested too deeply'}", "body") from None
     if not isinstance(value, dict):
         raise MalformedBody(f"body must be a JSON object, got {type(value).__name__}", "body")
     return value
@@ -281,7 +286,10 @@ def parse_safetensors(body: bytes | bytearray | torch.Tensor) -> tuple[dict[str,
     a fresh allocation and a copy, and on a GPU it would also lose the pinned buffer that ``read_body``
     filled. The checks are the format's own (as the safetensors package makes them): the header is a
     JSON object of entries {dtype, shape, data_offsets}; each entry's byte count is its shape's; the
-    entries cover the data after the header exactly, without gaps or overlaps."""
+    entries cover the data after the header exactly, without gaps or overlaps. Beyond the format: at most
+    64 KiB of header, 16 tensors and 8 dimensions, so that the parse (on the event loop) stays short.
+    The work is O(header), except that a header not padded to the element size costs one copy of the
+    misaligned tensors (writers pad to 8 bytes: ours, the safetensors package)."""
     if not isinstance(body, torch.Tensor):
         body = torch.frombuffer(body if isinstance(body, bytearray) else bytearray(body), dtype=torch.uint8)
     size = body.numel()
@@ -296,30 +304,45 @@ def parse_safetensors(body: bytes | bytearray | torch.Tensor) -> tuple[dict[str,
         )
     try:
         header = json.loads(raw[8 : 8 + header_len].tobytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedBody(f"safetensors header is not valid JSON: {exc}", "body") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise MalformedBody(f"safetensors header is not valid JSON: {exc or 'nested too deeply'}", "body") from None
     if not isinstance(header, dict):
         raise MalformedBody("safetensors header must be a JSON object", "body")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise MalformedBody("safetensors __metadata__ must map strings to strings", "body")
+    if len(header) > _MAX_TENSORS:
+        raise MalformedBody(f"safetensors body holds {len(header)} tensors; at most {_MAX_TENSORS} are read", "body")
     for name, info in header.items():
-        if not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES:
-            dtype = info.get("dtype") if isinstance(info, dict) else None
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
             raise InvalidInput(f"tensor {name!r} has dtype {dtype!r}; allowed: {', '.join(_ST_DTYPES.values())}", name)
     data = body[8 + header_len :]
     spans = []
     for name, info in header.items():
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
-            raise MalformedBody(f"malformed safetensors body: tensor {name!r} has shape {shape!r}", "body")
+        # Each dimension at most the body's size: bounds the product below (a zero-size tensor does not
+        # need a larger one) and keeps huge integers out of the arithmetic and the messages.
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or any(isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= size for d in shape)
+        ):
+            raise MalformedBody(
+                f"malformed safetensors body: tensor {name!r} needs a shape of at most {MAX_NDIM} dimensions, each "
+                f"from 0 to the body's size; got {str(shape)[:200]}",
+                "body",
+            )
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or any(isinstance(o, bool) or not isinstance(o, int) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]
+            or not 0 <= offsets[0] <= offsets[1] <= size
         ):
-            raise MalformedBody(f"malformed safetensors body: tensor {name!r} has data_offsets {offsets!r}", "body")
+            raise MalformedBody(
+                f"malformed safetensors body: tensor {name!r} has data_offsets {str(offsets)[:200]}", "body"
+            )
         dtype = DTYPES[_ST_DTYPES[info["dtype"]]]
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if offsets[1] - offsets[0] != nbytes:

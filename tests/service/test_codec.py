@@ -122,6 +122,14 @@ def test_parse_safetensors_aligns_an_unpadded_header_by_copying():
         ({"a": {"dtype": "U8", "shape": [-2], "data_offsets": [0, 2]}}, 2, "shape"),
         ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [2, 0]}}, 2, "data_offsets"),
         ({"a": {"dtype": "U8", "shape": [2], "data_offsets": "0-2"}}, 2, "data_offsets"),
+        ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 10**4000]}}, 2, "data_offsets"),
+        # Hostile shapes: dimensions beyond the body (huge integers), zero-size with a 2^63 dimension,
+        # more than 8 dimensions.
+        ({"a": {"dtype": "U8", "shape": [10**4000] * 10, "data_offsets": [0, 2]}}, 2, "at most 8 dimensions"),
+        ({"a": {"dtype": "U8", "shape": [0, 2**63, 64], "data_offsets": [0, 0]}}, 0, "each from 0 to the body"),
+        ({"a": {"dtype": "U8", "shape": [1] * 9, "data_offsets": [0, 1]}}, 1, "at most 8 dimensions"),
+        ({f"t{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(17)}, 0, "at most 16"),
+        ({"__metadata__": False, "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, 1, "__metadata__"),
     ],
 )  # fmt: skip
 def test_parse_safetensors_refuses_bad_layouts(entries, data_len, message):
@@ -141,3 +149,18 @@ def test_safetensors_parts_are_views_of_the_tensors():
     assert np.shares_memory(np.asarray(parts[2]), norms.numpy())
     tensors, meta = codec.parse_safetensors(b"".join(parts))
     assert torch.equal(tensors["codes"], codes) and torch.equal(tensors["norms"], norms) and meta == {"bits": "3"}
+
+
+def test_parse_safetensors_refuses_deep_nesting_and_non_string_dtypes():
+    """A header nested too deeply for the JSON parser is a 400, not a RecursionError; a dtype that is not
+    a string is a 422 naming the tensor, not a TypeError."""
+    nested = b"[" * 60000
+    body = bytearray(struct.pack("<Q", len(nested)) + nested)
+    with pytest.raises(MalformedBody) as info:
+        codec.parse_safetensors(body)
+    assert "not valid JSON" in info.value.message
+    with pytest.raises(InvalidInput) as info:
+        codec.parse_safetensors(_container({"vectors": {"dtype": [1], "shape": [1], "data_offsets": [0, 1]}}, b"\0"))
+    assert info.value.field == "vectors" and "F16" not in info.value.message and "float16" in info.value.message
+    with pytest.raises(MalformedBody):
+        codec.parse_json(b"[" * 60000)
