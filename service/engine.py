@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -133,6 +135,7 @@ class Engine:
         self._build_lock = threading.Lock()  # one build at a time: codebooks are cached per process
         self._admitted = 0
         self._running = 0
+        self._pinned_bytes = 0  # live pinned host tensors of this process (see _host_empty)
         self._resident: dict[tuple[str, int, int], Quantizer] = {}  # default seed: bounded by the allowlists
         self._seeded: OrderedDict[tuple[str, int, int, int], Quantizer] = OrderedDict()  # other seeds: LRU
         self.warmed = False  # warm-up finished successfully
@@ -162,24 +165,44 @@ class Engine:
     # -- quantizers -------------------------------------------------------------------------------
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
-        """A uint8 [nbytes] host buffer for a request body. On a GPU it is pinned (torch's caching host
-        allocator: reused across requests, no page faults), so the vectors parsed in place go to the
-        device in one DMA; the cache keeps up to the peak of concurrently admitted bodies. If pinned
-        memory cannot be had, pageable memory does (slower copies, same results); if no memory can be
-        had, 503."""
+        """A uint8 [nbytes] host buffer for a request body (``_host_empty``): pinned on a GPU, so the
+        vectors parsed in place go to the device in one DMA. 503 if no host memory can be had."""
         try:
-            if self.device.type == "cuda":
-                try:
-                    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-                except RuntimeError as exc:
-                    log.warning("pinned host memory of %d bytes not available (%s); using pageable memory", nbytes, exc)
-            return torch.empty(nbytes, dtype=torch.uint8)
+            return self._host_empty((nbytes,), torch.uint8)
         except (MemoryError, RuntimeError) as exc:
             self.metrics.device_errors.labels("out_of_memory").inc()
             raise Unavailable(
                 f"no host memory for a body of {nbytes} bytes; retry later or with a smaller batch",
                 type="out_of_memory",
             ) from exc
+
+    def _host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialized host tensor. On a GPU it is pinned (torch's caching host allocator: reused
+        across requests, no page faults, one DMA to or from the device) while this process's live pinned
+        tensors stay within ``pinned_host_bytes``; beyond that, or if pinned memory cannot be had,
+        pageable memory does (slower copies, same results). The allocator keeps what it hands out, rounded
+        up to powers of two, so the page-locked memory of a process stays under about twice the budget."""
+        if self.device.type == "cuda":
+            nbytes = math.prod(shape) * dtype.itemsize
+            with self._lock:
+                pinned = self._pinned_bytes + nbytes <= self.settings.pinned_host_bytes
+                if pinned:
+                    self._pinned_bytes += nbytes
+            if pinned:
+                try:
+                    tensor = torch.empty(shape, dtype=dtype, pin_memory=True)
+                except RuntimeError as exc:
+                    self._release_pinned(nbytes)
+                    log.warning("pinned host memory of %d bytes not available (%s); using pageable memory", nbytes, exc)
+                else:
+                    # Views of it (parsed tensors, numpy arrays) keep it alive, so this runs when the last goes.
+                    weakref.finalize(tensor, self._release_pinned, nbytes)
+                    return tensor
+        return torch.empty(shape, dtype=dtype)
+
+    def _release_pinned(self, nbytes: int) -> None:
+        with self._lock:
+            self._pinned_bytes -= nbytes
 
     def quantizer(self, variant: str, dim: int, bits: int, seed: int) -> Quantizer:
         """The resident quantizer for these parameters, built on first use (call from a worker)."""
@@ -263,7 +286,7 @@ class Engine:
             return self._guard(fn, *args)
         finally:
             self._finish(started=True)
-            self.metrics.refresh_gpu_memory()
+            self.metrics.refresh_process_gauges()
 
     def _finish(self, started: bool) -> None:
         with self._lock:
@@ -397,15 +420,15 @@ class Engine:
         return DequantizeResult(vectors, stats)
 
     def _to_host(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-        """Results -> host tensors. On a GPU each goes by one DMA into pinned memory (torch's caching host
-        allocator: reused, so no page faults, where .cpu() took a fresh pageable allocation each time)
-        and the stream is synchronized once for all."""
+        """Results -> host tensors. On a GPU each goes by one DMA into pinned memory (``_host_empty``: no
+        page faults, where .cpu() took a fresh pageable allocation each time) and the stream is
+        synchronized once for all."""
         if self.device.type != "cuda":
             return list(tensors)
         host = []
         for t in tensors:
             if t is not None:
-                copy = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                copy = self._host_empty(tuple(t.shape), t.dtype)
                 copy.copy_(t, non_blocking=True)
                 t = copy
             host.append(t)
@@ -444,7 +467,7 @@ class Engine:
         seconds = time.perf_counter() - t0
         self.warmup_seconds = seconds
         self.metrics.warmup_seconds.set(seconds)
-        self.metrics.refresh_gpu_memory()
+        self.metrics.refresh_process_gauges()
         return seconds
 
     def start_warm_up(self) -> Future:
@@ -456,9 +479,10 @@ class Engine:
                 self.warmup_error = f"{type(exc).__name__}: {exc}"
                 log.error("warm-up failed; the service stays not ready: %s", self.warmup_error)
                 return
-            self.warmed = True
-            if not self.draining:
-                self.metrics.set_ready(True)
+            with self._lock:  # against begin_shutdown: a draining process must not be marked ready
+                self.warmed = True
+                if not self.draining:
+                    self.metrics.set_ready(True)
             log.info(
                 "warm-up done in %.2f s: %d quantizers on %s (backend %s)",
                 future.result(),
@@ -473,8 +497,9 @@ class Engine:
 
     def begin_shutdown(self) -> None:
         """Turn not-ready (readiness probes fail) but keep serving what is admitted."""
-        self.draining = True
-        self.metrics.set_ready(False)
+        with self._lock:
+            self.draining = True
+            self.metrics.set_ready(False)
 
     def close(self) -> None:
         """Refuse new work and wait for the admitted jobs to finish."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
+import time
 
 from prometheus_client import (
     CollectorRegistry,
@@ -146,6 +148,17 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.process_cpu = Counter(
+            "isoquant_process_cpu_seconds",
+            "CPU time (user + system) of the server processes",
+            registry=r,
+        )
+        self.process_memory = Gauge(
+            "isoquant_process_resident_memory_bytes",
+            "Resident memory of the server processes, summed",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.gpu_memory = Gauge(
             "isoquant_gpu_memory_bytes",
             "GPU memory held by the torch allocator (allocated: in tensors; reserved: cached), summed over processes",
@@ -165,6 +178,8 @@ class Metrics:
         )
         self._version = version
         self.device = None
+        self._process_lock = threading.Lock()
+        self._cpu_counted = 0.0
         PlatformCollector(registry=r)
         if self._multiprocess_dir is None:
             ProcessCollector(registry=r)
@@ -194,13 +209,24 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The text exposition for /metrics (of all processes in multiprocess mode)."""
-        self.refresh_gpu_memory()
+        self.refresh_process_gauges()
         return generate_latest(self._exposed)
 
-    def refresh_gpu_memory(self) -> None:
-        """Reads this process's torch allocator into isoquant_gpu_memory_bytes (no samples on CPU). Called
-        at each scrape and after each job, so that other processes' values in multiprocess mode are at
-        most one job old."""
+    def refresh_process_gauges(self) -> None:
+        """Reads this process's CPU time, resident memory and torch allocator (GPU only) into the
+        isoquant_process_* and isoquant_gpu_memory_bytes series. Called at each scrape and after each job,
+        so that in multiprocess mode the other processes' values are at most one job old (an idle
+        process's do not change). prometheus_client's own process_* collector describes only the process
+        it runs in, so it is left out in that mode; these work in both."""
+        with self._process_lock:
+            cpu = time.process_time()
+            self.process_cpu.inc(max(0.0, cpu - self._cpu_counted))
+            self._cpu_counted = cpu
+        try:
+            with open("/proc/self/statm") as statm:
+                self.process_memory.set(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, IndexError):
+            pass  # not Linux: no resident-memory sample
         if self.device is not None and self.device.type == "cuda":
             import torch
 

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     max_vectors: int = Field(65536, ge=1, description="Most vectors in one request (413 above).")
     max_queue: int = Field(64, ge=1, description="Most requests admitted to the device queue (429 above).")
     workers: int = Field(1, ge=1, le=64, description="Threads that run device work (1 keeps one GPU stream busy).")
+    pinned_host_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="GPU: page-locked host memory for request bodies and results, per server process; beyond it, "
+        "pageable memory (0: never pinned).",
+    )
     processes: int = Field(
         1,
         ge=1,

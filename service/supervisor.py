@@ -11,6 +11,7 @@ stopped and the supervisor exits with status 1, so that the container restarts w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -21,6 +22,7 @@ import tempfile
 from multiprocessing.connection import wait
 
 import uvicorn
+from prometheus_client import multiprocess
 
 from service.settings import Settings
 
@@ -123,6 +125,8 @@ def supervise(settings: Settings, overrides: dict) -> int:
     signal.signal(signal.SIGINT, stop)
     for worker in workers:
         worker.start()
+    if stopping:  # a signal came while workers were starting: those started after it have not had it
+        stop(stopping[0], None)
     pids = ", ".join(str(w.pid) for w in workers)
     log.info("started %d server processes (%s); metrics in %s", len(workers), pids, metrics_dir)
     status = 0
@@ -132,6 +136,10 @@ def supervise(settings: Settings, overrides: dict) -> int:
             for sentinel in wait(list(alive)):
                 worker = alive.pop(sentinel)
                 worker.join()
+                # Its live gauges (queue depth, in flight, ready, ...) stop counting in the others' scrapes.
+                multiprocess.mark_process_dead(worker.pid, metrics_dir)
+                with contextlib.suppress(FileNotFoundError):  # and /health/ready stops counting it
+                    os.remove(os.path.join(metrics_dir, f"ready-{worker.pid}"))
                 if not stopping:
                     log.error("server process %d exited with %s; stopping the others", worker.pid, worker.exitcode)
                     status = 1

@@ -149,7 +149,8 @@ class _TorchWithoutHostMemory:
 
     @staticmethod
     def empty(*shape, **kwargs):
-        if kwargs.get("dtype") is torch.uint8 and len(shape) == 1 and shape[0] >= 1 << 20:
+        size = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        if kwargs.get("dtype") is torch.uint8 and len(size) == 1 and size[0] >= 1 << 20:
             raise MemoryError
         return torch.empty(*shape, **kwargs)
 

@@ -40,3 +40,38 @@ async def test_service_on_gpu_matches_library_on_gpu():
         assert memory and memory[0].value > 0
         counts = [s for s in families["isoquant_kernel_duration_seconds"].samples if s.name.endswith("_count")]
         assert sum(s.value for s in counts) >= 6
+
+
+@pytest.mark.parametrize("pinned_host_bytes", [1 << 30, 1 << 20, 0])
+async def test_binary_path_on_gpu_matches_library(pinned_host_bytes):
+    """Safetensors bodies read into pinned host memory (or pageable memory beyond the budget, or with
+    pinning off) and answers copied back into it give the library's codes and reconstruction byte for
+    byte; the budget is all returned once the answers are gone."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from tests.service.conftest import SAFETENSORS
+
+    app = create_app(
+        settings(device="cuda", warm_dims=[128], warm_dtypes=["float16"], pinned_host_bytes=pinned_host_bytes)
+    )
+    async with running(app) as client:
+        engine = app.state.isoquant.engine
+        q = Quantizer("full", 128, 3, 0, device="cuda")
+        for n in (5, 8192):  # 2 KiB and 2 MiB bodies: under and over the 1 MiB budget
+            x = torch.randn(n, 128).half()
+            body = st_save({"vectors": x}, metadata={"variant": "full", "bits": "3"})
+            r = await client.post("/quantize", content=body, headers={"content-type": SAFETENSORS})
+            assert r.status_code == 200, r.text
+            out = st_load(r.content)
+            packed = q.quantize(x.cuda())
+            assert torch.equal(out["codes"], packed.codes.cpu()) and torch.equal(out["norms"], packed.norms.cpu())
+            d = await client.post("/dequantize", content=r.content, headers={"content-type": SAFETENSORS})
+            assert d.status_code == 200, d.text
+            # The answer's metadata names no dtype, so /dequantize answers float32.
+            assert torch.equal(st_load(d.content)["vectors"], q.dequantize(packed, torch.float32).cpu())
+            del r, d, out
+        import gc
+
+        gc.collect()
+        assert engine._pinned_bytes == 0, f"{engine._pinned_bytes} pinned bytes still counted"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -61,3 +62,25 @@ def test_bad_device_settings_are_refused():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda:0")
     assert str(resolve_device("cpu")) == "cpu"
+
+
+@pytest.mark.anyio
+async def test_ready_waits_for_every_server_process(tmp_path, monkeypatch):
+    """With several server processes (multiprocess metrics folder set), /health/ready is 503 while any
+    process is not warm, naming how many are, and 200 once the marker of every process is there; a
+    process that begins shutting down removes its own marker."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    app = create_app(settings(warm_dims=[64], warm_bits=[2], warm_variants=["full"], processes=2))
+    async with running(app, wait_ready=False) as client:
+        engine = app.state.isoquant.engine
+        while not engine.ready:
+            await asyncio.sleep(0.02)
+        assert sorted(p.name for p in tmp_path.glob("ready-*")) == [f"ready-{os.getpid()}"]
+        r = await client.get("/health/ready")
+        assert_error(r, 503, "not_ready", None, "this process is ready, 1 of 2 server processes are")
+        (tmp_path / "ready-999999").touch()  # the other process finished its warm-up
+        r = await client.get("/health/ready")
+        assert r.status_code == 200 and r.json()["status"] == "ready"
+        engine.begin_shutdown()
+        assert not (tmp_path / f"ready-{os.getpid()}").exists()
+        assert_error(await client.get("/health/ready"), 503, "shutting_down", None)

@@ -182,10 +182,17 @@ def test_several_processes_share_the_port_and_sum_their_metrics():
             text = server.metrics_text()
             assert _counter(text, "isoquant_vectors_total", op="quantize", variant="full", dim="128") == requests * 37
             assert _counter(text, "isoquant_ready") == 1.0
-            assert "process_cpu_seconds_total" not in text  # per-process metrics are left out in this mode
+            # prometheus_client's process_* would describe one process: left out; isoquant_process_* sum them.
+            assert not re.search(r"^process_cpu_seconds_total", text, re.M)
+            assert _counter(text, "isoquant_process_cpu_seconds_total") > 0
+            rss_sum = _counter(text, "isoquant_process_resident_memory_bytes")
         log = server.log_text()
         assert log.count("Application startup complete") == 2, log
         metrics_dir = re.search(r"metrics in (\S+)", log)
+        pids = [int(p) for p in re.search(r"started 2 server processes \(([\d, ]+)\)", log).group(1).split(", ")]
+        page = os.sysconf("SC_PAGE_SIZE")
+        rss = [int(open(f"/proc/{pid}/statm").read().split()[1]) * page for pid in pids]
+        assert rss_sum > 1.5 * max(rss), (rss_sum, rss)  # both processes' memory, not one's
     finally:
         server.process.terminate()
         status = server.process.wait(timeout=60)
