@@ -14,7 +14,6 @@ import logging
 import math
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from kernels import FORMAT_VERSION, INPUT_DTYPES, Packed, Quantizer
 from service.errors import ApiError, InvalidInput, QueueFull, Unavailable
@@ -135,7 +135,7 @@ class Engine:
         self._build_lock = threading.Lock()  # one build at a time: codebooks are cached per process
         self._admitted = 0
         self._running = 0
-        self._pinned_bytes = 0  # live pinned host tensors of this process (see _host_empty)
+        self._pinned: list[tuple[StorageWeakRef, int]] = []  # pinned host storage handed out (_host_empty)
         self._resident: dict[tuple[str, int, int], Quantizer] = {}  # default seed: bounded by the allowlists
         self._seeded: OrderedDict[tuple[str, int, int, int], Quantizer] = OrderedDict()  # other seeds: LRU
         self.warmed = False  # warm-up finished successfully
@@ -179,30 +179,30 @@ class Engine:
     def _host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialized host tensor. On a GPU it is pinned (torch's caching host allocator: reused
         across requests, no page faults, one DMA to or from the device) while this process's live pinned
-        tensors stay within ``pinned_host_bytes``; beyond that, or if pinned memory cannot be had,
+        storage stays within ``pinned_host_bytes``; beyond that, or if pinned memory cannot be had,
         pageable memory does (slower copies, same results). The allocator keeps what it hands out, rounded
-        up to powers of two, so the page-locked memory of a process stays under about twice the budget."""
+        up to powers of two, so the page-locked memory of a process stays under about twice the budget.
+        (Two allocations at once may both fit and together pass the budget by one of them.)"""
         if self.device.type == "cuda":
             nbytes = math.prod(shape) * dtype.itemsize
-            with self._lock:
-                pinned = self._pinned_bytes + nbytes <= self.settings.pinned_host_bytes
-                if pinned:
-                    self._pinned_bytes += nbytes
-            if pinned:
+            if self.pinned_bytes_in_use() + nbytes <= self.settings.pinned_host_bytes:
                 try:
                     tensor = torch.empty(shape, dtype=dtype, pin_memory=True)
                 except RuntimeError as exc:
-                    self._release_pinned(nbytes)
                     log.warning("pinned host memory of %d bytes not available (%s); using pageable memory", nbytes, exc)
                 else:
-                    # Views of it (parsed tensors, numpy arrays) keep it alive, so this runs when the last goes.
-                    weakref.finalize(tensor, self._release_pinned, nbytes)
+                    # A weak reference to the storage, not the tensor: views (parsed tensors, numpy arrays,
+                    # answer parts) keep the storage alive after the tensor object is gone.
+                    with self._lock:
+                        self._pinned.append((StorageWeakRef(tensor.untyped_storage()), nbytes))
                     return tensor
         return torch.empty(shape, dtype=dtype)
 
-    def _release_pinned(self, nbytes: int) -> None:
+    def pinned_bytes_in_use(self) -> int:
+        """Bytes of this process's pinned host storage still alive (``_host_empty``)."""
         with self._lock:
-            self._pinned_bytes -= nbytes
+            self._pinned = [(ref, n) for ref, n in self._pinned if not ref.expired()]
+            return sum(n for _, n in self._pinned)
 
     def quantizer(self, variant: str, dim: int, bits: int, seed: int) -> Quantizer:
         """The resident quantizer for these parameters, built on first use (call from a worker)."""

@@ -53,7 +53,13 @@ async def test_binary_path_on_gpu_matches_library(pinned_host_bytes):
     from tests.service.conftest import SAFETENSORS
 
     app = create_app(
-        settings(device="cuda", warm_dims=[128], warm_dtypes=["float16"], pinned_host_bytes=pinned_host_bytes)
+        settings(
+            device="cuda",
+            warm_dims=[128],
+            warm_dtypes=["float16"],
+            max_vectors=8192,
+            pinned_host_bytes=pinned_host_bytes,
+        )
     )
     async with running(app) as client:
         engine = app.state.isoquant.engine
@@ -74,4 +80,4 @@ async def test_binary_path_on_gpu_matches_library(pinned_host_bytes):
         import gc
 
         gc.collect()
-        assert engine._pinned_bytes == 0, f"{engine._pinned_bytes} pinned bytes still counted"
+        assert engine.pinned_bytes_in_use() == 0, f"{engine.pinned_bytes_in_use()} pinned bytes still counted"
