@@ -61,10 +61,18 @@ def _quantize_fused_kernel(
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     cols = tl.arange(0, W)
-    if N_CODED <= W:  # the whole row in one tile: load once
-        x = _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
-        rho, inv = _norm(x)
-        tl.store(norms_ptr + rows, rho, mask=row_ok)
+    if N_CODED <= W:  # the whole row in one tile: loaded once, here
+        whole = _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
+        rho, inv = _norm(whole)
+    else:  # chunks of W columns (see fused_tile): norm pass, then each chunk loaded again in the loop
+        whole = tl.zeros([BN, W], tl.float32)  # not used
+        rho, inv = _chunk_norm(x_ptr, rows, row_ok, DIM, N_CODED, stride_xr, stride_xc, W)
+    tl.store(norms_ptr + rows, rho, mask=row_ok)
+    for c0 in tl.static_range(0, N_CODED, W):  # one trip for a whole row
+        if N_CODED <= W:
+            x = whole
+        else:
+            x = _load_rows(x_ptr, rows, row_ok, c0 + cols, DIM, stride_xr, stride_xc)
         _quantize_tile(
             x,
             inv,
@@ -74,9 +82,9 @@ def _quantize_fused_kernel(
             bnd_ptr,
             rows,
             row_ok,
-            cols,
+            c0 + cols,
             N_CODED,
-            0,
+            c0,
             CODE_BYTES,
             stride_cr,
             stride_cc,
@@ -87,33 +95,6 @@ def _quantize_fused_kernel(
             SYMMETRIC,
             WORD,
         )
-    else:  # chunks of W columns (see fused_tile): norm pass, then each chunk loaded again
-        rho, inv = _chunk_norm(x_ptr, rows, row_ok, DIM, N_CODED, stride_xr, stride_xc, W)
-        tl.store(norms_ptr + rows, rho, mask=row_ok)
-        for c0 in tl.static_range(0, N_CODED, W):
-            x = _load_rows(x_ptr, rows, row_ok, c0 + cols, DIM, stride_xr, stride_xc)
-            _quantize_tile(
-                x,
-                inv,
-                codes_ptr,
-                p0_ptr,
-                p1_ptr,
-                bnd_ptr,
-                rows,
-                row_ok,
-                c0 + cols,
-                N_CODED,
-                c0,
-                CODE_BYTES,
-                stride_cr,
-                stride_cc,
-                BN,
-                W,
-                BITS,
-                VARIANT,
-                SYMMETRIC,
-                WORD,
-            )
 
 
 @triton.jit

@@ -59,10 +59,19 @@ def _roundtrip_fused_kernel(
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     cols = tl.arange(0, W)
-    if N_CODED <= W:  # the whole row in one tile: load once
-        x = _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
-        rho, inv = _norm(x)
-        err = _roundtrip_tile(
+    if N_CODED <= W:  # the whole row in one tile: loaded once, here
+        whole = _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
+        rho, inv = _norm(whole)
+    else:  # chunks of W columns (see fused_tile): norm pass, then each chunk loaded again in the loop
+        whole = tl.zeros([BN, W], tl.float32)  # not used
+        rho, inv = _chunk_norm(x_ptr, rows, row_ok, DIM, N_CODED, stride_xr, stride_xc, W)
+    err = tl.zeros([BN], tl.float32)
+    for c0 in tl.static_range(0, N_CODED, W):  # one trip for a whole row
+        if N_CODED <= W:
+            x = whole
+        else:
+            x = _load_rows(x_ptr, rows, row_ok, c0 + cols, DIM, stride_xr, stride_xc)
+        err += _roundtrip_tile(
             x,
             rho,
             inv,
@@ -73,10 +82,10 @@ def _roundtrip_fused_kernel(
             cent_ptr,
             rows,
             row_ok,
-            cols,
+            c0 + cols,
             DIM,
             N_CODED,
-            0,
+            c0,
             stride_or,
             stride_oc,
             BN,
@@ -85,34 +94,6 @@ def _roundtrip_fused_kernel(
             VARIANT,
             SYMMETRIC,
         )
-    else:  # chunks of W columns (see fused_tile): norm pass, then each chunk loaded again
-        rho, inv = _chunk_norm(x_ptr, rows, row_ok, DIM, N_CODED, stride_xr, stride_xc, W)
-        err = tl.zeros([BN], tl.float32)
-        for c0 in tl.static_range(0, N_CODED, W):
-            x = _load_rows(x_ptr, rows, row_ok, c0 + cols, DIM, stride_xr, stride_xc)
-            err += _roundtrip_tile(
-                x,
-                rho,
-                inv,
-                out_ptr,
-                p0_ptr,
-                p1_ptr,
-                bnd_ptr,
-                cent_ptr,
-                rows,
-                row_ok,
-                c0 + cols,
-                DIM,
-                N_CODED,
-                c0,
-                stride_or,
-                stride_oc,
-                BN,
-                W,
-                BITS,
-                VARIANT,
-                SYMMETRIC,
-            )
     tl.store(err_ptr + rows, err, mask=row_ok)
 
 
