@@ -105,6 +105,30 @@ def _chunk_norm(x_ptr, rows, row_ok, DIM, N_CODED: tl.constexpr, stride_xr, stri
 
 
 @triton.jit
+def _rows_norm(x_ptr, rows, row_ok, DIM, N_CODED: tl.constexpr, stride_xr, stride_xc, W: tl.constexpr):
+    """(whole, rho, inv) for the fused kernels' rows: when a row fits one tile (N_CODED <= W), whole is
+    that float32 tile [BN, W], loaded once, and its norms; otherwise whole is unused and the norms come
+    from ``_chunk_norm``. The chunk loop then takes each chunk from ``_row_chunk``."""
+    if N_CODED <= W:
+        whole = _load_rows(x_ptr, rows, row_ok, tl.arange(0, W), DIM, stride_xr, stride_xc)
+        rho, inv = _norm(whole)
+    else:
+        whole = tl.zeros([rows.shape[0], W], tl.float32)  # not used
+        rho, inv = _chunk_norm(x_ptr, rows, row_ok, DIM, N_CODED, stride_xr, stride_xc, W)
+    return whole, rho, inv
+
+
+@triton.jit
+def _row_chunk(whole, x_ptr, rows, row_ok, cols, DIM, N_CODED: tl.constexpr, stride_xr, stride_xc, W: tl.constexpr):
+    """The float32 tile [BN, W] of columns ``cols``: ``whole`` when the row is one tile, else loaded
+    again (an L1/L2 hit after ``_chunk_norm``)."""
+    if N_CODED <= W:
+        return whole
+    else:
+        return _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
+
+
+@triton.jit
 def _coef(base, ok, k: tl.constexpr, N_BLOCKS):
     """Coefficient k (= 4 i + j) of every block's 4x4 matrix, as a [1, NB] row (0 for padding blocks);
     N_BLOCKS is the row stride of the coefficient-major table."""

@@ -18,10 +18,9 @@ from kernels.plan import Plan
 from kernels.triton._common import (
     FLOAT_DTYPES,
     FUSED_VARIANTS,
-    _chunk_norm,
-    _load_rows,
-    _norm,
     _rotate,
+    _row_chunk,
+    _rows_norm,
     _search_centroid,
     check_rows,
     fused_params,
@@ -59,18 +58,12 @@ def _roundtrip_fused_kernel(
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     cols = tl.arange(0, W)
-    if N_CODED <= W:  # the whole row in one tile: loaded once, here
-        whole = _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
-        rho, inv = _norm(whole)
-    else:  # chunks of W columns (see fused_tile): norm pass, then each chunk loaded again in the loop
-        whole = tl.zeros([BN, W], tl.float32)  # not used
-        rho, inv = _chunk_norm(x_ptr, rows, row_ok, DIM, N_CODED, stride_xr, stride_xc, W)
+    # A row in one tile is loaded once; wider rows (see fused_tile) go in chunks of W columns: a norm
+    # pass, then each chunk is loaded again in the loop.
+    whole, rho, inv = _rows_norm(x_ptr, rows, row_ok, DIM, N_CODED, stride_xr, stride_xc, W)
     err = tl.zeros([BN], tl.float32)
     for c0 in tl.static_range(0, N_CODED, W):  # one trip for a whole row
-        if N_CODED <= W:
-            x = whole
-        else:
-            x = _load_rows(x_ptr, rows, row_ok, c0 + cols, DIM, stride_xr, stride_xc)
+        x = _row_chunk(whole, x_ptr, rows, row_ok, c0 + cols, DIM, N_CODED, stride_xr, stride_xc, W)
         err += _roundtrip_tile(
             x,
             rho,
