@@ -40,10 +40,11 @@ ERROR_RESPONSES = {
 INLINE_BYTES = 64 << 10
 
 
-async def offload(nbytes: int, fn, *args):
-    """Run ``fn(*args)`` inline for small payloads, in the thread pool for large ones (so that the loop
-    keeps answering /health and /metrics while megabytes are decoded)."""
-    if nbytes < INLINE_BYTES:
+async def offload(fmt: str, nbytes: int, fn, *args):
+    """Run ``fn(*args)``, which decodes or encodes a body of format ``fmt``: inline for safetensors and for
+    small JSON, in the thread pool for large JSON (so that the loop keeps answering /health and /metrics
+    while megabytes of base64 are decoded)."""
+    if fmt == "safetensors" or nbytes < INLINE_BYTES:
         return fn(*args)
     return await run_in_threadpool(fn, *args)
 
@@ -94,10 +95,7 @@ async def admitted(request: Request, parse: Callable[[bytes, str, Settings], Any
         # Binary bodies land in the engine's host buffer (pinned on a GPU) and are parsed in place.
         allocate = engine.host_buffer if fmt == "safetensors" else None
         body = await codec.read_body(request, settings.max_request_bytes, allocate=allocate)
-        if fmt == "safetensors":
-            parsed = parse(body, fmt, settings)
-        else:
-            parsed = await offload(len(body), parse, body, fmt, settings)
+        parsed = await offload(fmt, len(body), parse, body, fmt, settings)
         yield Admitted(engine, ticket, parsed, out_fmt)
 
 

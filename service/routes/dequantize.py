@@ -157,10 +157,7 @@ async def dequantize(request: Request) -> Response:
         result = await a.engine.run(
             a.engine.dequantize_job, p.descriptor, p.codes, p.norms, p.reference, p.dtype, ticket=a.ticket
         )
-    if a.out_fmt == "json":
-        content = await offload(codec.tensor_nbytes(result.vectors), encode, result, p, a.out_fmt)
-    else:
-        content = encode(result, p, a.out_fmt)
+    content = await offload(a.out_fmt, codec.tensor_nbytes(result.vectors), encode, result, p, a.out_fmt)
     metrics.batch_size.labels("dequantize").observe(p.norms.numel())
     metrics.payload_bytes.labels("dequantize", "in").inc(codec.tensor_nbytes(p.codes) + codec.tensor_nbytes(p.norms))
     metrics.payload_bytes.labels("dequantize", "out").inc(codec.tensor_nbytes(result.vectors))

@@ -128,10 +128,7 @@ async def quantize(request: Request) -> Response:
             p.want_distortion,
             ticket=a.ticket,
         )
-    if a.out_fmt == "json":
-        content, returned = await offload(codec.tensor_nbytes(p.x), encode, result, p.x, a.out_fmt)
-    else:
-        content, returned = encode(result, p.x, a.out_fmt)
+    content, returned = await offload(a.out_fmt, codec.tensor_nbytes(p.x), encode, result, p.x, a.out_fmt)
     metrics.batch_size.labels("quantize").observe(result.norms.numel())
     metrics.payload_bytes.labels("quantize", "in").inc(codec.tensor_nbytes(p.x))
     metrics.payload_bytes.labels("quantize", "out").inc(returned)
