@@ -136,6 +136,17 @@ def _coef(base, ok, k: tl.constexpr, N_BLOCKS):
 
 
 @triton.jit
+def _block_row(base, ok, K0: tl.constexpr, STEP: tl.constexpr, N_BLOCKS, v0, v1, v2, v3):
+    """One output of every block's 4x4 product: sum over m of coefficient K0 + m * STEP times v_m."""
+    return (
+        _coef(base, ok, K0, N_BLOCKS) * v0
+        + _coef(base, ok, K0 + STEP, N_BLOCKS) * v1
+        + _coef(base, ok, K0 + 2 * STEP, N_BLOCKS) * v2
+        + _coef(base, ok, K0 + 3 * STEP, N_BLOCKS) * v3
+    )
+
+
+@triton.jit
 def _rotate_blocks(t, m_ptr, BN: tl.constexpr, W: tl.constexpr, N_BLOCKS, B0, INVERSE: tl.constexpr):
     """4x4 block rotation of a float32 tile t [BN, W] (W // 4 blocks of 4 consecutive columns, blocks
     B0 .. B0 + W // 4 - 1 of the row: the tile is a chunk of the row that starts at column 4 B0).
@@ -154,56 +165,18 @@ def _rotate_blocks(t, m_ptr, BN: tl.constexpr, W: tl.constexpr, N_BLOCKS, B0, IN
     lo, hi = tl.split(t4)  # component j = 2a + c: lo holds c = 0 (j = 0, 2), hi holds c = 1 (j = 1, 3)
     v0, v2 = tl.split(lo)
     v1, v3 = tl.split(hi)
-    if INVERSE:  # v_j = sum_i M[i, j] y_i; coefficient M[i, j] is element 4 i + j of the block
-        w0 = (
-            _coef(base, ok, 0, N_BLOCKS) * v0
-            + _coef(base, ok, 4, N_BLOCKS) * v1
-            + _coef(base, ok, 8, N_BLOCKS) * v2
-            + _coef(base, ok, 12, N_BLOCKS) * v3
-        )
-        w1 = (
-            _coef(base, ok, 1, N_BLOCKS) * v0
-            + _coef(base, ok, 5, N_BLOCKS) * v1
-            + _coef(base, ok, 9, N_BLOCKS) * v2
-            + _coef(base, ok, 13, N_BLOCKS) * v3
-        )
-        w2 = (
-            _coef(base, ok, 2, N_BLOCKS) * v0
-            + _coef(base, ok, 6, N_BLOCKS) * v1
-            + _coef(base, ok, 10, N_BLOCKS) * v2
-            + _coef(base, ok, 14, N_BLOCKS) * v3
-        )
-        w3 = (
-            _coef(base, ok, 3, N_BLOCKS) * v0
-            + _coef(base, ok, 7, N_BLOCKS) * v1
-            + _coef(base, ok, 11, N_BLOCKS) * v2
-            + _coef(base, ok, 15, N_BLOCKS) * v3
-        )
-    else:  # y_i = sum_j M[i, j] v_j
-        w0 = (
-            _coef(base, ok, 0, N_BLOCKS) * v0
-            + _coef(base, ok, 1, N_BLOCKS) * v1
-            + _coef(base, ok, 2, N_BLOCKS) * v2
-            + _coef(base, ok, 3, N_BLOCKS) * v3
-        )
-        w1 = (
-            _coef(base, ok, 4, N_BLOCKS) * v0
-            + _coef(base, ok, 5, N_BLOCKS) * v1
-            + _coef(base, ok, 6, N_BLOCKS) * v2
-            + _coef(base, ok, 7, N_BLOCKS) * v3
-        )
-        w2 = (
-            _coef(base, ok, 8, N_BLOCKS) * v0
-            + _coef(base, ok, 9, N_BLOCKS) * v1
-            + _coef(base, ok, 10, N_BLOCKS) * v2
-            + _coef(base, ok, 11, N_BLOCKS) * v3
-        )
-        w3 = (
-            _coef(base, ok, 12, N_BLOCKS) * v0
-            + _coef(base, ok, 13, N_BLOCKS) * v1
-            + _coef(base, ok, 14, N_BLOCKS) * v2
-            + _coef(base, ok, 15, N_BLOCKS) * v3
-        )
+    # Output k is sum_m M'[k, m] v_m with M' = M (y = M v) or M^T (v = M^T y); coefficient M[i, j] is
+    # element 4 i + j of the block, so M'[k, m] is element k * ROW + m * COL.
+    if INVERSE:
+        ROW: tl.constexpr = 1
+        COL: tl.constexpr = 4
+    else:
+        ROW: tl.constexpr = 4
+        COL: tl.constexpr = 1
+    w0 = _block_row(base, ok, 0 * ROW, COL, N_BLOCKS, v0, v1, v2, v3)
+    w1 = _block_row(base, ok, 1 * ROW, COL, N_BLOCKS, v0, v1, v2, v3)
+    w2 = _block_row(base, ok, 2 * ROW, COL, N_BLOCKS, v0, v1, v2, v3)
+    w3 = _block_row(base, ok, 3 * ROW, COL, N_BLOCKS, v0, v1, v2, v3)
     out = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [BN, NB, 2(a), 2(c)], j = 2a + c
     return tl.reshape(out, [BN, W])
 
