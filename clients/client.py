@@ -101,6 +101,14 @@ class _Core:
     def media_type(self) -> str:
         return SAFETENSORS if self.format == "safetensors" else JSON
 
+    def transport_error(self, method: str, path: str, exc: httpx.TransportError, attempts: int) -> TransportError:
+        """The client's error for an httpx transport failure: ``timeout`` or ``connect_error``."""
+        if isinstance(exc, httpx.TimeoutException):
+            return TransportError(f"{method} {path}: timed out after {self.timeout} s ({exc})",
+                                  type="timeout", attempts=attempts)
+        return TransportError(f"{method} {self.base_url}{path}: {exc or type(exc).__name__}",
+                              type="connect_error", attempts=attempts)
+
     def retry_delay(self, attempt: int, response: httpx.Response) -> float | None:
         """Seconds to wait before retry number ``attempt + 1`` of a 429/503 answer, or None to give up
         (retries used up, or the server asks for a longer wait than ``max_retry_wait``).
@@ -346,12 +354,8 @@ class IsoQuantClient:
             try:
                 response = self._http.request(method, self._core.base_url + path, content=content,
                                               headers=headers or self._core.headers(), params=params)
-            except httpx.TimeoutException as exc:
-                raise TransportError(f"{method} {path}: timed out after {self._core.timeout} s ({exc})",
-                                     type="timeout", attempts=attempt + 1) from None
-            except httpx.TransportError as exc:
-                raise TransportError(f"{method} {self._core.base_url}{path}: {exc or type(exc).__name__}",
-                                     type="connect_error", attempts=attempt + 1) from None
+            except httpx.TransportError as exc:  # timeouts included
+                raise self._core.transport_error(method, path, exc, attempt + 1) from None
             if response.status_code in (429, 503):
                 delay = self._core.retry_delay(attempt, response)
                 if delay is not None:
@@ -462,12 +466,8 @@ class AsyncIsoQuantClient:
             try:
                 response = await self._http.request(method, self._core.base_url + path, content=content,
                                                     headers=headers or self._core.headers(), params=params)
-            except httpx.TimeoutException as exc:
-                raise TransportError(f"{method} {path}: timed out after {self._core.timeout} s ({exc})",
-                                     type="timeout", attempts=attempt + 1) from None
-            except httpx.TransportError as exc:
-                raise TransportError(f"{method} {self._core.base_url}{path}: {exc or type(exc).__name__}",
-                                     type="connect_error", attempts=attempt + 1) from None
+            except httpx.TransportError as exc:  # timeouts included
+                raise self._core.transport_error(method, path, exc, attempt + 1) from None
             if response.status_code in (429, 503):
                 delay = self._core.retry_delay(attempt, response)
                 if delay is not None:
