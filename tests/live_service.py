@@ -16,6 +16,16 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+# A service that starts in seconds on a small CPU: one quantizer warmed, on a few vectors.
+SMALL_CPU_ENV = {
+    "ISOQUANT_DEVICE": "cpu",
+    "ISOQUANT_WARM_VARIANTS": "full",
+    "ISOQUANT_WARM_DIMS": "64",
+    "ISOQUANT_WARM_BITS": "3",
+    "ISOQUANT_WARM_DTYPES": "float32",
+    "ISOQUANT_WARM_BATCH": "8",
+    "ISOQUANT_LOG_LEVEL": "warning",
+}
 
 
 @dataclass

@@ -11,13 +11,7 @@ from tests.live_service import REPO, Server, stop_server  # noqa: F401  (the cli
 
 API_KEY = "client-test-key"
 BASE_ENV = {
-    "ISOQUANT_DEVICE": "cpu",
-    "ISOQUANT_WARM_VARIANTS": "full",
-    "ISOQUANT_WARM_DIMS": "64",
-    "ISOQUANT_WARM_BITS": "3",
-    "ISOQUANT_WARM_DTYPES": "float32",
-    "ISOQUANT_WARM_BATCH": "8",
-    "ISOQUANT_LOG_LEVEL": "warning",
+    **live_service.SMALL_CPU_ENV,
     "ISOQUANT_TORCH_THREADS": "1",  # two cores shared with the test process: one intra-op thread is much faster
     "ISOQUANT_MAX_REQUEST_BYTES": str(8 << 20),
 }

@@ -19,7 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import save as save_safetensors
 
-from tests.live_service import free_port, start_server, stop_server  # noqa: F401  (free_port: used by the tests)
+from tests.live_service import SMALL_CPU_ENV, free_port, start_server, stop_server  # noqa: F401  (free_port: used by the tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "isoquant.json"
@@ -28,15 +28,7 @@ DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources"
 DASHBOARD_PROVIDERS = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards"
 
 # The live service: one small warm quantizer, CPU, everything else the defaults.
-SERVICE_ENV = {
-    "ISOQUANT_DEVICE": "cpu",
-    "ISOQUANT_WARM_VARIANTS": "full",
-    "ISOQUANT_WARM_DIMS": "64",
-    "ISOQUANT_WARM_BITS": "3",
-    "ISOQUANT_WARM_DTYPES": "float32",
-    "ISOQUANT_WARM_BATCH": "8",
-    "ISOQUANT_LOG_LEVEL": "warning",
-}
+SERVICE_ENV = SMALL_CPU_ENV
 
 
 class _ComposeTag:
