@@ -215,8 +215,7 @@ def array_to_tensor(array: Array, field: str, allowed: tuple[str, ...]) -> torch
         )
     shape = _check_shape(array.shape, field)
     dtype = DTYPES[array.dtype]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = math.prod(shape) * itemsize
+    expected = math.prod(shape) * dtype.itemsize
     # base64 of n bytes has 4 * ceil(n / 3) characters: refuse a wrong size before decoding anything.
     if len(array.data) != 4 * -(-expected // 3):
         raise InvalidInput(
@@ -344,7 +343,7 @@ def parse_safetensors(body: bytes | bytearray | torch.Tensor) -> tuple[dict[str,
                 f"malformed safetensors body: tensor {name!r} has data_offsets {str(offsets)[:200]}", "body"
             )
         dtype = DTYPES[_ST_DTYPES[info["dtype"]]]
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != nbytes:
             raise MalformedBody(
                 f"malformed safetensors body: tensor {name!r} of shape {shape} and dtype {info['dtype']} needs "
@@ -370,8 +369,7 @@ def parse_safetensors(body: bytes | bytearray | torch.Tensor) -> tuple[dict[str,
     tensors = {}
     for begin, stop, name, dtype, shape in spans:
         piece = data[begin:stop]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if piece.data_ptr() % itemsize:
+        if piece.data_ptr() % dtype.itemsize:
             piece = piece.clone()  # a header not padded to the element size: views must be aligned
         tensors[name] = _to_native(piece.view(dtype).reshape(shape))
     return tensors, metadata

@@ -286,7 +286,7 @@ class Engine:
             return self._guard(fn, *args)
         finally:
             self._finish(started=True)
-            self.metrics.refresh_process_gauges()
+            self.metrics.job_done()
 
     def _finish(self, started: bool) -> None:
         with self._lock:
@@ -467,7 +467,7 @@ class Engine:
         seconds = time.perf_counter() - t0
         self.warmup_seconds = seconds
         self.metrics.warmup_seconds.set(seconds)
-        self.metrics.refresh_process_gauges()
+        self.metrics.job_done()
         return seconds
 
     def start_warm_up(self) -> Future:

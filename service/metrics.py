@@ -212,12 +212,19 @@ class Metrics:
         self.refresh_process_gauges()
         return generate_latest(self._exposed)
 
+    def job_done(self) -> None:
+        """After each device job and the warm-up: with several processes, refresh this one's process
+        gauges so that another process's scrape sees them at most one job old. (With one process the
+        scrape itself refreshes them; nothing to do on the job's path.)"""
+        if self._multiprocess_dir is not None:
+            self.refresh_process_gauges()
+
     def refresh_process_gauges(self) -> None:
         """Reads this process's CPU time, resident memory and torch allocator (GPU only) into the
-        isoquant_process_* and isoquant_gpu_memory_bytes series. Called at each scrape and after each job,
-        so that in multiprocess mode the other processes' values are at most one job old (an idle
-        process's do not change). prometheus_client's own process_* collector describes only the process
-        it runs in, so it is left out in that mode; these work in both."""
+        isoquant_process_* and isoquant_gpu_memory_bytes series. Called at each scrape and, in multiprocess
+        mode, after each job (``job_done``; an idle process's values do not change). prometheus_client's
+        own process_* collector describes only the process it runs in, so it is left out in that mode;
+        these work in both."""
         with self._process_lock:
             cpu = time.process_time()
             self.process_cpu.inc(max(0.0, cpu - self._cpu_counted))
