@@ -312,3 +312,26 @@ async def test_client_disconnect_mid_body_is_not_a_500(app):
     assert sent[0]["status"] == 400
     assert b"disconnected before the body was complete" in sent[1]["body"]
     assert "isoquant_queue_depth 0.0" in (await app.state.test_client.get("/metrics")).text
+
+
+@pytest.mark.parametrize("content_type", [b"application/json", SAFETENSORS.encode()])
+async def test_negative_content_length_is_a_400(app, content_type):
+    """uvicorn refuses a negative Content-Length itself; behind another server the route does (400 naming
+    content-length, not a 500 or a 503 from allocating a negative buffer), in both body formats."""
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/quantize", "raw_path": b"/quantize", "query_string": b"",
+        "headers": [(b"content-type", content_type), (b"content-length", b"-5")],
+        "http_version": "1.1", "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "",
+    }  # fmt: skip
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 400
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["type"] == "malformed_body" and error["field"] == "content-length" and "negative" in error["message"]
