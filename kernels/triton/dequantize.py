@@ -19,8 +19,10 @@ from kernels.triton._common import (
     FLOAT_DTYPES,
     FUSED_VARIANTS,
     _centroid,
-    _load_unpack,
+    _load_words,
     _rotate,
+    _unpack_words,
+    _word_centroids,
     check_device,
     fused_params,
     fused_tile,
@@ -64,12 +66,20 @@ def _dequantize_fused_kernel(
     # Rows wider than one tile go in chunks of W columns (see fused_tile); C0 a multiple of 8.
     for c0 in tl.static_range(0, N_CODED, W):
         first = (c0 // 8) * BITS  # the chunk's first byte
-        codes = _load_unpack(
+        word = _load_words(
             codes_ptr + first * stride_cc, rows, row_ok, stride_cr, stride_cc, BN, W, CODE_BYTES - first, BITS, WORD
         )
-        # Padding columns (>= n_coded) hold code 0 and would gather a nonzero centroid; zero them so that the
+        # Centroids straight from the packed words at bits 1-2 (see _word_centroids). H200 run 7 (N = 2^20,
+        # dim 128, float16, against the previous kernels in the same run): full/fast bits 2 121 -> 108 us,
+        # 2d bits 1 86 -> 81 us, but 2d bits 2 91 -> 109 us (its tile goes through more layout
+        # conversions), so 2d keeps the unpacked codes at bits 2.
+        if SYMMETRIC and (BITS == 1 or (BITS == 2 and VARIANT != 1)):
+            c = _word_centroids(word, cent_ptr, BN, W, BITS)
+        else:
+            c = _centroid(_unpack_words(word, BN, W, BITS), cent_ptr, BITS, SYMMETRIC)
+        # Padding columns (>= n_coded) hold code 0, whose centroid is not zero; zero them so that the
         # padded blocks of the tile stay out of the sums of the inverse rotation.
-        c = tl.where((c0 + cols < N_CODED)[None, :], _centroid(codes, cent_ptr, BITS, SYMMETRIC), 0.0)
+        c = tl.where((c0 + cols < N_CODED)[None, :], c, 0.0)
         x = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, c0, VARIANT, True) * rho[:, None]
         tl.store(
             out_ptr + rows.to(tl.int64)[:, None] * stride_or + (c0 + cols)[None, :] * stride_oc,

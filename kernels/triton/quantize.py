@@ -18,10 +18,12 @@ from kernels.triton._common import (
     EPS,
     FUSED_VARIANTS,
     _code_search,
-    _pack_store,
+    _code_words,
+    _pack_words,
     _rotate,
     _row_chunk,
     _rows_norm,
+    _store_words,
     check_rows,
     fused_params,
     fused_tile,
@@ -118,11 +120,20 @@ def _quantize_tile(
     # x * (1 / rho) instead of x / rho: one multiply an element instead of a division; the two differ by
     # an ulp or two, which moves only values within ~1e-7 relative of a boundary.
     y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, C0, VARIANT, False)
-    codes = _code_search(y, bnd_ptr, BITS, SYMMETRIC)
-    codes = tl.where((cols < N_CODED)[None, :], codes, 0)  # padding codes are zero bits in the last byte
+    if C0 + W <= N_CODED:
+        valid = None  # every column of the chunk is coded
+    else:
+        valid = (cols < N_CODED)[None, :]  # padding codes are zero bits in the last byte
+    if SYMMETRIC and BITS == 2:
+        word = _code_words(y, bnd_ptr, valid, BN, W)
+    else:
+        codes = _code_search(y, bnd_ptr, BITS, SYMMETRIC)
+        if valid is not None:
+            codes = tl.where(valid, codes, 0)
+        word = _pack_words(codes, BN, W, BITS)
     first = (C0 // 8) * BITS  # the chunk's first byte
-    _pack_store(
-        codes,
+    _store_words(
+        word,
         codes_ptr + first * stride_cc,
         rows,
         row_ok,
@@ -190,8 +201,8 @@ def _quantize_matrix_kernel(
         codes = _code_search(acc, bnd_ptr, BITS, SYMMETRIC)
         codes = tl.where((o0 + os < N_CODED)[None, :], codes, 0)
         # o0 is a multiple of 8 (BO is), so this tile's codes start at byte o0 * BITS / 8.
-        _pack_store(
-            codes,
+        _store_words(
+            _pack_words(codes, BN, BO, BITS),
             codes_ptr + (o0 // 8) * BITS * stride_cc,
             rows,
             row_ok,
