@@ -13,7 +13,10 @@ and returns host bytes too, so on a GPU the transfers are counted on both sides)
 row's vectors/s over the library's at that size.
 
 "http safetensors xN" rows (``--concurrency N``): N client processes at once, each with one keep-alive
-connection sending binary bodies (throughput over the wall time of all of them). With
+connection sending binary bodies (throughput over the wall time of all of them); stderr says how those
+connections spread over the server's processes (a keep-alive connection stays with the process that
+accepted it). ``--new-connections`` adds "xN new connections" rows: every request opens its own
+connection, which goes to whichever process accepts first, usually an idle one. With
 ``--processes P`` the service runs P server processes on its port (ISOQUANT_PROCESSES): one process
 receives bodies at about 1 GB/s on the H200 host, so the GPU target needs several.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
 import http.client
 import json
@@ -131,16 +135,21 @@ def request_once(client: httpx.Client, path: str, body: bytes, content_type: str
     return elapsed
 
 
-def _client_process(url: str, path: str, body: bytes, count: int, start) -> list[float]:
+def _client_process(url: str, path: str, body: bytes, count: int, start, new_connections: bool) -> list[float]:
     """One load-generating process: a keep-alive connection (stdlib http.client: about a third of
     httpx's CPU per 16 MiB request on our CPU, 4-5 against 16 ms), one warm-up request, then ``count``
-    timed ones after the common start."""
+    timed ones after the common start. With ``new_connections`` every timed request opens its own
+    connection (the connect is timed with it)."""
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
     headers = {"Content-Type": SAFETENSORS}
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
 
     def once() -> float:
+        nonlocal conn
         t0 = time.perf_counter()
+        if new_connections:
+            conn.close()
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
         conn.request("POST", path, body=body, headers=headers)
         response = conn.getresponse()
         answer = response.read()
@@ -153,20 +162,63 @@ def _client_process(url: str, path: str, body: bytes, count: int, start) -> list
     return [once() for _ in range(count)]
 
 
-def concurrent_requests(url, path: str, body: bytes, clients: int, repeats: int) -> tuple[list[float], float]:
+def connections_per_process(port: int) -> list[int]:
+    """How many established TCP connections on local port ``port`` each process holds (largest first),
+    leaving out those whose client end is this process (its own control connection), from
+    /proc/net/tcp{,6} and the processes' fd links; [] where /proc cannot tell."""
+    server_ends = {}  # inode -> the client's port
+    client_ends = {}  # the client's port -> inode
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
+            if fields[3] != "01":  # 01: ESTABLISHED
+                continue
+            if local == port:
+                server_ends[f"socket:[{fields[9]}]"] = remote
+            elif remote == port:
+                client_ends[local] = f"socket:[{fields[9]}]"
+
+    def sockets_of(proc: Path) -> set[str]:
+        links = set()
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:  # gone, or another user's
+            return links
+        for fd in fds:
+            with contextlib.suppress(OSError):  # closed meanwhile (the listing's own fd among them)
+                links.add(os.readlink(fd))
+        return links
+
+    own = sockets_of(Path("/proc/self"))
+    counted = {inode for inode, peer in server_ends.items() if client_ends.get(peer) not in own}
+    counts = [len(sockets_of(proc) & counted) for proc in Path("/proc").iterdir() if proc.name.isdigit()]
+    return sorted((c for c in counts if c), reverse=True)
+
+
+def concurrent_requests(
+    url, path: str, body: bytes, clients: int, repeats: int, new_connections: bool = False
+) -> tuple[list[float], float, list[int]]:
     """``clients`` processes (not threads: one Python process could not load a multi-process server),
     each with its own warmed connection, send about ``repeats`` requests each; returns their
-    latencies and the wall time from the common start to the last answer."""
+    latencies, the wall time from the common start to the last answer and how the warmed keep-alive
+    connections spread over the server's processes (connections_per_process at the start)."""
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         start = manager.Barrier(clients + 1)
         with context.Pool(clients) as pool:
-            pending = pool.starmap_async(_client_process, [(str(url), path, body, repeats, start)] * clients)
+            jobs = [(str(url), path, body, repeats, start, new_connections)] * clients
+            pending = pool.starmap_async(_client_process, jobs)
             start.wait()
             t0 = time.perf_counter()
+            spread = connections_per_process(urlsplit(str(url)).port)
             results = pending.get()
             wall = time.perf_counter() - t0
-    return [t for r in results for t in r], wall
+    return [t for r in results for t in r], wall, spread
 
 
 def library_once(fn, sync) -> float:
@@ -209,6 +261,11 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, help="intra-op threads for the service's and the library's worker")
     parser.add_argument(
         "--concurrency", type=int, default=1, help="also N concurrent binary client processes (rows xN)"
+    )
+    parser.add_argument(
+        "--new-connections",
+        action="store_true",
+        help="with --concurrency: also rows where every request opens its own connection",
     )
     parser.add_argument("--processes", type=int, help="server processes of the service it starts (ISOQUANT_PROCESSES)")
     parser.add_argument("--quick", action="store_true", help="a quarter of the repeats")
@@ -301,9 +358,19 @@ def run(client: httpx.Client, args, device: torch.device) -> list[dict]:
             # N clients at once on the binary path: decoding of one request overlaps another's device work,
             # and with several server processes the requests are received in parallel.
             for op, body in (("quantize", quantize_st), ("dequantize", dequantize_st)):
-                times_c, wall = concurrent_requests(client.base_url, f"/{op}", body, args.concurrency, repeats)
-                label = f"http safetensors x{args.concurrency}"
-                rows.append(row(label, op, n, args.dim, itemsize, times_c, base[op], wall))
+                modes = (False, True) if args.new_connections else (False,)
+                for fresh in modes:
+                    times_c, wall, spread = concurrent_requests(
+                        client.base_url, f"/{op}", body, args.concurrency, repeats, fresh
+                    )
+                    label = f"http safetensors x{args.concurrency}" + (" new connections" if fresh else "")
+                    rows.append(row(label, op, n, args.dim, itemsize, times_c, base[op], wall))
+                    if not fresh:
+                        print(
+                            f"/{op} x{args.concurrency}: keep-alive connections per server process {spread}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
         print(f"batch {n}: done", file=sys.stderr, flush=True)
     pool.shutdown()
     return rows
@@ -341,9 +408,10 @@ def report(rows: list[dict], args, device: torch.device, info: dict) -> None:
         for r in rows:
             if r["path"].startswith("http safetensors") and r["op"] == op and r["batch"] == big:
                 verdict = "meets" if r["ratio"] >= 0.7 else "misses"
-                clients = r["path"].removeprefix("http safetensors").strip() or "x1"
+                clients, _, mode = (r["path"].removeprefix("http safetensors").strip() or "x1").partition(" ")
+                mode = f" ({mode})" if mode else ""
                 print(
-                    f"target: binary /{op} at {big:,} vectors, {clients.lstrip('x')} client(s), "
+                    f"target: binary /{op} at {big:,} vectors, {clients.lstrip('x')} client(s){mode}, "
                     f"{args.processes or 1} server process(es): {r['ratio'] * 100:.0f}% of the in-process "
                     f"throughput ({verdict} the 70% target)"
                 )
