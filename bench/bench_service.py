@@ -2,10 +2,11 @@
 library call on the same machine and device.
 
 For each batch size (default 1, 128, 8,192 and 65,536 vectors of dim 128, float16, full, 3 bits) it
-sends the same body ``repeats`` times over one keep-alive connection (sequential: latency and the
-throughput of one client; the paths are interleaved round by round so that all see the same load) and
-reports requests/s, vectors/s, MB/s and p50/p99 latency. MB/s counts the uncompressed vectors
-(N * dim * 2 bytes for float16) for both ops, so every row is comparable.
+sends the same body ``repeats`` times over one keep-alive connection (httpx for JSON, the stdlib's
+http.client for safetensors; sequential: latency and the throughput of one client; the paths are
+interleaved round by round so that all see the same load) and reports requests/s, vectors/s, MB/s and
+p50/p99 latency. MB/s counts the uncompressed vectors (N * dim * 2 bytes for float16) for both ops, so
+every row is comparable.
 
 "library" rows: ``Quantizer.quantize`` / ``dequantize`` in this process on the service's device, in a
 worker thread like the service's engine, host tensors in and host tensors out (the service receives
@@ -132,6 +133,19 @@ def request_once(client: httpx.Client, path: str, body: bytes, content_type: str
     elapsed = time.perf_counter() - t0
     if r.status_code != 200:
         raise SystemExit(f"{path} answered {r.status_code}: {r.text[:500]}")
+    return elapsed
+
+
+def binary_request_once(conn: http.client.HTTPConnection, path: str, body: bytes) -> float:
+    """One safetensors request on a stdlib keep-alive connection: the single-client binary rows use the
+    same client as the concurrent ones (httpx spent ~3x http.client's CPU on a 16 MiB answer)."""
+    t0 = time.perf_counter()
+    conn.request("POST", path, body=body, headers={"Content-Type": SAFETENSORS})
+    response = conn.getresponse()
+    answer = response.read()
+    elapsed = time.perf_counter() - t0
+    if response.status != 200:
+        raise SystemExit(f"{path} answered {response.status}: {answer[:500]!r}")
     return elapsed
 
 
@@ -304,6 +318,8 @@ def run(client: httpx.Client, args, device: torch.device) -> list[dict]:
     # machine the main thread's OpenMP team of 2 ran the CPU reference up to 10x slower than a worker
     # thread did, which would flatter the service; the worker thread is the stricter baseline.)
     pool = ThreadPoolExecutor(max_workers=1)
+    url = urlsplit(str(client.base_url))
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=300)
     if args.torch_threads:
         pool.submit(torch.set_num_threads, args.torch_threads).result()
     for n in args.batches:
@@ -332,11 +348,9 @@ def run(client: httpx.Client, args, device: torch.device) -> list[dict]:
             ("library", "quantize"): lambda fn=lib_quantize: pool.submit(library_once, fn, sync).result(),
             ("library", "dequantize"): lambda fn=lib_dequantize: pool.submit(library_once, fn, sync).result(),
             ("http json", "quantize"): lambda b=quantize_json: request_once(client, "/quantize", b, JSON),
-            ("http safetensors", "quantize"): lambda b=quantize_st: request_once(client, "/quantize", b, SAFETENSORS),
+            ("http safetensors", "quantize"): lambda b=quantize_st: binary_request_once(conn, "/quantize", b),
             ("http json", "dequantize"): lambda b=dequantize_json: request_once(client, "/dequantize", b, JSON),
-            ("http safetensors", "dequantize"): (
-                lambda b=dequantize_st: request_once(client, "/dequantize", b, SAFETENSORS)
-            ),
+            ("http safetensors", "dequantize"): lambda b=dequantize_st: binary_request_once(conn, "/dequantize", b),
         }
         # Interleaved rounds: every path is measured once per round, so all see the same machine load
         # (this 2-core machine is shared; back-to-back blocks drifted by 2x between paths).
