@@ -2,9 +2,10 @@
 library call on the same machine and device.
 
 For each batch size (default 1, 128, 8,192 and 65,536 vectors of dim 128, float16, full, 3 bits) it
-sends the same body ``repeats`` times over one keep-alive connection (httpx for JSON, the stdlib's
-http.client for safetensors; sequential: latency and the throughput of one client; the paths are
-interleaved round by round so that all see the same load) and reports requests/s, vectors/s, MB/s and
+sends the same body ``repeats`` times over one keep-alive connection (httpx for JSON; for safetensors
+``LoadClient``, a minimal client that reads each answer into one buffer) in sequence (latency and the
+throughput of one client; the paths are interleaved round by round so that all see the same load) and
+reports requests/s, vectors/s, MB/s and
 p50/p99 latency. MB/s counts the uncompressed vectors (N * dim * 2 bytes for float16) for both ops, so
 every row is comparable.
 
@@ -35,12 +36,12 @@ import argparse
 import base64
 import contextlib
 import datetime
-import http.client
 import json
 import multiprocessing
 import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -136,39 +137,102 @@ def request_once(client: httpx.Client, path: str, body: bytes, content_type: str
     return elapsed
 
 
-def binary_request_once(conn: http.client.HTTPConnection, path: str, body: bytes) -> float:
-    """One safetensors request on a stdlib keep-alive connection: the single-client binary rows use the
-    same client as the concurrent ones (httpx spent ~3x http.client's CPU on a 16 MiB answer)."""
+class LoadClient:
+    """A minimal HTTP/1.1 keep-alive client for the binary rows: it sends a POST and reads the answer,
+    framed by Content-Length, into one preallocated buffer. Why not http.client: on the H200 host
+    (Python 3.12.3) reading a 16 MiB answer took it ~20 ms, so /dequantize measured 26 ms a request with
+    http.client and 9.7 ms with this reader against the same server (httpx took ~3x http.client's CPU);
+    the load generator, not the service, set the numbers. It speaks only what the service answers here:
+    a status line, headers with Content-Length, a body."""
+
+    def __init__(self, host: str, port: int, timeout: float = 300.0) -> None:
+        self.address = (host, port)
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def post(self, path: str, body: bytes, content_type: str = SAFETENSORS) -> tuple[int, bytearray]:
+        """(status, answer body) of one POST. A kept-alive connection the server has closed meanwhile
+        (uvicorn closes idle ones after 5 s) is replaced once, as http clients do."""
+        reused = self.sock is not None
+        try:
+            return self._post(path, body, content_type)
+        except (BrokenPipeError, ConnectionResetError, _ClosedBeforeAnswer):
+            self.close()
+            if not reused:
+                raise
+            return self._post(path, body, content_type)
+
+    def _post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytearray]:
+        if self.sock is None:
+            self.sock = socket.create_connection(self.address, timeout=self.timeout)
+            # Head and body go out in two sends: without TCP_NODELAY the second waited for the delayed
+            # ACK of the first (40 ms a request).
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.address[0]}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        self.sock.sendall(head)
+        self.sock.sendall(body)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise _ClosedBeforeAnswer(f"{path}: the server closed the connection before answering")
+            received += chunk
+        header, rest = received.split(b"\r\n\r\n", 1)
+        status = int(header.split(b" ", 2)[1])
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", header)
+        if length is None:
+            raise ConnectionError(f"{path}: an answer without Content-Length: {header[:300]!r}")
+        answer = bytearray(int(length.group(1)))
+        view = memoryview(answer)
+        view[: len(rest)] = rest
+        got = len(rest)
+        while got < len(answer):
+            n = self.sock.recv_into(view[got:])
+            if not n:
+                raise ConnectionError(f"{path}: the answer ended after {got} of {len(answer)} bytes")
+            got += n
+        if re.search(rb"(?im)^connection:\s*close", header):
+            self.close()
+        return status, answer
+
+
+class _ClosedBeforeAnswer(ConnectionError):
+    """The server closed the connection without a byte of answer (an idle keep-alive connection)."""
+
+
+def binary_request_once(client: LoadClient, path: str, body: bytes) -> float:
+    """One safetensors request on the load client's keep-alive connection (the single-client binary rows
+    use the same client as the concurrent ones)."""
     t0 = time.perf_counter()
-    conn.request("POST", path, body=body, headers={"Content-Type": SAFETENSORS})
-    response = conn.getresponse()
-    answer = response.read()
+    status, answer = client.post(path, body)
     elapsed = time.perf_counter() - t0
-    if response.status != 200:
-        raise SystemExit(f"{path} answered {response.status}: {answer[:500]!r}")
+    if status != 200:
+        raise SystemExit(f"{path} answered {status}: {bytes(answer[:500])!r}")
     return elapsed
 
 
 def _client_process(url: str, path: str, body: bytes, count: int, start, new_connections: bool) -> list[float]:
-    """One load-generating process: a keep-alive connection (stdlib http.client: about a third of
-    httpx's CPU per 16 MiB request on our CPU, 4-5 against 16 ms), one warm-up request, then ``count``
-    timed ones after the common start. With ``new_connections`` every timed request opens its own
-    connection (the connect is timed with it)."""
+    """One load-generating process: a keep-alive connection (LoadClient), one warm-up request, then
+    ``count`` timed ones after the common start. With ``new_connections`` every timed request opens its
+    own connection (the connect is timed with it)."""
     parts = urlsplit(url)
-    headers = {"Content-Type": SAFETENSORS}
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
+    client = LoadClient(parts.hostname, parts.port)
 
     def once() -> float:
-        nonlocal conn
         t0 = time.perf_counter()
         if new_connections:
-            conn.close()
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
-        conn.request("POST", path, body=body, headers=headers)
-        response = conn.getresponse()
-        answer = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"{path} answered {response.status}: {answer[:300]!r}")
+            client.close()
+        status, answer = client.post(path, body)
+        if status != 200:
+            raise RuntimeError(f"{path} answered {status}: {bytes(answer[:300])!r}")
         return time.perf_counter() - t0
 
     once()
@@ -319,7 +383,7 @@ def run(client: httpx.Client, args, device: torch.device) -> list[dict]:
     # thread did, which would flatter the service; the worker thread is the stricter baseline.)
     pool = ThreadPoolExecutor(max_workers=1)
     url = urlsplit(str(client.base_url))
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=300)
+    load_client = LoadClient(url.hostname, url.port)
     if args.torch_threads:
         pool.submit(torch.set_num_threads, args.torch_threads).result()
     for n in args.batches:
@@ -348,9 +412,11 @@ def run(client: httpx.Client, args, device: torch.device) -> list[dict]:
             ("library", "quantize"): lambda fn=lib_quantize: pool.submit(library_once, fn, sync).result(),
             ("library", "dequantize"): lambda fn=lib_dequantize: pool.submit(library_once, fn, sync).result(),
             ("http json", "quantize"): lambda b=quantize_json: request_once(client, "/quantize", b, JSON),
-            ("http safetensors", "quantize"): lambda b=quantize_st: binary_request_once(conn, "/quantize", b),
+            ("http safetensors", "quantize"): lambda b=quantize_st: binary_request_once(load_client, "/quantize", b),
             ("http json", "dequantize"): lambda b=dequantize_json: request_once(client, "/dequantize", b, JSON),
-            ("http safetensors", "dequantize"): lambda b=dequantize_st: binary_request_once(conn, "/dequantize", b),
+            ("http safetensors", "dequantize"): lambda b=dequantize_st: binary_request_once(
+                load_client, "/dequantize", b
+            ),
         }
         # Interleaved rounds: every path is measured once per round, so all see the same machine load
         # (this 2-core machine is shared; back-to-back blocks drifted by 2x between paths).
