@@ -163,6 +163,15 @@ class Quantizer:
             f"device='{self.device}', backend={self.backend!r}, fingerprint={self.fingerprint!r})"
         )
 
+    def warm_batches(self, max_rows: int) -> list[int]:
+        """Batch sizes (rows, ascending, the first 1) that between them reach every kernel this quantizer
+        launches for batches of 1..max_rows: the Triton backend picks its tile by batch size
+        (``kernels.triton.launch_batches``), so running each op once at each size compiles everything
+        such batches need before traffic. [1] for the torch backend, which compiles nothing."""
+        if self.backend != "triton":
+            return [1]
+        return self._ops.launch_batches(self.plan, max_rows)
+
     # -- ops ---------------------------------------------------------------------------------------
 
     def quantize(self, x: torch.Tensor) -> Packed:

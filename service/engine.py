@@ -453,14 +453,20 @@ class Engine:
         for done, (variant, dim, bits) in enumerate(self.settings.warm_set()):
             self.warm_progress = (done, total)
             q = self.quantizer(variant, dim, bits, seed)
-            base = torch.randn(self.settings.warm_batch, dim, generator=generator)
-            for name in self.settings.warm_dtypes:
-                dtype = INPUT_DTYPES[name]
-                x = base.to(dtype).to(self.device)
-                # Not timed into the metrics: warm-up includes compilation, which is not kernel latency.
-                packed = q.quantize(x)
-                q.dequantize(packed, dtype)
-                q.roundtrip(x)
+            sizes = {self.settings.warm_batch}
+            if self.settings.warm_all_tiles:
+                # The Triton kernels take another tile (another compile) above a few thousand rows: without
+                # this the first 65,536-vector /dequantize compiled for ~0.5 s inside the request (H200).
+                sizes.update(q.warm_batches(self.settings.max_vectors))
+            base = torch.randn(max(sizes), dim, generator=generator)
+            for n in sorted(sizes):
+                for name in self.settings.warm_dtypes:
+                    dtype = INPUT_DTYPES[name]
+                    x = base[:n].to(dtype).to(self.device)
+                    # Not timed into the metrics: warm-up includes compilation, which is not kernel latency.
+                    packed = q.quantize(x)
+                    q.dequantize(packed, dtype)
+                    q.roundtrip(x)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.warm_progress = (total, total)

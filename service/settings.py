@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     warm_bits: IntList = Field([2, 3, 4], description="Bit widths warmed at start-up.")
     warm_dtypes: StrList = Field(list(INPUT_DTYPES), description="Dtypes each warm quantizer runs once.")
     warm_batch: int = Field(64, ge=1, le=65536, description="Vectors per warm-up call.")
+    warm_all_tiles: bool = Field(
+        True,
+        description=(
+            "On the Triton backend, also run each warm quantizer at the batch sizes where the kernels change "
+            "tile (up to max_vectors), so that no request compiles a kernel; false warms warm_batch only."
+        ),
+    )
 
     default_seed: int = Field(0, ge=0, le=(1 << 64) - 1, description="Seed used when a request gives none.")
     seed_cache_size: int = Field(32, ge=1, description="Quantizers kept for non-default seeds (LRU).")

@@ -283,6 +283,38 @@ def test_import_kernels_without_triton():
     assert out.stdout.strip() == "ok", out.stderr
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    "variant,dim", [("full", 64), ("full", 128), ("fast", 256), ("full", 512), ("2d", 1024), ("identity", 13)]
+)
+def test_launch_batches_reach_every_tile(variant, dim):
+    """Quantizer.warm_batches (kernels.triton.launch_batches) names batch sizes that reach each launch
+    configuration any batch of 1..max_rows gets, for every op, starting at 1 and ascending..."""
+    from kernels.triton._common import FUSED_TILES, fused_tile, launch_batches
+
+    plan = Quantizer(variant, dim, 3, backend="torch").plan
+    max_rows = 65536
+    sizes = launch_batches(plan, max_rows)
+    assert sizes[0] == 1 and sizes == sorted(set(sizes)) and sizes[-1] <= max_rows
+    for op in FUSED_TILES:
+        every = {fused_tile(plan, n, op) for n in range(1, max_rows + 1, 5)} | {fused_tile(plan, max_rows, op)}
+        assert every <= {fused_tile(plan, n, op) for n in sizes}, op
+
+    # ... for N a multiple of 16 and not (Triton specializes N on it), and N == 1 besides.
+    def kind(n):
+        return "one" if n == 1 else n % 16 == 0
+
+    for op in FUSED_TILES:
+        configs = {(fused_tile(plan, n, op), kind(n)) for n in sizes}
+        wanted = {(c, k) for c, _ in configs for k in (False, True)} | {(fused_tile(plan, 1, op), "one")}
+        assert configs == wanted, op
+    for n in sizes[2:]:  # each size starts a configuration or is its first multiple of 16
+        starts = any(fused_tile(plan, n - 1, op) != fused_tile(plan, n, op) for op in FUSED_TILES)
+        assert starts or n % 16 == 0, n
+    assert launch_batches(Quantizer("dense", dim, 3, backend="torch").plan, max_rows) == [1, 2, 16]
+    assert Quantizer(variant, dim, 3, backend="torch").warm_batches(max_rows) == [1]  # nothing to compile
+
+
 # ---------------------------------------------------------------------------------------------------
 # GPU: the same checks with larger N and the benchmark's dims.
 

@@ -88,3 +88,39 @@ async def test_binary_path_on_gpu_matches_library(pinned_host_bytes):
         assert max(in_use) <= answer and in_use[-1] <= in_use[1], in_use
         if pinned_host_bytes == 0:
             assert in_use == [0] * 5
+
+
+async def test_warm_up_compiles_every_kernel_a_request_can_need():
+    """After warm-up (ISOQUANT_WARM_ALL_TILES, the default), requests of the largest allowed batch, of
+    sizes that are and are not multiples of 16 in each tile range, and of one vector compile no Triton
+    kernel: the kernels' JIT caches hold as many kernels after the requests as before."""
+    from kernels.triton.dequantize import _dequantize_fused_kernel
+    from kernels.triton.quantize import _quantize_fused_kernel
+    from kernels.triton.roundtrip import _roundtrip_fused_kernel
+
+    def compiled() -> int:
+        fns = (_quantize_fused_kernel, _dequantize_fused_kernel, _roundtrip_fused_kernel)
+        return sum(len(cache[0]) for fn in fns for cache in fn.device_caches.values())
+
+    app = create_app(
+        settings(
+            device="cuda",
+            warm_variants=["full"],
+            warm_dims=[128],
+            warm_bits=[3],
+            warm_dtypes=["float16"],
+            max_vectors=65536,
+            max_request_bytes=64 << 20,
+        )
+    )
+    async with running(app) as client:
+        before = compiled()
+        for n in (65536, 1001, 1, 20000, 20001, 65535, 4096):
+            x = torch.randn(n, 128).half()
+            r = await client.post(
+                "/quantize", json={"vectors": b64(x), "variant": "full", "bits": 3, "return_distortion": True}
+            )
+            assert r.status_code == 200, r.text
+            d = await client.post("/dequantize", json={**r.json(), "dtype": "float16"})  # the warm dtype
+            assert d.status_code == 200, d.text
+        assert compiled() == before
