@@ -455,8 +455,9 @@ class Engine:
             q = self.quantizer(variant, dim, bits, seed)
             sizes = {self.settings.warm_batch}
             if self.settings.warm_all_tiles:
-                # The Triton kernels take another tile (another compile) above a few thousand rows: without
-                # this the first 65,536-vector /dequantize compiled for ~0.5 s inside the request (H200).
+                # The Triton kernels take another tile (another compile) above a few thousand rows, and
+                # Triton specializes the batch size on divisibility by 16: without this the first
+                # 65,536-vector /dequantize compiled for ~0.5 s inside the request (H200, cold cache).
                 sizes.update(q.warm_batches(self.settings.max_vectors))
             base = torch.randn(max(sizes), dim, generator=generator)
             for n in sorted(sizes):

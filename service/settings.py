@@ -59,10 +59,11 @@ class Settings(BaseSettings):
     warm_dtypes: StrList = Field(list(INPUT_DTYPES), description="Dtypes each warm quantizer runs once.")
     warm_batch: int = Field(64, ge=1, le=65536, description="Vectors per warm-up call.")
     warm_all_tiles: bool = Field(
-        True,
+        False,
         description=(
             "On the Triton backend, also run each warm quantizer at the batch sizes where the kernels change "
-            "tile (up to max_vectors), so that no request compiles a kernel; false warms warm_batch only."
+            "tile (up to max_vectors), so that no request compiles a kernel. Off by default: on a cold Triton "
+            "cache it compiles several times the kernels (6-10 batch size classes a quantizer)."
         ),
     )
 

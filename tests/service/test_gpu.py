@@ -91,7 +91,7 @@ async def test_binary_path_on_gpu_matches_library(pinned_host_bytes):
 
 
 async def test_warm_up_compiles_every_kernel_a_request_can_need():
-    """After warm-up (ISOQUANT_WARM_ALL_TILES, the default), requests of the largest allowed batch, of
+    """After warm-up with ISOQUANT_WARM_ALL_TILES, requests of the largest allowed batch, of
     sizes that are and are not multiples of 16 in each tile range, and of one vector compile no Triton
     kernel: the kernels' JIT caches hold as many kernels after the requests as before."""
     from kernels.triton.dequantize import _dequantize_fused_kernel
@@ -110,6 +110,7 @@ async def test_warm_up_compiles_every_kernel_a_request_can_need():
             warm_bits=[3],
             warm_dtypes=["float16"],
             max_vectors=65536,
+            warm_all_tiles=True,
             max_request_bytes=64 << 20,
         )
     )

@@ -84,3 +84,15 @@ async def test_ready_waits_for_every_server_process(tmp_path, monkeypatch):
         engine.begin_shutdown()
         assert not (tmp_path / f"ready-{os.getpid()}").exists()
         assert_error(await client.get("/health/ready"), 503, "shutting_down", None)
+
+
+@pytest.mark.anyio
+async def test_warm_all_tiles_on_the_cpu_warms_and_serves():
+    """ISOQUANT_WARM_ALL_TILES on the torch backend (nothing to compile: Quantizer.warm_batches is [1]):
+    warm-up runs each op at one vector and at warm_batch, the service turns ready and serves."""
+    app = create_app(settings(warm_all_tiles=True, warm_variants=["full"], warm_dims=[32], warm_bits=[2]))
+    async with running(app) as client:
+        health = (await client.get("/health/ready")).json()
+        assert health["status"] == "ready"
+        r = await client.post("/quantize", json={"vectors": b64(torch.randn(3, 32)), "variant": "full", "bits": 2})
+        assert r.status_code == 200, r.text
