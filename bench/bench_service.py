@@ -240,10 +240,10 @@ def _client_process(url: str, path: str, body: bytes, count: int, start, new_con
     return [once() for _ in range(count)]
 
 
-def connections_per_process(port: int) -> list[int]:
+def connections_per_process(port: int, leave_out_own: bool = True) -> list[int]:
     """How many established TCP connections on local port ``port`` each process holds (largest first),
-    leaving out those whose client end is this process (its own control connection), from
-    /proc/net/tcp{,6} and the processes' fd links; [] where /proc cannot tell."""
+    leaving out those whose client end is this process (its own control connection) unless asked not
+    to, from /proc/net/tcp{,6} and the processes' fd links; [] where /proc cannot tell."""
     server_ends = {}  # inode -> the client's port
     client_ends = {}  # the client's port -> inode
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -272,7 +272,7 @@ def connections_per_process(port: int) -> list[int]:
                 links.add(os.readlink(fd))
         return links
 
-    own = sockets_of(Path("/proc/self"))
+    own = sockets_of(Path("/proc/self")) if leave_out_own else set()
     counted = {inode for inode, peer in server_ends.items() if client_ends.get(peer) not in own}
     counts = [len(sockets_of(proc) & counted) for proc in Path("/proc").iterdir() if proc.name.isdigit()]
     return sorted((c for c in counts if c), reverse=True)

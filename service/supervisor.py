@@ -1,8 +1,12 @@
 """Running the service: one uvicorn server process, or ``processes`` of them on one port.
 
-``ISOQUANT_PROCESSES=N`` (N > 1): the calling process binds the port and starts N server processes that
-accept on it, each with its own engine (quantizers, warm-up, CUDA context) on the same device; it
-forwards SIGTERM/SIGINT to them and waits. Why: one uvicorn process received 16 MiB request bodies at
+``ISOQUANT_PROCESSES=N`` (N > 1): the calling process binds the port, starts N server processes, each
+with its own engine (quantizers, warm-up, CUDA context) on the same device, and hands them the
+connections it accepts in turn (the socket itself goes over a Unix socket pair, SCM_RIGHTS); it
+forwards SIGTERM/SIGINT to them and waits. Why it accepts itself: when the processes accepted on the
+shared socket, which one took a connection was a race, and 8 keep-alive connections opened together
+sat on them as [6, 1, 1] or [3, 3, 1, 1] (H200 host), so /dequantize ran at 46-60% of the in-process
+library instead of 110% with the requests spread. Why: one uvicorn process received 16 MiB request bodies at
 0.5-1.2 GB/s on the H200 host's CPU with no work in the route, whatever the number of clients; 8
 processes took 6.4 GB/s with 8 clients (docs/BENCHMARKS.md). If a server process dies, the others are
 stopped and the supervisor exits with status 1, so that the container restarts whole.
@@ -19,6 +23,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 from multiprocessing.connection import wait
 
 import uvicorn
@@ -32,16 +37,57 @@ log = logging.getLogger("service")
 class _Server(uvicorn.Server):
     """uvicorn's server with a not-ready phase before the graceful shutdown."""
 
-    def __init__(self, config: uvicorn.Config, app, settings: Settings) -> None:
+    def __init__(self, config: uvicorn.Config, app, settings: Settings, handoff: socket.socket | None = None) -> None:
         super().__init__(config)
         self._app = app
         self._settings = settings
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._handoff = handoff  # the supervisor's accepted connections arrive here (``_dispatch``)
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()  # uvicorn installs handle_exit inside serve()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._handoff is None:
+            await super().startup(sockets)
+            return
+        await super().startup(sockets=[])  # no listening socket of its own
+        if self.should_exit or not self.started:
+            return
+        self._handoff.setblocking(False)
+        self._loop.add_reader(self._handoff.fileno(), self._adopt)
+
+    def _adopt(self) -> None:
+        """On the event loop: take the connections the supervisor passed and serve each as uvicorn serves
+        the ones it accepts (same protocol class, same server state, so graceful shutdown waits for them)."""
+        try:
+            message, fds, _, _ = socket.recv_fds(self._handoff, 64, 64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            message, fds = b"", []
+        if not message:  # the supervisor is gone
+            self._loop.remove_reader(self._handoff.fileno())
+        config = self.config
+
+        def protocol():
+            return config.http_protocol_class(
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
+        for fd in fds:
+            connection = socket.socket(fileno=fd)
+            connection.setblocking(False)
+            self._loop.create_task(self._loop.connect_accepted_socket(protocol, connection))
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._handoff is not None and self._handoff.fileno() != -1:
+            # Take no more connections: the supervisor hands new ones to the other processes.
+            self._loop.remove_reader(self._handoff.fileno())
+            self._handoff.close()
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig, frame) -> None:
         # A signal handler runs between two bytecodes of the main thread, which may hold a lock right
@@ -83,19 +129,42 @@ def _uvicorn_config(app, settings: Settings) -> uvicorn.Config:
     )
 
 
-def serve(settings: Settings, sock: socket.socket | None = None) -> None:
-    """One server process: the app, its engine and uvicorn (on ``sock`` when the parent bound it)."""
+def serve(settings: Settings, handoff: socket.socket | None = None) -> None:
+    """One server process: the app, its engine and uvicorn, on its own port, or on the connections the
+    supervisor passes over ``handoff``."""
     from service.app import create_app
 
     app = create_app(settings)
-    _Server(_uvicorn_config(app, settings), app, settings).run(sockets=[sock] if sock is not None else None)
+    _Server(_uvicorn_config(app, settings), app, settings, handoff).run()
 
 
-def _worker(overrides: dict, sock: socket.socket) -> None:
-    """Entry point of a server process started by ``_supervise`` (a fresh interpreter: spawn)."""
+def _worker(overrides: dict, handoff: socket.socket) -> None:
+    """Entry point of a server process started by ``supervise`` (a fresh interpreter: spawn)."""
     settings = Settings(**overrides)
     configure_logging(settings)
-    serve(settings, sock)
+    serve(settings, handoff)
+
+
+def _dispatch(sock: socket.socket, handoffs: list[socket.socket], workers: list, stopping: list) -> None:
+    """Supervisor thread: accept connections on ``sock`` and pass each to the next server process in
+    turn (round robin over those still running), until ``sock`` is closed. A connection no process
+    takes (all gone) is closed."""
+    turn = 0
+    while True:
+        try:
+            connection, _ = sock.accept()
+        except OSError:  # closed: the service is stopping
+            return
+        with connection:
+            for _ in range(len(handoffs)):
+                i, turn = turn, (turn + 1) % len(handoffs)
+                if workers[i].exitcode is not None:
+                    continue
+                try:
+                    socket.send_fds(handoffs[i], [b"c"], [connection.fileno()])
+                except OSError:  # that process closed its end (shutting down)
+                    continue
+                break
 
 
 def supervise(settings: Settings, overrides: dict) -> int:
@@ -105,12 +174,13 @@ def supervise(settings: Settings, overrides: dict) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     config = _uvicorn_config(None, settings)
     sock = config.bind_socket()  # logs "Uvicorn running on http://host:port"
-    # Listening now: connections made before a server process accepts wait in the backlog instead of
-    # being refused.
+    # Listening now: connections made before the server processes are up wait in the socket pairs (and
+    # the backlog) instead of being refused.
     sock.listen(config.backlog)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(settings.processes)]
     workers = [
-        context.Process(target=_worker, args=(overrides, sock), name=f"isoquant-server-{i}")
+        context.Process(target=_worker, args=(overrides, pairs[i][1]), name=f"isoquant-server-{i}")
         for i in range(settings.processes)
     ]
     stopping: list[int] = []  # the signals received; a list append takes no lock (see _Server.handle_exit)
@@ -125,6 +195,12 @@ def supervise(settings: Settings, overrides: dict) -> int:
     signal.signal(signal.SIGINT, stop)
     for worker in workers:
         worker.start()
+    for _, child_end in pairs:
+        child_end.close()  # each process has its own copy now
+    dispatcher = threading.Thread(
+        target=_dispatch, args=(sock, [parent for parent, _ in pairs], workers, stopping), daemon=True
+    )
+    dispatcher.start()
     if stopping:  # a signal came while workers were starting: those started after it have not had it
         stop(stopping[0], None)
     pids = ", ".join(str(w.pid) for w in workers)
@@ -147,6 +223,11 @@ def supervise(settings: Settings, overrides: dict) -> int:
         if stopping:
             log.info("signal %s: all %d server processes stopped", stopping[0], len(workers))
     finally:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the dispatcher's accept (Linux), which then returns
         sock.close()
+        dispatcher.join(timeout=5)
+        for parent, _ in pairs:
+            parent.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return status

@@ -156,7 +156,8 @@ def _counter(metrics: str, name: str, **labels: str) -> float:
 
 
 def test_several_processes_share_the_port_and_sum_their_metrics():
-    """ISOQUANT_PROCESSES=2: both server processes accept on one port and answer correctly; every
+    """ISOQUANT_PROCESSES=2: both server processes serve one port and answer correctly; keep-alive
+    connections go to them in turn (4 connections: 2 each); every
     /metrics scrape (whichever process answers it) counts the vectors of all requests; ready is 1 only
     when both are warm; SIGTERM stops both and the supervisor exits 0 and removes its metrics folder."""
     from tests.live_service import start_server
@@ -186,6 +187,18 @@ def test_several_processes_share_the_port_and_sum_their_metrics():
             assert not re.search(r"^process_cpu_seconds_total", text, re.M)
             assert _counter(text, "isoquant_process_cpu_seconds_total") > 0
             rss_sum = _counter(text, "isoquant_process_resident_memory_bytes")
+        # Keep-alive connections are handed to the processes in turn, not left to a race between them.
+        from bench.bench_service import connections_per_process
+
+        port = int(server.url.rsplit(":", 1)[1])
+        kept = [httpx.Client(base_url=server.url, timeout=60) for _ in range(4)]
+        try:
+            for client in kept:
+                assert client.get("/health/live").status_code == 200
+            assert connections_per_process(port, leave_out_own=False) == [2, 2]
+        finally:
+            for client in kept:
+                client.close()
         log = server.log_text()
         assert log.count("Application startup complete") == 2, log
         metrics_dir = re.search(r"metrics in (\S+)", log)
