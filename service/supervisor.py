@@ -147,8 +147,9 @@ def _worker(overrides: dict, handoff: socket.socket) -> None:
 
 def _dispatch(sock: socket.socket, handoffs: list[socket.socket], workers: list, stopping: list) -> None:
     """Supervisor thread: accept connections on ``sock`` and pass each to the next server process in
-    turn (round robin over those still running), until ``sock`` is closed. A connection no process
-    takes (all gone) is closed."""
+    turn (round robin over those still running), until ``sock`` is closed. The socket pairs do not
+    block: a process whose pair is full (not reading) is skipped. A connection no process takes (all
+    gone or full) is closed."""
     turn = 0
     while True:
         try:
@@ -162,7 +163,7 @@ def _dispatch(sock: socket.socket, handoffs: list[socket.socket], workers: list,
                     continue
                 try:
                     socket.send_fds(handoffs[i], [b"c"], [connection.fileno()])
-                except OSError:  # that process closed its end (shutting down)
+                except OSError:  # closed (that process is shutting down) or full (it stopped reading)
                     continue
                 break
 
@@ -197,6 +198,8 @@ def supervise(settings: Settings, overrides: dict) -> int:
         worker.start()
     for _, child_end in pairs:
         child_end.close()  # each process has its own copy now
+    for parent, _ in pairs:
+        parent.setblocking(False)  # a process that stops reading must not stall the others' connections
     dispatcher = threading.Thread(
         target=_dispatch, args=(sock, [parent for parent, _ in pairs], workers, stopping), daemon=True
     )
