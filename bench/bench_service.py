@@ -17,8 +17,8 @@ row's vectors/s over the library's at that size.
 "http safetensors xN" rows (``--concurrency N``): N client processes at once, each with one keep-alive
 connection sending binary bodies (throughput over the wall time of all of them); stderr says how those
 connections spread over the server's processes (a keep-alive connection stays with the process that
-accepted it). ``--new-connections`` adds "xN new connections" rows: every request opens its own
-connection, which goes to whichever process accepts first, usually an idle one. With
+accepted it; the supervisor deals new connections to the processes in turn). ``--new-connections`` adds
+"xN new connections" rows: every request opens its own connection. With
 ``--processes P`` the service runs P server processes on its port (ISOQUANT_PROCESSES): one process
 receives bodies at about 1 GB/s on the H200 host, so the GPU target needs several.
 
@@ -161,7 +161,7 @@ class LoadClient:
         reused = self.sock is not None
         try:
             return self._post(path, body, content_type)
-        except (BrokenPipeError, ConnectionResetError, _ClosedBeforeAnswer):
+        except _ClosedBeforeAnswer:
             self.close()
             if not reused:
                 raise
@@ -177,13 +177,20 @@ class LoadClient:
             f"POST {path} HTTP/1.1\r\nHost: {self.address[0]}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
-        self.sock.sendall(head)
-        self.sock.sendall(body)
         received = b""
-        while b"\r\n\r\n" not in received:
+        try:
+            self.sock.sendall(head)
+            self.sock.sendall(body)
+            chunk = self.sock.recv(65536)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise _ClosedBeforeAnswer(f"{path}: {exc}") from exc
+        if not chunk:
+            raise _ClosedBeforeAnswer(f"{path}: the server closed the connection before answering")
+        received = chunk
+        while b"\r\n\r\n" not in received:  # from here on a failure is an error, never a resend
             chunk = self.sock.recv(65536)
             if not chunk:
-                raise _ClosedBeforeAnswer(f"{path}: the server closed the connection before answering")
+                raise ConnectionError(f"{path}: the server closed the connection inside the answer's head")
             received += chunk
         header, rest = received.split(b"\r\n\r\n", 1)
         status = int(header.split(b" ", 2)[1])
@@ -205,7 +212,8 @@ class LoadClient:
 
 
 class _ClosedBeforeAnswer(ConnectionError):
-    """The server closed the connection without a byte of answer (an idle keep-alive connection)."""
+    """The connection failed before a byte of answer came back (a kept-alive connection the server had
+    closed): the only case in which ``LoadClient.post`` sends the request again."""
 
 
 def binary_request_once(client: LoadClient, path: str, body: bytes) -> float:
@@ -219,7 +227,9 @@ def binary_request_once(client: LoadClient, path: str, body: bytes) -> float:
     return elapsed
 
 
-def _client_process(url: str, path: str, body: bytes, count: int, start, new_connections: bool) -> list[float]:
+def _client_process(
+    url: str, path: str, body: bytes, count: int, connected, start, new_connections: bool
+) -> list[float]:
     """One load-generating process: a keep-alive connection (LoadClient), one warm-up request, then
     ``count`` timed ones after the common start. With ``new_connections`` every timed request opens its
     own connection (the connect is timed with it)."""
@@ -236,6 +246,7 @@ def _client_process(url: str, path: str, body: bytes, count: int, start, new_con
         return time.perf_counter() - t0
 
     once()
+    connected.wait()  # the main process looks at the connections' spread now
     start.wait()
     return [once() for _ in range(count)]
 
@@ -287,13 +298,14 @@ def concurrent_requests(
     connections spread over the server's processes (connections_per_process at the start)."""
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
-        start = manager.Barrier(clients + 1)
+        connected, start = manager.Barrier(clients + 1), manager.Barrier(clients + 1)
         with context.Pool(clients) as pool:
-            jobs = [(str(url), path, body, repeats, start, new_connections)] * clients
+            jobs = [(str(url), path, body, repeats, connected, start, new_connections)] * clients
             pending = pool.starmap_async(_client_process, jobs)
+            connected.wait()
+            spread = connections_per_process(urlsplit(str(url)).port)  # before the clock starts
             start.wait()
             t0 = time.perf_counter()
-            spread = connections_per_process(urlsplit(str(url)).port)
             results = pending.get()
             wall = time.perf_counter() - t0
     return [t for r in results for t in r], wall, spread

@@ -470,6 +470,8 @@ class Engine:
                     q.roundtrip(x)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            # The warm-up's largest batches (warm_all_tiles: up to max_vectors rows) need not stay reserved.
+            torch.cuda.empty_cache()
         self.warm_progress = (total, total)
         seconds = time.perf_counter() - t0
         self.warmup_seconds = seconds

@@ -24,6 +24,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from multiprocessing.connection import wait
 
 import uvicorn
@@ -68,8 +69,10 @@ class _Server(uvicorn.Server):
             return
         except OSError:
             message, fds = b"", []
-        if not message:  # the supervisor is gone
+        if not message:  # the supervisor is gone: nobody can reach this process any more
             self._loop.remove_reader(self._handoff.fileno())
+            log.error("the supervisor closed its end of the connection pair; shutting down")
+            self.should_exit = True
         config = self.config
 
         def protocol():
@@ -79,8 +82,10 @@ class _Server(uvicorn.Server):
 
         for fd in fds:
             connection = socket.socket(fileno=fd)
+            connection.set_inheritable(False)  # recv_fds does not ask for close-on-exec
             connection.setblocking(False)
-            self._loop.create_task(self._loop.connect_accepted_socket(protocol, connection))
+            task = self._loop.create_task(self._loop.connect_accepted_socket(protocol, connection))
+            task.add_done_callback(_log_failed_adoption)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self._handoff is not None and self._handoff.fileno() != -1:
@@ -109,6 +114,11 @@ class _Server(uvicorn.Server):
         """On the event loop: stay up, not ready, for drain_seconds, then shut down gracefully."""
         log.info("signal %s: not ready; draining for %.1f s", sig, self._settings.drain_seconds)
         self._loop.call_later(self._settings.drain_seconds, uvicorn.Server.handle_exit, self, sig, frame)
+
+
+def _log_failed_adoption(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a connection passed by the supervisor could not be served: %s", task.exception())
 
 
 def configure_logging(settings: Settings) -> None:
@@ -145,25 +155,41 @@ def _worker(overrides: dict, handoff: socket.socket) -> None:
     serve(settings, handoff)
 
 
-def _dispatch(sock: socket.socket, handoffs: list[socket.socket], workers: list, stopping: list) -> None:
+def _dispatch(sock: socket.socket, handoffs: list[socket.socket], closing: threading.Event) -> None:
     """Supervisor thread: accept connections on ``sock`` and pass each to the next server process in
-    turn (round robin over those still running), until ``sock`` is closed. The socket pairs do not
-    block: a process whose pair is full (not reading) is skipped. A connection no process takes (all
-    gone or full) is closed."""
+    turn, until ``closing`` is set and ``sock`` closed. A process whose socket pair is closed (it has
+    exited or is shutting down) or full (it is not reading: still starting, or stuck) is skipped; when
+    none can take the connection, the dispatcher waits and retries, so that further connections wait in
+    the listening backlog rather than being accepted and dropped. A connection is closed unanswered only
+    when every process has closed its pair."""
     turn = 0
-    while True:
+    while not closing.is_set():
         try:
             connection, _ = sock.accept()
-        except OSError:  # closed: the service is stopping
-            return
+        except OSError as exc:
+            if closing.is_set():
+                return
+            # EMFILE, ENOBUFS, a connection reset before it was accepted...: accept(2) says to retry.
+            log.warning("accept failed (%s); retrying", exc)
+            time.sleep(0.1)
+            continue
         with connection:
-            for _ in range(len(handoffs)):
-                i, turn = turn, (turn + 1) % len(handoffs)
-                if workers[i].exitcode is not None:
-                    continue
-                try:
-                    socket.send_fds(handoffs[i], [b"c"], [connection.fileno()])
-                except OSError:  # closed (that process is shutting down) or full (it stopped reading)
+            while not closing.is_set():
+                gone = 0
+                for _ in range(len(handoffs)):
+                    i, turn = turn, (turn + 1) % len(handoffs)
+                    try:
+                        socket.send_fds(handoffs[i], [b"c"], [connection.fileno()])
+                    except BlockingIOError:  # full: that process is not reading now
+                        continue
+                    except OSError:  # closed: that process has exited or is shutting down
+                        gone += 1
+                        continue
+                    break
+                else:
+                    if gone == len(handoffs):
+                        break  # nobody left to serve it
+                    time.sleep(0.01)
                     continue
                 break
 
@@ -175,8 +201,8 @@ def supervise(settings: Settings, overrides: dict) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     config = _uvicorn_config(None, settings)
     sock = config.bind_socket()  # logs "Uvicorn running on http://host:port"
-    # Listening now: connections made before the server processes are up wait in the socket pairs (and
-    # the backlog) instead of being refused.
+    # Listening now: connections made before the server processes read their socket pairs wait there
+    # (about 270 a pair) and then in the backlog, instead of being refused.
     sock.listen(config.backlog)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(settings.processes)]
@@ -200,9 +226,8 @@ def supervise(settings: Settings, overrides: dict) -> int:
         child_end.close()  # each process has its own copy now
     for parent, _ in pairs:
         parent.setblocking(False)  # a process that stops reading must not stall the others' connections
-    dispatcher = threading.Thread(
-        target=_dispatch, args=(sock, [parent for parent, _ in pairs], workers, stopping), daemon=True
-    )
+    closing = threading.Event()
+    dispatcher = threading.Thread(target=_dispatch, args=(sock, [parent for parent, _ in pairs], closing), daemon=True)
     dispatcher.start()
     if stopping:  # a signal came while workers were starting: those started after it have not had it
         stop(stopping[0], None)
@@ -226,6 +251,7 @@ def supervise(settings: Settings, overrides: dict) -> int:
         if stopping:
             log.info("signal %s: all %d server processes stopped", stopping[0], len(workers))
     finally:
+        closing.set()
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)  # wakes the dispatcher's accept (Linux), which then returns
         sock.close()

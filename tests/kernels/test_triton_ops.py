@@ -284,8 +284,18 @@ def test_import_kernels_without_triton():
 
 
 @pytest.mark.interpreter
+@needs_interpreter
+@pytest.mark.parametrize("variant,dim", [("identity", 2048), ("2d", 1100)])
+def test_rows_wider_than_the_tile_interpreter(variant, dim):
+    """A row of 2048 or more padded columns is wider than the smallest tile: one row a program (the tile
+    rows once halved to 0 and the launch divided by zero)."""
+    check_ops(variant, dim, 2, torch.float32, n=3, device="cpu", seed=dim)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize(
-    "variant,dim", [("full", 64), ("full", 128), ("fast", 256), ("full", 512), ("2d", 1024), ("identity", 13)]
+    "variant,dim",
+    [("full", 64), ("full", 128), ("fast", 256), ("full", 512), ("2d", 1024), ("identity", 13), ("identity", 2048)],
 )
 def test_launch_batches_reach_every_tile(variant, dim):
     """Quantizer.warm_batches (kernels.triton.launch_batches) names batch sizes that reach each launch
@@ -308,9 +318,11 @@ def test_launch_batches_reach_every_tile(variant, dim):
         configs = {(fused_tile(plan, n, op), kind(n)) for n in sizes}
         wanted = {(c, k) for c, _ in configs for k in (False, True)} | {(fused_tile(plan, 1, op), "one")}
         assert configs == wanted, op
-    for n in sizes[2:]:  # each size starts a configuration or is its first multiple of 16
-        starts = any(fused_tile(plan, n - 1, op) != fused_tile(plan, n, op) for op in FUSED_TILES)
-        assert starts or n % 16 == 0, n
+    def klass(n):
+        return tuple(fused_tile(plan, n, op) for op in FUSED_TILES), kind(n)
+
+    for n in sizes:  # each size is the first of its class: none of the 16 sizes before it shares it
+        assert all(klass(m) != klass(n) for m in range(max(1, n - 16), n)), n
     assert launch_batches(Quantizer("dense", dim, 3, backend="torch").plan, max_rows) == [1, 2, 16]
     assert Quantizer(variant, dim, 3, backend="torch").warm_batches(max_rows) == [1]  # nothing to compile
 

@@ -212,3 +212,41 @@ def test_several_processes_share_the_port_and_sum_their_metrics():
     assert status == 0, server.log_text()
     assert metrics_dir and not Path(metrics_dir.group(1)).exists()
     assert "Traceback" not in server.log_text()
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (no /proc entry, or a zombie nobody has reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_server_processes_exit_when_the_supervisor_is_killed():
+    """SIGKILL of the supervisor (no chance to stop its children): the server processes see their
+    connection pair close and shut down instead of living on, unreachable, with their device memory."""
+    from tests.live_service import start_server
+
+    server = start_server(
+        {
+            "ISOQUANT_PROCESSES": "2",
+            "ISOQUANT_WARM_VARIANTS": "full",
+            "ISOQUANT_WARM_DIMS": "128",
+            "ISOQUANT_WARM_BITS": "3",
+            "ISOQUANT_WARM_DTYPES": "float16",
+        }
+    )
+    try:
+        assert httpx.get(f"{server.url}/health/live", timeout=30).status_code == 200
+        started = re.search(r"started 2 server processes \(([\d, ]+)\)", server.log_text())
+        pids = [int(p) for p in started.group(1).split(", ")]
+    finally:
+        server.process.kill()
+        server.process.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [pid for pid in pids if not _gone(pid)]
+    for pid in alive:  # do not leave them behind if the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, server.log_text()
