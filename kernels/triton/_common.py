@@ -617,8 +617,9 @@ def fused_tile(plan: Plan, n: int, op: str) -> tuple[int, int, int]:
 def launch_batches(plan: Plan, max_rows: int) -> list[int]:
     """Batch sizes (rows, ascending, the first 1) that between them compile every kernel the fused ops
     launch for batches of 1..max_rows: for each launch configuration (``fused_tile``: the tile's rows and
-    warps grow with the batch) its first size and its first multiple of 16, because Triton also
-    specializes the integer argument N on divisibility by 16 (and on N == 1, so 2 is added). Running
+    warps grow with the batch) its first size that is a multiple of 16 and its first that is not,
+    because Triton also specializes the integer argument N on divisibility by 16 (and on N == 1, so 1
+    and 2 are both there). Running
     each op once at each size warms them all. [1, 2, 16] for dense and hadamard (their tiles do not
     depend on the batch).
     (Not specializing N instead, with ``do_not_specialize``, moved the kernels' times by -8 % to +10 %
