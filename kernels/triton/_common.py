@@ -503,18 +503,17 @@ def _unpack_words(word, BN: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _word_centroids(word, cent_ptr, BN: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr):
     """Centroids float32 [BN, W] of the codes in word uint32 [BN, W // 8] (_load_words), for symmetric
-    codebooks (c_{K/2-1-s} = -c_{K/2+s}) of bits <= 3, without a code index or a gather.
+    codebooks (c_{K/2-1-s} = -c_{K/2+s}) of bits 1-2, without a code index or a gather.
 
-    Code j of a group sits at bit 3 j (bits 3), 2 j or j. Its top bit says the half: 1 for the positive
-    centroids c_{K/2+s}; the complement of that bit, moved to bit 31, is the float's sign. For the lower
-    half the magnitude index s is the complement of the code's low bits (code K/2-1-s), so the whole
-    group is flipped at once: ``spread`` has a 1 at the lowest bit of every negative code, and times
-    2^(bits-1) - 1 it covers exactly those codes' low bits (no carries). Then each element's s bits are
-    bit tests on a constant mask (one per bit) that pick the magnitude with selects.
+    Code j of a group sits at bit 2 j (bits 2) or j. Its top bit says the half: 1 for the positive
+    centroids c_{K/2+s}; the complement of that bit, moved to bit 31, is the float's sign. At bits 2 the
+    lower half's magnitude bit is the complement of the code's low bit (code 1 - s), so the whole group
+    is flipped at once: ``spread`` has a 1 at the low bit of every negative code. Then each element's
+    bit test on a constant mask picks the magnitude with a select.
     Why: the unpack-then-select path spent ~8 SASS instructions an element at bits 2 (shift, mask,
-    compare, xor, select, negate, select) and 84 LEA / 56 LDG a thread at bits 3 (the gather), for 16.2-
-    18.2 instructions an element in all (full dequantize, float16, dim 128, sm_90)."""
-    HALF: tl.constexpr = 1 << (BITS - 1)
+    compare, xor, select, negate, select): full dequantize 18.2 -> 16.2 instructions an element (float16,
+    dim 128, sm_90). At bits 3 the same construction counted 24.5 against the gather's 17.0, so bits 3-4
+    keep the gather (_centroid)."""
     shifts = (tl.arange(0, 8) * BITS).to(tl.uint32)[None, None, :]
     w = word.to(tl.uint32)
     flipped = w ^ 0xFFFFFFFF  # ~w (the interpreter's ~ on uint32 overflows)
@@ -522,18 +521,9 @@ def _word_centroids(word, cent_ptr, BN: tl.constexpr, W: tl.constexpr, BITS: tl.
     if BITS == 1:
         mag = tl.zeros([BN, W // 8, 8], tl.uint32) + tl.load(cent_ptr + 1).to(tl.uint32, bitcast=True)
     else:
-        LSB: tl.constexpr = 0x5555 if BITS == 2 else 0x249249  # bit 0 of each of the 8 codes
-        spread = (flipped >> (BITS - 1)) & LSB
-        s = (w ^ (spread * (HALF - 1)))[:, :, None]
-        low = (s & (1 << shifts)) != 0
-        if BITS == 2:
-            mag = tl.where(low, tl.load(cent_ptr + 3), tl.load(cent_ptr + 2))
-        else:
-            high = (s & (2 << shifts)) != 0
-            upper = tl.where(low, tl.load(cent_ptr + HALF + 3), tl.load(cent_ptr + HALF + 2))
-            lower = tl.where(low, tl.load(cent_ptr + HALF + 1), tl.load(cent_ptr + HALF + 0))
-            mag = tl.where(high, upper, lower)
-        mag = mag.to(tl.uint32, bitcast=True)
+        spread = (flipped >> 1) & 0x5555  # the low bit of each of the 8 codes whose top bit is 0
+        low = ((w ^ spread)[:, :, None] & (1 << shifts)) != 0
+        mag = tl.where(low, tl.load(cent_ptr + 3), tl.load(cent_ptr + 2)).to(tl.uint32, bitcast=True)
     return tl.reshape((mag | sign).to(tl.float32, bitcast=True), [BN, W])
 
 
