@@ -222,6 +222,27 @@ def _rotate(
 
 
 @triton.jit
+def _magnitude_tree3(a, pos_ptr):
+    """The 2 predicates (p0, p1) of the tree search of |y| = a over the 3 positive boundaries P_0..P_2 at
+    pos_ptr (bits 3): the magnitude index s = 2 p0 + p1."""
+    p0 = a > tl.load(pos_ptr + 1)
+    p1 = a > tl.where(p0, tl.load(pos_ptr + 2), tl.load(pos_ptr + 0))
+    return p0, p1
+
+
+@triton.jit
+def _magnitude_tree4(a, pos_ptr):
+    """The 3 predicates (p0, p1, p2) of the tree search of |y| = a over the 7 positive boundaries
+    P_0..P_6 at pos_ptr (bits 4): the magnitude index s = 4 p0 + 2 p1 + p2."""
+    p0 = a > tl.load(pos_ptr + 3)
+    p1 = a > tl.where(p0, tl.load(pos_ptr + 5), tl.load(pos_ptr + 1))
+    hi = tl.where(p1, tl.load(pos_ptr + 6), tl.load(pos_ptr + 4))
+    lo = tl.where(p1, tl.load(pos_ptr + 2), tl.load(pos_ptr + 0))
+    p2 = a > tl.where(p0, hi, lo)
+    return p0, p1, p2
+
+
+@triton.jit
 def _code_search(y, bnd_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
     """Code index int32 (shape of y) = number of boundaries strictly below y (float32).
 
@@ -241,15 +262,10 @@ def _code_search(y, bnd_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
             if BITS == 2:
                 s = (a > tl.load(bnd_ptr + HALF)).to(tl.int32)
             elif BITS == 3:
-                p0 = a > tl.load(bnd_ptr + HALF + 1)
-                p1 = a > tl.where(p0, tl.load(bnd_ptr + HALF + 2), tl.load(bnd_ptr + HALF + 0))
+                p0, p1 = _magnitude_tree3(a, bnd_ptr + HALF)
                 s = (p0.to(tl.int32) << 1) | p1.to(tl.int32)
             else:
-                p0 = a > tl.load(bnd_ptr + HALF + 3)
-                p1 = a > tl.where(p0, tl.load(bnd_ptr + HALF + 5), tl.load(bnd_ptr + HALF + 1))
-                hi = tl.where(p1, tl.load(bnd_ptr + HALF + 6), tl.load(bnd_ptr + HALF + 4))
-                lo = tl.where(p1, tl.load(bnd_ptr + HALF + 2), tl.load(bnd_ptr + HALF + 0))
-                p2 = a > tl.where(p0, hi, lo)
+                p0, p1, p2 = _magnitude_tree4(a, bnd_ptr + HALF)
                 s = (p0.to(tl.int32) << 2) | (p1.to(tl.int32) << 1) | p2.to(tl.int32)
             idx = s ^ tl.where(y > 0.0, HALF, HALF - 1)
     else:
@@ -280,17 +296,12 @@ def _search_centroid(y, bnd_ptr, cent_ptr, BITS: tl.constexpr, SYMMETRIC: tl.con
             if BITS == 2:
                 mag = tl.where(a > tl.load(bnd_ptr + 2), tl.load(cent_ptr + 3), tl.load(cent_ptr + 2))
             elif BITS == 3:
-                p0 = a > tl.load(bnd_ptr + HALF + 1)
-                p1 = a > tl.where(p0, tl.load(bnd_ptr + HALF + 2), tl.load(bnd_ptr + HALF + 0))
+                p0, p1 = _magnitude_tree3(a, bnd_ptr + HALF)
                 lo = tl.where(p0, tl.load(cent_ptr + HALF + 2), tl.load(cent_ptr + HALF + 0))  # s = 2 p0
                 hi = tl.where(p0, tl.load(cent_ptr + HALF + 3), tl.load(cent_ptr + HALF + 1))  # s = 2 p0 + 1
                 mag = tl.where(p1, hi, lo)
             else:
-                p0 = a > tl.load(bnd_ptr + HALF + 3)
-                p1 = a > tl.where(p0, tl.load(bnd_ptr + HALF + 5), tl.load(bnd_ptr + HALF + 1))
-                hi = tl.where(p1, tl.load(bnd_ptr + HALF + 6), tl.load(bnd_ptr + HALF + 4))
-                lo = tl.where(p1, tl.load(bnd_ptr + HALF + 2), tl.load(bnd_ptr + HALF + 0))
-                p2 = a > tl.where(p0, hi, lo)
+                p0, p1, p2 = _magnitude_tree4(a, bnd_ptr + HALF)
                 # C_{4 p0 + 2 p1 + p2}: by p0 (4 selects), then p1 (2), then p2 (1)
                 q0 = tl.where(p0, tl.load(cent_ptr + HALF + 4), tl.load(cent_ptr + HALF + 0))
                 q1 = tl.where(p0, tl.load(cent_ptr + HALF + 5), tl.load(cent_ptr + HALF + 1))
