@@ -447,7 +447,6 @@ class Engine:
         """Build every quantizer of the warm set on the device and run each op once per warm dtype, so
         that codebooks are computed and kernels compiled before traffic. Returns the seconds it took."""
         t0 = time.perf_counter()
-        generator = torch.Generator().manual_seed(0)
         seed = self.settings.default_seed
         total = len(self.settings.warm_set())
         for done, (variant, dim, bits) in enumerate(self.settings.warm_set()):
@@ -459,11 +458,13 @@ class Engine:
                 # Triton specializes the batch size on divisibility by 16: without this the first
                 # 65,536-vector /dequantize compiled for ~0.5 s inside the request (H200, cold cache).
                 sizes.update(q.warm_batches(self.settings.max_vectors))
-            base = torch.randn(max(sizes), dim, generator=generator)
+            # Made on the device: warm_all_tiles asks for up to max_vectors rows, which on the host cost a
+            # randn and a copy per quantizer and dtype.
+            base = torch.randn(max(sizes), dim, device=self.device)
             for n in sorted(sizes):
                 for name in self.settings.warm_dtypes:
                     dtype = INPUT_DTYPES[name]
-                    x = base[:n].to(dtype).to(self.device)
+                    x = base[:n].to(dtype)
                     # Not timed into the metrics: warm-up includes compilation, which is not kernel latency.
                     packed = q.quantize(x)
                     q.dequantize(packed, dtype)

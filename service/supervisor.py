@@ -175,23 +175,27 @@ def _dispatch(sock: socket.socket, handoffs: list[socket.socket], closing: threa
             continue
         with connection:
             while not closing.is_set():
-                gone = 0
-                for _ in range(len(handoffs)):
-                    i, turn = turn, (turn + 1) % len(handoffs)
-                    try:
-                        socket.send_fds(handoffs[i], [b"c"], [connection.fileno()])
-                    except BlockingIOError:  # full: that process is not reading now
-                        continue
-                    except OSError:  # closed: that process has exited or is shutting down
-                        gone += 1
-                        continue
+                taken, turn = _offer(connection, handoffs, turn)
+                if taken is not None:  # passed, or every process has closed its pair
                     break
-                else:
-                    if gone == len(handoffs):
-                        break  # nobody left to serve it
-                    time.sleep(0.01)
-                    continue
-                break
+                time.sleep(0.01)
+
+
+def _offer(connection: socket.socket, handoffs: list[socket.socket], turn: int) -> tuple[bool | None, int]:
+    """One round over the socket pairs from ``turn``: (True, next turn) when a process took the
+    connection, (False, ...) when every pair is closed, (None, ...) when the open ones are all full."""
+    gone = 0
+    for _ in range(len(handoffs)):
+        i, turn = turn, (turn + 1) % len(handoffs)
+        try:
+            socket.send_fds(handoffs[i], [b"c"], [connection.fileno()])
+        except BlockingIOError:  # full: that process is not reading now
+            continue
+        except OSError:  # closed: that process has exited or is shutting down
+            gone += 1
+            continue
+        return True, turn
+    return (False if gone == len(handoffs) else None), turn
 
 
 def supervise(settings: Settings, overrides: dict) -> int:
