@@ -177,7 +177,6 @@ class LoadClient:
             f"POST {path} HTTP/1.1\r\nHost: {self.address[0]}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
-        received = b""
         try:
             self.sock.sendall(head)
             self.sock.sendall(body)

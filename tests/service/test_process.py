@@ -155,6 +155,16 @@ def _counter(metrics: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+# Two server processes with one small warm quantizer each.
+TWO_PROCESSES = {
+    "ISOQUANT_PROCESSES": "2",
+    "ISOQUANT_WARM_VARIANTS": "full",
+    "ISOQUANT_WARM_DIMS": "128",
+    "ISOQUANT_WARM_BITS": "3",
+    "ISOQUANT_WARM_DTYPES": "float16",
+}
+
+
 def test_several_processes_share_the_port_and_sum_their_metrics():
     """ISOQUANT_PROCESSES=2: both server processes serve one port and answer correctly; keep-alive
     connections go to them in turn (4 connections: 2 each); every
@@ -162,15 +172,7 @@ def test_several_processes_share_the_port_and_sum_their_metrics():
     when both are warm; SIGTERM stops both and the supervisor exits 0 and removes its metrics folder."""
     from tests.live_service import start_server
 
-    server = start_server(
-        {
-            "ISOQUANT_PROCESSES": "2",
-            "ISOQUANT_WARM_VARIANTS": "full",
-            "ISOQUANT_WARM_DIMS": "128",
-            "ISOQUANT_WARM_BITS": "3",
-            "ISOQUANT_WARM_DTYPES": "float16",
-        }
-    )
+    server = start_server(TWO_PROCESSES)
     try:
         x = torch.randn(37, 128).half()
         expected = Quantizer("full", 128, 3).quantize(x).codes.numpy().tobytes()
@@ -227,15 +229,7 @@ def test_server_processes_exit_when_the_supervisor_is_killed():
     connection pair close and shut down instead of living on, unreachable, with their device memory."""
     from tests.live_service import start_server
 
-    server = start_server(
-        {
-            "ISOQUANT_PROCESSES": "2",
-            "ISOQUANT_WARM_VARIANTS": "full",
-            "ISOQUANT_WARM_DIMS": "128",
-            "ISOQUANT_WARM_BITS": "3",
-            "ISOQUANT_WARM_DTYPES": "float16",
-        }
-    )
+    server = start_server(TWO_PROCESSES)
     try:
         assert httpx.get(f"{server.url}/health/live", timeout=30).status_code == 200
         started = re.search(r"started 2 server processes \(([\d, ]+)\)", server.log_text())
