@@ -1,6 +1,8 @@
-"""Kernel tests: on a machine without CUDA, the Triton kernels run on the CPU under TRITON_INTERPRET=1.
-triton 3.6 reads it when @triton.jit decorates a function (``kernels.triton`` is first imported) and again
-while interpreting, so it is set here, before any test module is imported, for the whole session.
+"""On a machine without CUDA, the Triton kernels run on the CPU under TRITON_INTERPRET=1. triton 3.6 reads
+it when @triton.jit decorates a function and again while interpreting, so it is set here, at the root of the
+tests, before any test module is imported: transformers (tests/bench, the KV cache tests) imports
+triton.language, whose own @jit helpers (the reductions' combine functions) are decorated then, and a kernel
+interpreted later cannot call helpers decorated without the variable.
 ``Quantizer`` still refuses backend="triton" on the CPU; the interpreter tests call the ops directly."""
 
 from __future__ import annotations

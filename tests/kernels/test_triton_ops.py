@@ -1,7 +1,7 @@
 """Triton kernels against the torch reference (``kernels.reference``), Liger-style: odd shapes, every
 variant, every bits value 1..8, every input dtype.
 
-Markers: ``interpreter`` tests run on the CPU under TRITON_INTERPRET=1 (tests/kernels/conftest.py) on
+Markers: ``interpreter`` tests run on the CPU under TRITON_INTERPRET=1 (tests/conftest.py) on
 small shapes; ``gpu`` tests run the same checks on CUDA with larger shapes (``pytest -m gpu``).
 
 What "equal" means (issue 3):
@@ -29,7 +29,7 @@ import torch
 from kernels import VARIANTS, Quantizer, reference
 from kernels.packing import unpack_codes
 from kernels.rotations import rotate
-from tests.kernels.conftest import INTERPRETED
+from tests.conftest import INTERPRETED
 
 kt = pytest.importorskip("kernels.triton")
 
