@@ -4,6 +4,7 @@ enough to check or reimplement it)."""
 from __future__ import annotations
 
 import platform
+from dataclasses import asdict
 from importlib import metadata
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from fastapi import APIRouter, Depends, Query, Request
 
 from kernels import FORMAT_VERSION, Quantizer
+from kernels.kv_cache import PRESETS
 from kernels.rotations import DEFINING_PARAMS
 from service import codec, validate
 from service.routes.common import ERROR_RESPONSES, authorized, get_state, ready_engine
@@ -61,6 +63,10 @@ async def info(request: Request) -> dict:
             "seed_cache_size": s.seed_cache_size,
         },
         "media_types": ["application/json", "application/x-safetensors"],
+        # KV-cache recipes (docs/EVALUATION.md): a client quantizes keys with key_variant / key_bits and values
+        # with value_variant / value_bits; the exact sink and window, smoothing and norm dtype are the cache's
+        # (kernels.hf.IsoQuantCache applies them all).
+        "kv_cache_presets": {name: asdict(config) for name, config in PRESETS.items()},
         "auth": "bearer" if s.api_key is not None else None,
     }
 

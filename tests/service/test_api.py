@@ -234,6 +234,10 @@ async def test_info_and_docs(client):
         "dtypes": ["float16", "float32"],
     }
     assert info["limits"]["max_vectors"] == 4096 and info["versions"]["torch"] == torch.__version__
+    presets = info["kv_cache_presets"]
+    assert list(presets) == ["kv-4.5", "kv-3.5", "kv-2.5"]
+    assert presets["kv-3.5"]["key_variant"] == "hadamard" and presets["kv-3.5"]["key_bits"] == 3
+    assert presets["kv-3.5"]["value_bits"] == 2 and presets["kv-3.5"]["window"] == 64
     assert (await client.get("/docs")).status_code == 200
     schema = (await client.get("/openapi.json")).json()
     content = schema["paths"]["/quantize"]["post"]["requestBody"]["content"]
