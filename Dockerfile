@@ -28,6 +28,7 @@ COPY pyproject.toml README.md ./
 COPY kernels ./kernels
 COPY service ./service
 COPY clients ./clients
+COPY isoquant_format ./isoquant_format
 RUN pip install ".[server]" && python -c "import service, kernels, torch; print('torch', torch.__version__)"
 COPY deploy/healthcheck.py /opt/isoquant/healthcheck.py
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/isoquant isoquant \
@@ -68,6 +69,7 @@ COPY pyproject.toml README.md ./
 COPY kernels ./kernels
 COPY service ./service
 COPY clients ./clients
+COPY isoquant_format ./isoquant_format
 RUN pip install ".[server]" && python -c "import service, kernels, torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 COPY deploy/healthcheck.py /opt/isoquant/healthcheck.py
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/isoquant isoquant \

@@ -1,32 +1,33 @@
 """Arrays <-> wire bodies for the client: safetensors containers and JSON base64 arrays, and
 ``PackedCodes``, the codes of a batch with their quantizer descriptor.
 
-numpy, json and the ``safetensors`` package only: nothing here imports torch or ``kernels``. Nothing is
-ever unpickled (``.npy`` files are read with ``allow_pickle=False``).
+numpy and the torch-free ``isoquant_format`` package (the container, the descriptor and the dtype
+tables, shared with the service) only: nothing here imports torch or ``kernels``. Nothing is ever
+unpickled (``.npy`` files are read with ``allow_pickle=False``).
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import safetensors
-import safetensors.numpy
 
-FORMAT_VERSION = 1
+from isoquant_format import DESCRIPTOR_FIELDS, DTYPE_NAMES, FORMAT_VERSION, FormatError, RawTensor, parse, write_parts
+from isoquant_format import meta_str as _meta_str  # noqa: F401  (the name this module had)
+
+DESCRIPTOR_KEYS = DESCRIPTOR_FIELDS  # the SDK's name for them
 # dtypes the service takes as input vectors (bfloat16 arrives widened: numpy has no bfloat16).
 WIRE_FLOATS = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
-_ST_TO_NP = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "I8": np.int8,
-             "I16": np.int16, "I32": np.int32, "I64": np.int64, "U16": np.uint16, "U32": np.uint32,
-             "U64": np.uint64, "BOOL": np.bool_}
 _NAME_TO_NP = {"float16": np.float16, "float32": np.float32, "uint8": np.uint8}
-DESCRIPTOR_KEYS = ("variant", "dim", "bits", "seed", "fingerprint", "format_version")
+# The client reads files too (``load_array``), not only the service's answers: every dtype of the table,
+# and bounds of a reader of files rather than the service's (64 KiB, 16 tensors, 8 dimensions): the
+# safetensors package's own header bound, any number of tensors, numpy's dimension bound.
+_READ_LIMITS: dict[str, Any] = {
+    "dtypes": tuple(DTYPE_NAMES), "max_header_bytes": 100_000_000, "max_tensors": None, "max_ndim": 64}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,47 +109,37 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> bytes:
-    """Tensors and metadata -> safetensors bytes (metadata values become strings; None values are dropped)."""
-    meta = {k: _meta_str(v) for k, v in metadata.items() if v is not None}
-    arrays = {k: np.ascontiguousarray(v, dtype=v.dtype.newbyteorder("<")) for k, v in tensors.items()}
-    return safetensors.numpy.save(arrays, metadata=meta or None)
+    """Tensors and metadata -> safetensors bytes (metadata values become strings by
+    ``isoquant_format.meta_str``; None values are dropped). Tensors are written larger elements first
+    (as the safetensors package orders them), so that every tensor's data is aligned in the container."""
+    raw = {}
+    for name, value in sorted(tensors.items(), key=lambda item: -item[1].dtype.itemsize):  # stable: ties keep order
+        array = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+        raw[name] = RawTensor(array.dtype.name, array.shape, array.reshape(-1).view(np.uint8))
+    return b"".join(write_parts(raw, metadata))
 
 
-def _meta_str(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return json.dumps(list(value))
-    return str(value)
-
-
-def read_safetensors(data: bytes, source: str = "safetensors body") -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_safetensors(data: bytes | bytearray | memoryview,
+                     source: str = "safetensors body") -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """safetensors bytes -> (numpy arrays, metadata). BF16 tensors are widened to float32 (exact).
-    Raises ValueError naming ``source`` when the container is malformed."""
-    if len(data) < 8:
-        raise ValueError(f"{source}: {len(data)} bytes is too short for a safetensors container")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > len(data) - 8:
-        raise ValueError(f"{source}: safetensors header length {header_len} exceeds the {len(data)} bytes")
+    Raises ValueError naming ``source`` when the container is malformed or holds a dtype numpy lacks.
+
+    The arrays view ``data`` (``numpy.frombuffer`` on ``isoquant_format.parse``'s slices); immutable
+    ``bytes`` are first copied once into a bytearray, so that the arrays are writable as before."""
+    if isinstance(data, bytes):
+        data = bytearray(data)
     try:
-        header = json.loads(data[8 : 8 + header_len])
-        metadata = header.get("__metadata__") or {}
-        entries = safetensors.deserialize(data)
-    except Exception as exc:  # safetensors raises its own SafetensorError
+        entries, metadata = parse(data, **_READ_LIMITS)
+    except FormatError as exc:
         raise ValueError(f"{source}: not a valid safetensors container: {exc}") from None
     tensors: dict[str, np.ndarray] = {}
-    for name, info in entries:
-        dtype, shape, raw = info["dtype"], info["shape"], info["data"]
-        if dtype == "BF16":
+    for name, (dtype, shape, raw) in entries.items():
+        if dtype == "bfloat16":  # numpy has none: the high 16 bits of a float32
             bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
             tensors[name] = bits.view(np.float32).reshape(shape)
-        elif dtype in _ST_TO_NP:
-            tensors[name] = np.frombuffer(raw, dtype=np.dtype(_ST_TO_NP[dtype]).newbyteorder("<")).reshape(shape)
         else:
-            raise ValueError(f"{source}: tensor {name!r} has dtype {dtype}, which the client cannot read")
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+            tensors[name] = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+    return tensors, metadata
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Nothing is ever unpickled: base64 is decoded to raw bytes and viewed with ``torch.frombuffer``; a
 safetensors body is a JSON header and raw little-endian data, whose tensors are checked against the
 format's rules and then viewed in place (``parse_safetensors``). Sizes are checked before any large
-allocation.
+allocation. The container itself (its checks, writer, dtype codes, metadata strings) is the torch-free
+``isoquant_format`` package, shared with the clients; the functions here adapt it to torch tensors and
+to the service's errors.
 
 Media types: ``application/json`` and ``application/x-safetensors`` (``application/octet-stream`` is
 read as safetensors too). See docs/FORMAT.md, "Safetensors container".
@@ -16,7 +18,6 @@ import base64
 import binascii
 import json
 import math
-import struct
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import isoquant_format as wire
 from service.errors import (
     InvalidInput,
     MalformedBody,
@@ -44,14 +46,10 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
-MAX_NDIM = 8
+MAX_NDIM = wire.MAX_NDIM  # one bound for JSON arrays and safetensors tensors
 # A body not fully received within this many seconds gets 408: a slow client must not hold a queue
 # place for ever. (A constant for now; promote it to a setting together with its README row.)
 BODY_TIMEOUT_S = 30.0
-# A safetensors header of the few tensors a request holds is well under 1 KiB. The header is parsed on
-# the event loop, so both bounds keep that parse short whatever a client sends.
-_MAX_HEADER = 64 << 10
-_MAX_TENSORS = 16
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -279,128 +277,52 @@ def tensor_nbytes(tensor: torch.Tensor) -> int:
 
 def parse_safetensors(body: bytes | bytearray | torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A safetensors container (bytes, or a uint8 tensor [n] as ``read_body`` gives) -> (tensors on the
-    CPU, metadata). 400 if the container is malformed, 422 for a dtype that is not served.
+    CPU, metadata). 400 naming ``body`` if the container is malformed, 422 naming the tensor for a dtype
+    that is not served (F16, BF16, F32, U8).
 
     The tensors are views into ``body``, not copies: for a 16 MiB body ``safetensors.torch.load`` spent
     a fresh allocation and a copy, and on a GPU it would also lose the pinned buffer that ``read_body``
-    filled. The checks are the format's own (as the safetensors package makes them): the header is a
-    JSON object of entries {dtype, shape, data_offsets}; each entry's byte count is its shape's; the
-    entries cover the data after the header exactly, without gaps or overlaps. Beyond the format: at most
-    64 KiB of header, 16 tensors and 8 dimensions, so that the parse (on the event loop) stays short.
-    The work is O(header), except that a header not padded to the element size costs one copy of the
-    misaligned tensors (writers pad to 8 bytes: ours, the safetensors package)."""
-    if not isinstance(body, torch.Tensor):
-        body = torch.frombuffer(body if isinstance(body, bytearray) else bytearray(body), dtype=torch.uint8)
-    size = body.numel()
-    if size < 8:
-        raise MalformedBody(f"safetensors body of {size} bytes is shorter than its 8-byte header length", "body")
-    raw = body[: min(size, 8 + _MAX_HEADER)].numpy()
-    (header_len,) = struct.unpack("<Q", raw[:8].tobytes())
-    if header_len > min(_MAX_HEADER, size - 8):
-        raise MalformedBody(
-            f"safetensors header length {header_len} exceeds the body ({size} bytes) or {_MAX_HEADER} bytes",
-            "body",
-        )
+    filled. ``isoquant_format.parse`` makes the checks (the format's own, and at most 64 KiB of header,
+    16 tensors and 8 dimensions, so that the parse on the event loop stays short) and hands back
+    memoryview slices of the body, viewed here with ``torch.frombuffer``. The work is O(header), except
+    that a header not padded to the element size costs one copy of the misaligned tensors (writers pad
+    to 8 bytes: ours, the safetensors package)."""
+    if isinstance(body, torch.Tensor):
+        view = memoryview(body.numpy())
+    else:  # torch.frombuffer wants writable memory: bytes are copied once
+        view = memoryview(body if isinstance(body, bytearray) else bytearray(body))
     try:
-        header = json.loads(raw[8 : 8 + header_len].tobytes())
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise MalformedBody(f"safetensors header is not valid JSON: {exc or 'nested too deeply'}", "body") from None
-    if not isinstance(header, dict):
-        raise MalformedBody("safetensors header must be a JSON object", "body")
-    metadata = header.pop("__metadata__", None)
-    metadata = {} if metadata is None else metadata
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise MalformedBody("safetensors __metadata__ must map strings to strings", "body")
-    if len(header) > _MAX_TENSORS:
-        raise MalformedBody(f"safetensors body holds {len(header)} tensors; at most {_MAX_TENSORS} are read", "body")
-    for name, info in header.items():
-        dtype = info.get("dtype") if isinstance(info, dict) else None
-        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
-            raise InvalidInput(f"tensor {name!r} has dtype {dtype!r}; allowed: {', '.join(_ST_DTYPES.values())}", name)
-    data = body[8 + header_len :]
-    spans = []
-    for name, info in header.items():
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        # Each dimension at most the body's size: bounds the product below (a zero-size tensor does not
-        # need a larger one) and keeps huge integers out of the arithmetic and the messages.
-        if (
-            not isinstance(shape, list)
-            or len(shape) > MAX_NDIM
-            or any(isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= size for d in shape)
-        ):
-            raise MalformedBody(
-                f"malformed safetensors body: tensor {name!r} needs a shape of at most {MAX_NDIM} dimensions, each "
-                f"from 0 to the body's size; got {str(shape)[:200]}",
-                "body",
-            )
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or any(isinstance(o, bool) or not isinstance(o, int) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= size
-        ):
-            raise MalformedBody(
-                f"malformed safetensors body: tensor {name!r} has data_offsets {str(offsets)[:200]}", "body"
-            )
-        dtype = DTYPES[_ST_DTYPES[info["dtype"]]]
-        nbytes = math.prod(shape) * dtype.itemsize
-        if offsets[1] - offsets[0] != nbytes:
-            raise MalformedBody(
-                f"malformed safetensors body: tensor {name!r} of shape {shape} and dtype {info['dtype']} needs "
-                f"{nbytes} bytes, its data_offsets {offsets} span {offsets[1] - offsets[0]}",
-                "body",
-            )
-        spans.append((offsets[0], offsets[1], name, dtype, shape))
-    spans.sort()
-    end = 0
-    for begin, stop, name, _, _ in spans:
-        if begin != end:
-            raise MalformedBody(
-                f"malformed safetensors body: tensor {name!r} starts at byte {begin} of the data, expected {end} "
-                "(the tensors must cover the data without gaps or overlaps)",
-                "body",
-            )
-        end = stop
-    if end != data.numel():
-        raise MalformedBody(
-            f"malformed safetensors body: the tensors cover {end} bytes of data, the body holds {data.numel()}",
-            "body",
-        )
-    tensors = {}
-    for begin, stop, name, dtype, shape in spans:
-        piece = data[begin:stop]
-        if piece.data_ptr() % dtype.itemsize:
-            piece = piece.clone()  # a header not padded to the element size: views must be aligned
-        tensors[name] = _to_native(piece.view(dtype).reshape(shape))
-    return tensors, metadata
+        raw, metadata = wire.parse(view, dtypes=wire.WIRE_DTYPES)
+    except wire.UnsupportedDtype as exc:
+        raise InvalidInput(exc.message, exc.tensor) from None
+    except wire.FormatError as exc:
+        raise MalformedBody(exc.message, "body") from None
+    return {name: _view_tensor(t.data, DTYPES[t.dtype], t.shape) for name, t in raw.items()}, metadata
 
 
-_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "U8": "uint8"}
-_ST_NAMES = {DTYPES[name]: code for code, name in _ST_DTYPES.items()}
+def _view_tensor(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Bytes of a container (little-endian) -> a tensor of ``dtype`` and ``shape`` sharing them."""
+    if not data.nbytes:
+        return torch.empty(shape, dtype=dtype)  # torch.frombuffer refuses an empty buffer
+    piece = torch.frombuffer(data, dtype=torch.uint8)
+    if piece.data_ptr() % dtype.itemsize:
+        piece = piece.clone()  # a header not padded to the element size: views must be aligned
+    return _to_native(piece.view(dtype).reshape(shape))
 
 
 def safetensors_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> list[bytes | memoryview]:
     """Host tensors and scalar metadata -> a safetensors container as a list of buffers: the 8-byte
     little-endian header length and the JSON header (dtype, shape, data_offsets; padded with spaces to
     a multiple of 8 so that the data is aligned), then each tensor's raw little-endian bytes as a view
-    of its memory (no copy). The service sends the parts one after another (``BodyPartsResponse``):
-    joining them cost a fresh allocation and a copy of every byte (``safetensors.torch.save`` copied
-    each tensor twice: 20 ms for 16 MiB on our CPU)."""
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {k: _meta_str(v) for k, v in metadata.items() if v is not None}
-    data: list[memoryview] = []
-    offset = 0
+    of its memory (no copy); ``isoquant_format.write_parts`` writes it. The service sends the parts one
+    after another (``BodyPartsResponse``): joining them cost a fresh allocation and a copy of every byte
+    (``safetensors.torch.save`` copied each tensor twice: 20 ms for 16 MiB on our CPU)."""
+    raw: dict[str, wire.RawTensor] = {}
     for name, tensor in tensors.items():
         t = _to_native(tensor.detach().cpu().contiguous())
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        if size:
-            data.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    return [struct.pack("<Q", len(encoded)) + encoded, *data]
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        raw[name] = wire.RawTensor(dtype_name(t.dtype), tuple(t.shape), data)
+    return wire.write_parts(raw, metadata)
 
 
 def dump_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> bytes:
@@ -408,28 +330,20 @@ def dump_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, objec
     return b"".join(safetensors_parts(tensors, metadata))
 
 
-def _meta_str(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
+_meta_str = wire.meta_str  # metadata value -> string, as the format writes it
 
 
 def meta_int(metadata: dict[str, str], key: str, default: int | None = None) -> int | None:
     """An integer metadata value (422 naming the key if it is not one)."""
-    if key not in metadata:
-        return default
     try:
-        return int(metadata[key].strip())
-    except ValueError:
-        raise InvalidInput(f"metadata {key!r} must be an integer; got {metadata[key]!r}", key) from None
+        return wire.meta_int(metadata, key, default)
+    except wire.FormatError as exc:
+        raise InvalidInput(exc.message, exc.field) from None
 
 
 def meta_bool(metadata: dict[str, str], key: str) -> bool:
-    value = metadata.get(key, "false").strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no", ""):
-        return False
-    raise InvalidInput(f"metadata {key!r} must be true or false; got {metadata[key]!r}", key)
+    """A boolean metadata value, False if absent (422 naming the key if it is not one)."""
+    try:
+        return wire.meta_bool(metadata, key)
+    except wire.FormatError as exc:
+        raise InvalidInput(exc.message, exc.field) from None

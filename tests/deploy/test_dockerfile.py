@@ -140,7 +140,7 @@ def test_dockerignore_keeps_what_the_build_copies():
         if line.strip() and not line.startswith("#")
     }
     copied = {rest.split()[0] for k, rest in instructions(DOCKERFILE.read_text()) if k == "COPY"}
-    assert copied == {"pyproject.toml", "kernels", "service", "clients", "deploy/healthcheck.py"}
+    assert copied == {"pyproject.toml", "kernels", "service", "clients", "isoquant_format", "deploy/healthcheck.py"}
     for path in copied | {"README.md"}:  # README.md: pyproject's readme
         assert path not in ignored and path.split("/")[0] not in ignored, path
         assert (ROOT / path).exists(), path
