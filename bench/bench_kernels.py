@@ -1,4 +1,4 @@
-"""GPU benchmark of the Triton kernels (issue 3): quantize, dequantize and round trip of every variant,
+r"""GPU benchmark of the Triton kernels: quantize, dequantize and round trip of every variant,
 beside a device-to-device copy of the same input and the torch reference, measured in the same run.
 
     PYTHONUNBUFFERED=1 python -m bench.bench_kernels [--out DIR] [--quick | --targets] [--dims 128,512]
@@ -12,14 +12,14 @@ which the targets cover), dtype {float16, bfloat16, float32}, each op and varian
   same-run copy bandwidth of the op's float tensor (input of quantize/round trip, output of dequantize)
   of the same N, dim and dtype (bytes-moved basis: a copy moves 2x its size);
 - the torch reference path on the GPU (rows of dim 128, to fit the run in one call).
---targets narrows the run to what issue 3's targets name: the fused variants, N = 2^20 at --dims with bits
+--targets narrows the run to what the kernel speed targets name: the fused variants, N = 2^20 at --dims with bits
 1..4 and the three dtypes, N = 8,192 at dim 128 float16 only, no torch reference. Every run also times the
 round trip with its reconstruction in the input's dtype (op ``roundtrip_same``: float16/bfloat16 inputs;
 x in + x_hat in the same dtype + error out), beside the float32-output round trip.
 --baseline DIR times an earlier copy of the kernels (a package ``kbase`` in DIR, same API) on the same card
 in the same run, for the rows that matter most (fused variants, dim 128, float16: N = 2^20 median and
 N = 8,192 back to back), so that a new version is compared on one card whatever card the run gets. Made
-with ``for f in __init__ _common quantize dequantize roundtrip; do git show REV:kernels/triton/$f.py |
+with ``for f in __init__ _jit _launch quantize dequantize roundtrip; do git show REV:kernels/triton/$f.py |
 sed 's/kernels\.triton\./kbase./g' > .kbase/kbase/$f.py; done`` (.kbase ignored; name it in the device
 call's carry).
 Also the peak extra GPU memory of quantize and dequantize beyond their inputs and outputs
@@ -47,9 +47,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels import reference  # noqa: E402
 from kernels.quantizer import Quantizer  # noqa: E402
+from kernels.rotations import ROTATIONS  # noqa: E402
 
-VARIANTS = ("full", "fast", "2d", "identity", "dense", "hadamard")
-FUSED = ("full", "fast", "2d", "identity")
+# The fused-kernel variants first, then those the matrix kernels run (the registry says which is which).
+FUSED = tuple(name for name, r in ROTATIONS.items() if r.kernel != "matrix")
+VARIANTS = FUSED + tuple(name for name in ROTATIONS if name not in FUSED)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 OPS = ("quantize", "dequantize", "roundtrip")
 # op timed besides OPS for 16-bit inputs: the round trip with x_hat in the input's dtype
@@ -181,60 +183,54 @@ def copy_us_of(x: torch.Tensor, back_to_back: bool = False) -> float:
     return bench_median_us(lambda: out.copy_(x))
 
 
-def op_calls(kt, x: torch.Tensor, plan, dtype: torch.dtype) -> dict:
-    """op -> (triton call, torch reference call) on the same inputs (codes from the Triton quantize)."""
+def op_calls(kt, x: torch.Tensor, plan, dtype: torch.dtype, tile: tuple[int, int] | None = None) -> dict:
+    """op -> (triton call, torch reference call) on the same inputs (codes from the Triton quantize);
+    ``tile``: the fused kernels' (tile elements, warps) instead of the launch policy's (sweeps)."""
+    extra = {} if tile is None else {"tile": tile}  # a --baseline copy may predate the argument
     codes, norms = kt.quantize(x, plan)
     calls = {
-        "quantize": (lambda: kt.quantize(x, plan), lambda: reference.quantize(x, plan)),
+        "quantize": (lambda: kt.quantize(x, plan, **extra), lambda: reference.quantize(x, plan)),
         "dequantize": (
-            lambda: kt.dequantize(codes, norms, plan, dtype),
+            lambda: kt.dequantize(codes, norms, plan, dtype, **extra),
             lambda: reference.dequantize(codes, norms, plan, dtype),
         ),
-        "roundtrip": (lambda: kt.roundtrip(x, plan), lambda: reference.roundtrip(x, plan)),
+        "roundtrip": (lambda: kt.roundtrip(x, plan, **extra), lambda: reference.roundtrip(x, plan)),
     }
     if dtype != torch.float32:
-        calls[SAME] = (lambda: kt.roundtrip(x, plan, dtype), lambda: reference.roundtrip(x, plan, dtype))
+        calls[SAME] = (lambda: kt.roundtrip(x, plan, dtype, **extra), lambda: reference.roundtrip(x, plan, dtype))
     return calls
 
 
 def tile_sweep(kt, say) -> None:
     """Time the fused kernels at other (tile elements, warps) than the default, N = 2^20, fp16, dim 128."""
-    from kernels.triton import _common
-
     say("\n## Tile sweep: N = 2^20, fp16, dim 128 (us; default tile 4096 elements, 4 warps)")
     x = torch.randn(1 << 20, 128, device="cuda", dtype=torch.float16)
     for variant, bits in (("full", 4), ("identity", 4), ("full", 2)):
         plan = Quantizer(variant, 128, bits, seed=0, device="cuda").plan
         for tile, warps in ((4096, 4), (2048, 4), (8192, 8), (4096, 8), (2048, 2), (8192, 4)):
-            _common.TILE_OVERRIDE = (tile, warps)
-            calls = op_calls(kt, x, plan, torch.float16)
+            calls = op_calls(kt, x, plan, torch.float16, tile=(tile, warps))
             times = [bench_median_us(calls[op][0]) for op in OPS]
             say(
                 f"  {variant:>8} b{bits} tile {tile:5d} warps {warps}: "
                 + "  ".join(f"{op} {t:7.1f}" for op, t in zip(OPS, times, strict=True))
             )
-    _common.TILE_OVERRIDE = None
 
 
 def small_sweep(kt, say) -> None:
     """Back-to-back time per call at N = 8,192, dim 128, fp16 for other warps a program (tile 1,024
     elements, the small-batch tile), beside the default choice, to check SMALL_PER_THREAD."""
-    from kernels.triton import _common
-
     say("\n## Small-batch sweep: N = 8192, dim 128, fp16, back-to-back us per call (tile 1024 elements)")
     x = torch.randn(8192, 128, device="cuda", dtype=torch.float16)
     say(f"  copy b2b {copy_us_of(x, back_to_back=True):.2f}")
     for variant, bits in (("full", 4), ("full", 2), ("identity", 2)):
         plan = Quantizer(variant, 128, bits, seed=0, device="cuda").plan
         for warps in (0, 2, 4, 8):
-            _common.TILE_OVERRIDE = (1024, warps) if warps else None
-            calls = op_calls(kt, x, plan, torch.float16)
+            calls = op_calls(kt, x, plan, torch.float16, tile=(1024, warps) if warps else None)
             times = [graph_per_call_us(calls[op][0]) for op in (*OPS, SAME)]
             say(
                 f"  {variant:>8} b{bits} warps {warps or 'default'}: "
                 + "  ".join(f"{op} {t:6.2f}" for op, t in zip((*OPS, SAME), times, strict=True))
             )
-    _common.TILE_OVERRIDE = None
 
 
 def peak_extra_bytes(fn, out_bytes: int) -> int:

@@ -1,4 +1,4 @@
-"""Evaluation on real activations (issue 7): every variant and bit width on all-MiniLM-L6-v2's keys, values,
+"""Evaluation on real activations: every variant and bit width on all-MiniLM-L6-v2's keys, values,
 queries and sentence embeddings, computed from real English text that ships with Python itself.
 
     python -m bench.eval_real                      # the full run (docs/EVALUATION.md), tables on stdout
@@ -38,9 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels import Quantizer
+from kernels import VARIANTS, Quantizer
 
-VARIANTS = ("full", "fast", "2d", "dense", "hadamard", "identity")
 BITS = (2, 3, 4)
 HEADS, HEAD_DIM, HIDDEN, LAYERS = 12, 32, 384, 6
 MAX_TOKENS = 256  # the checkpoint's max_seq_length

@@ -23,9 +23,9 @@ import sys
 from clients._codec import PackedCodes, load_array, save_array
 from clients.client import IsoQuantClient, default_url
 from clients.errors import IsoQuantError, TransportError
+from isoquant_format import VARIANTS
 
 EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-VARIANTS = ("full", "fast", "2d", "dense", "hadamard", "identity")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -5,6 +5,7 @@ The public API is ``Quantizer`` and ``Packed``; see ``kernels.quantizer``. KV-ca
 so the package works on machines without a GPU.
 """
 
+from kernels.errors import QuantizerError
 from kernels.kv_cache import PRESETS as KV_CACHE_PRESETS
 from kernels.kv_cache import KVCacheConfig
 from kernels.quantizer import FORMAT_VERSION, INPUT_DTYPES, MAX_BITS, MAX_DIM, MIN_BITS, MIN_DIM, Packed, Quantizer
@@ -12,5 +13,5 @@ from kernels.rotations import VARIANTS
 
 __all__ = [
     "FORMAT_VERSION", "INPUT_DTYPES", "KV_CACHE_PRESETS", "KVCacheConfig", "MAX_BITS", "MAX_DIM", "MIN_BITS", "MIN_DIM",
-    "Packed", "Quantizer", "VARIANTS",
+    "Packed", "Quantizer", "QuantizerError", "VARIANTS",
 ]

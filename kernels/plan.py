@@ -1,24 +1,28 @@
 """The device-resident state that every backend's ops read: one quantizer's parameters on one device.
 
-A ``Plan`` is what the torch reference (``kernels.reference``) and the Triton kernels
-(``kernels.triton``) share: both take the same plan and the same tensors and return the same results.
+A ``Plan`` is what the torch reference (``kernels.reference``) and the Triton kernels (``kernels.triton``)
+share: both take the same plan and the same tensors and return the same results. It is the only thing the
+ops read: the rotation's parameters, the codebook, and the forms the kernels need (block coefficients
+coefficient-major, a mixing matrix, whether the symmetric code search applies), each derived once per plan
+on first use and kept on the plan itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from kernels.codebook import Codebook
 from kernels.packing import packed_bytes
-from kernels.rotations import RotationParams
+from kernels.rotations import ROTATIONS, Rotation, RotationParams
 
 
 @dataclass(frozen=True)
 class Plan:
     """variant, dim, bits; n_coded (padded width) and code_bytes (ceil(n_coded * bits / 8));
-    ``params``: the rotation's float32 tensors on ``device`` (see ``RotationParams``);
+    ``params``: the rotation's float32 tensors on ``device`` (see the variant's module in kernels.rotations);
     ``centroids`` float32 [2^bits] and ``boundaries`` float32 [2^bits - 1] on ``device``."""
 
     variant: str
@@ -45,3 +49,39 @@ class Plan:
             centroids=torch.from_numpy(codebook.centroids).float().to(device),
             boundaries=torch.from_numpy(codebook.boundaries).float().to(device),
         )
+
+    @property
+    def rotation(self) -> Rotation:
+        return ROTATIONS[self.variant]
+
+    # Forms the Triton kernels read (cached_property stores them in the instance's __dict__, which a frozen
+    # dataclass allows; the torch reference never builds them).
+
+    @cached_property
+    def symmetric(self) -> bool:
+        """Whether the kernels' scalar symmetric code search applies: bits <= 4 and boundaries exactly
+        antisymmetric (Lloyd-Max codebooks of a symmetric law are, to the bit)."""
+        if self.bits > 4:
+            return False
+        b = self.boundaries.detach().float().cpu()
+        return bool(torch.equal(b, -b.flip(0)))
+
+    @cached_property
+    def fused_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two parameter pointers of a fused kernel: "blocks": the 4x4 block matrices coefficient-major,
+        float32 [16, g] (coefficient 4 i + j of block b at [4 i + j, b]) and an unused pointer; "pairs":
+        cos and sin [g]; "none": unused pointers (the centroids)."""
+        kernel = self.rotation.kernel
+        if kernel == "blocks":
+            matrix = self.params["matrix"]
+            return matrix.reshape(matrix.shape[0], 16).t().contiguous(), self.centroids
+        if kernel == "pairs":
+            return self.params["cos"].contiguous(), self.params["sin"].contiguous()
+        if kernel == "none":
+            return self.centroids, self.centroids
+        raise ValueError(f"variant {self.variant!r} runs in the matrix kernels, not the fused ones")
+
+    @cached_property
+    def mixing_matrix(self) -> torch.Tensor:
+        """float32 [n_coded, dim] A with rotate(pad(x)) = x @ A^T on ``device`` (the matrix kernels)."""
+        return self.rotation.mixing_matrix(self.params, self.dim, self.n_coded).to(self.device)

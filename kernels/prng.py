@@ -23,13 +23,10 @@ _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
 _MASK64 = (1 << 64) - 1
 
-# Stable numeric ids of the variants, part of the stream tag (never renumber: FORMAT.md pins them).
-VARIANT_IDS = {"full": 1, "fast": 2, "2d": 3, "dense": 4, "hadamard": 5, "identity": 6}
-
-
-def stream_state(variant: str, dim: int, seed: int) -> int:
-    """The initial SplitMix64 state of the stream for (variant, dim, seed), as a Python int < 2^64."""
-    tag = VARIANT_IDS[variant] * 65536 + dim
+def stream_state(variant_id: int, dim: int, seed: int) -> int:
+    """The initial SplitMix64 state of the stream for (variant, dim, seed), as a Python int < 2^64;
+    ``variant_id`` is the variant's stable id (``kernels.rotations.ROTATIONS[name].variant_id``)."""
+    tag = variant_id * 65536 + dim
     return (seed + GOLDEN * tag) & _MASK64
 
 

@@ -19,18 +19,18 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from isoquant_format import DESCRIPTOR_FIELDS, FORMAT_VERSION
 from kernels import reference
 from kernels.codebook import Codebook, lloyd_max
+from kernels.errors import QuantizerError
 from kernels.plan import Plan
-from kernels.rotations import VARIANTS, RotationParams, make_rotation
+from kernels.rotations import ROTATIONS, RotationParams, make_rotation
 
-FORMAT_VERSION = 1
 MIN_DIM, MAX_DIM = 2, 4096
 MIN_BITS, MAX_BITS = 1, 8
 MAX_SEED = (1 << 64) - 1
 INPUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 BACKENDS = ("auto", "torch", "triton")
-DESCRIPTOR_FIELDS = ("variant", "dim", "bits", "seed", "fingerprint", "format_version")
 # Values are hashed on a grid of 2^-24 so that the last-ulp differences of float64 libm/LAPACK between
 # machines do not change the fingerprint (docs/FORMAT.md, "Fingerprint").
 _HASH_GRID = float(1 << 24)
@@ -95,16 +95,24 @@ class Quantizer:
         device: str | torch.device = "cpu",
         backend: str = "auto",
     ) -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+        if not isinstance(variant, str) or variant not in ROTATIONS:  # the registry, not an import-time list
+            raise QuantizerError(
+                f"variant must be one of {', '.join(ROTATIONS)}; got {variant!r}", field="variant", kind="value"
+            )
         if isinstance(dim, bool) or not isinstance(dim, int) or not MIN_DIM <= dim <= MAX_DIM:
-            raise ValueError(f"dim must be an integer from {MIN_DIM} to {MAX_DIM}; got {dim!r}")
+            raise QuantizerError(
+                f"dim must be an integer from {MIN_DIM} to {MAX_DIM}; got {dim!r}", field="dim", kind="value"
+            )
         if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-            raise ValueError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}; got {bits!r}")
+            raise QuantizerError(
+                f"bits must be an integer from {MIN_BITS} to {MAX_BITS}; got {bits!r}", field="bits", kind="value"
+            )
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer from 0 to 2^64-1; got {seed!r}")
+            raise QuantizerError(f"seed must be an integer from 0 to 2^64-1; got {seed!r}", field="seed", kind="value")
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+            raise QuantizerError(
+                f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}", field="backend", kind="value"
+            )
         self.variant, self.dim, self.bits, self.seed = variant, dim, bits, seed
         self.device = torch.device(device)
         self.rotation: RotationParams = make_rotation(variant, dim, seed)
@@ -118,9 +126,11 @@ class Quantizer:
             return "torch"
         available = self.device.type == "cuda" and _triton_available()
         if backend == "triton" and not available:
-            raise ValueError(
+            raise QuantizerError(
                 "backend 'triton' needs a CUDA device and an importable triton with kernels for this build; "
-                f"device is {self.device}. Allowed here: auto, torch"
+                f"device is {self.device}. Allowed here: auto, torch",
+                field="backend",
+                kind="value",
             )
         return "triton" if available else "torch"
 
@@ -188,25 +198,33 @@ class Quantizer:
         """Packed codes -> reconstruction [..., dim] in ``dtype`` (float16 | bfloat16 | float32)."""
         self._check_output_dtype(dtype)
         if not isinstance(packed, Packed):
-            raise ValueError(f"packed must be a kernels.Packed, got {type(packed).__name__}")
+            raise QuantizerError(
+                f"packed must be a kernels.Packed, got {type(packed).__name__}", field="packed", kind="type"
+            )
         if packed.fingerprint != self.fingerprint or packed.format_version != FORMAT_VERSION:
-            raise ValueError(
+            raise QuantizerError(
                 f"fingerprint {packed.fingerprint!r} (format {packed.format_version}) does not match this "
                 f"quantizer's {self.fingerprint!r} (format {FORMAT_VERSION}): the codes were made by "
-                f"another quantizer ({packed.variant}, dim={packed.dim}, bits={packed.bits}, seed={packed.seed})"
+                f"another quantizer ({packed.variant}, dim={packed.dim}, bits={packed.bits}, seed={packed.seed})",
+                field="fingerprint",
+                kind="fingerprint",
             )
         codes, norms = packed.codes, packed.norms
         if codes.dtype != torch.uint8:
-            raise ValueError(f"codes must be uint8, got {_dtype_name(codes.dtype)}")
+            raise QuantizerError(f"codes must be uint8, got {_dtype_name(codes.dtype)}", field="codes", kind="dtype")
         if codes.ndim < 1 or codes.shape[-1] != self.code_bytes:
-            raise ValueError(
+            raise QuantizerError(
                 f"codes must have {self.code_bytes} bytes per vector (dim={self.dim}, bits={self.bits}); "
-                f"got shape {list(codes.shape)}"
+                f"got shape {list(codes.shape)}",
+                field="codes",
+                kind="shape",
             )
         if norms.dtype != torch.float32 or norms.shape != codes.shape[:-1]:
-            raise ValueError(
+            raise QuantizerError(
                 f"norms must be float32 of shape {list(codes.shape[:-1])}; "
-                f"got {_dtype_name(norms.dtype)} of shape {list(norms.shape)}"
+                f"got {_dtype_name(norms.dtype)} of shape {list(norms.shape)}",
+                field="norms",
+                kind="dtype" if norms.dtype != torch.float32 else "shape",  # one check covers both
             )
         self._check_device(codes, "codes")
         self._check_device(norms, "norms")
@@ -228,12 +246,16 @@ class Quantizer:
     def _rows(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Size]:
         """Check x [..., dim] and view it as rows [N, dim] (no copy when the rows are already strided)."""
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            raise QuantizerError(f"{name} must be a torch.Tensor, got {type(x).__name__}", field=name, kind="type")
         if x.dtype not in INPUT_DTYPES.values():
-            raise ValueError(f"{name} dtype must be one of {_allowed_dtypes()}; got {_dtype_name(x.dtype)}")
+            raise QuantizerError(
+                f"{name} dtype must be one of {_allowed_dtypes()}; got {_dtype_name(x.dtype)}", field=name, kind="dtype"
+            )
         if x.ndim < 1 or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"{name} must have last dimension {self.dim} (this quantizer's dim); got shape {list(x.shape)}"
+            raise QuantizerError(
+                f"{name} must have last dimension {self.dim} (this quantizer's dim); got shape {list(x.shape)}",
+                field=name,
+                kind="shape",
             )
         self._check_device(x, name)
         lead = x.shape[:-1]
@@ -244,23 +266,33 @@ class Quantizer:
         bad = ~torch.isfinite(norms)
         if bool(bad.any()):
             self._check_finite(rows, name)
-            raise ValueError(f"{name}: the norm of vectors {_index_list(bad)} overflows float32; scale the input down")
+            raise QuantizerError(
+                f"{name}: the norm of vectors {_index_list(bad)} overflows float32; scale the input down",
+                field=name,
+                kind="overflow",
+            )
         return rows, lead
 
     def _check_device(self, t: torch.Tensor, name: str) -> None:
         if t.device != self.device and not (t.device.type == self.device.type == "cuda" and self.device.index is None):
-            raise ValueError(f"{name} is on {t.device} but this quantizer lives on {self.device}")
+            raise QuantizerError(
+                f"{name} is on {t.device} but this quantizer lives on {self.device}", field=name, kind="device"
+            )
 
     @staticmethod
     def _check_finite(rows: torch.Tensor, name: str) -> None:
         bad = ~torch.isfinite(rows).all(-1)
         if bool(bad.any()):
-            raise ValueError(f"{name} holds NaN or Inf in vectors {_index_list(bad)} (flat row indices)")
+            raise QuantizerError(
+                f"{name} holds NaN or Inf in vectors {_index_list(bad)} (flat row indices)",
+                field=name,
+                kind="non_finite",
+            )
 
     @staticmethod
     def _check_output_dtype(dtype: torch.dtype) -> None:
         if dtype not in INPUT_DTYPES.values():
-            raise ValueError(f"dtype must be one of {_allowed_dtypes()}; got {dtype}")
+            raise QuantizerError(f"dtype must be one of {_allowed_dtypes()}; got {dtype}", field="dtype", kind="dtype")
 
 
 def _index_list(mask: torch.Tensor, limit: int = 10) -> str:

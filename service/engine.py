@@ -1,5 +1,8 @@
-"""The device side of the service: quantizers resident on one device, a bounded work queue served by
-worker threads, per-op device timing and the mapping of failures to HTTP-level errors.
+"""The device side of the service: the ``Engine`` coordinates the parts it holds (the quantizers resident
+on one device, ``service.quantizers``; the counted admission to the work queue, ``service.admission``; the
+pinned or pageable host buffers, ``service.host_buffers``), runs the ops on worker threads with per-op
+device timing, and maps failures to HTTP-level errors: the library's typed ``QuantizerError`` by its
+``field`` and ``kind``, never by its wording.
 
 Why threads: the ops are torch calls that release the GIL for their heavy parts, and a CUDA stream is
 naturally serialised, so one worker (the default) keeps the GPU busy while the event loop goes on
@@ -11,21 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 
-from kernels import FORMAT_VERSION, INPUT_DTYPES, Packed, Quantizer
-from service.errors import ApiError, InvalidInput, QueueFull, Unavailable
+from kernels import FORMAT_VERSION, INPUT_DTYPES, Packed, Quantizer, QuantizerError
+from service.admission import Admission, Ticket
+from service.errors import ApiError, InvalidInput, Unavailable
+from service.host_buffers import HostBuffers
 from service.metrics import Metrics
+from service.quantizers import QuantizerCache
 from service.settings import Settings
 
 log = logging.getLogger("service.engine")
@@ -105,24 +108,40 @@ class DequantizeResult:
     stats: Stats | None
 
 
-class Ticket:
-    """One admitted request's place in the bounded queue (a context manager; see ``Engine.admit``)."""
+# The request field each library argument comes from, where the API names one (the library calls the input
+# vectors x). Arguments no request field carries (backend, packed) give an error without a field.
+_REQUEST_FIELD = {
+    "x": "vectors",
+    "codes": "codes",
+    "norms": "norms",
+    "dtype": "dtype",
+    "variant": "variant",
+    "dim": "dim",
+    "bits": "bits",
+    "seed": "seed",
+    "fingerprint": "quantizer.fingerprint",
+}
+# The error type (docs/OPERATIONS.md, "Errors") of each QuantizerError kind that has its own; the other kinds
+# (value, type, dtype, device, overflow) are "invalid_value", the type those refusals have always had.
+_ERROR_TYPE = {
+    "non_finite": "non_finite",
+    "shape": "shape_mismatch",
+    "fingerprint": "fingerprint_mismatch",
+}
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self.handed_off = False
 
-    def __enter__(self) -> Ticket:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if not self.handed_off:
-            self.handed_off = True
-            self._engine._finish(started=False)
+def invalid_input(exc: QuantizerError) -> InvalidInput:
+    """The 422 for input the library refused, from the error's ``field`` and ``kind`` alone. The message is
+    the library's, its subject re-worded where the request calls it otherwise (x -> vectors)."""
+    field = _REQUEST_FIELD.get(exc.field) if exc.field is not None else None
+    message = exc.message_calling("vectors") if exc.field == "x" else exc.message
+    return InvalidInput(message, field, type=_ERROR_TYPE.get(exc.kind, "invalid_value"))
 
 
 class Engine:
-    """Quantizers on one device and the workers that run them."""
+    """Quantizers on one device and the workers that run them: coordinates the quantizer cache, the
+    admission counters and the host buffers it holds, each of which keeps its own state under its own lock,
+    and owns the life cycle (warm-up, draining, shutdown)."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
@@ -131,13 +150,12 @@ class Engine:
         self._executor = ThreadPoolExecutor(
             max_workers=settings.workers, thread_name_prefix="isoquant-device", initializer=self._init_worker
         )
-        self._lock = threading.Lock()  # admission counters and the quantizer caches
-        self._build_lock = threading.Lock()  # one build at a time: codebooks are cached per process
-        self._admitted = 0
-        self._running = 0
-        self._pinned: list[tuple[StorageWeakRef, int]] = []  # pinned host storage handed out (_host_empty)
-        self._resident: dict[tuple[str, int, int], Quantizer] = {}  # default seed: bounded by the allowlists
-        self._seeded: OrderedDict[tuple[str, int, int, int], Quantizer] = OrderedDict()  # other seeds: LRU
+        self.quantizers = QuantizerCache(self.device, settings.default_seed, settings.seed_cache_size, metrics)
+        self.admission = Admission(settings.max_queue, metrics)
+        self.host_buffers = HostBuffers(self.device, settings.pinned_host_bytes)
+        # warmed and draining change together with the readiness gauge: a draining process must never be
+        # marked ready (start_warm_up's callback against begin_shutdown).
+        self._state_lock = threading.Lock()
         self.warmed = False  # warm-up finished successfully
         self.draining = False  # shutdown began: not ready, still serving
         self.accepting = True  # false once the workers are shut down
@@ -162,13 +180,13 @@ class Engine:
         """What GET /health/ready reports: warmed up and not draining."""
         return self.warmed and not self.draining
 
-    # -- quantizers -------------------------------------------------------------------------------
+    # -- host buffers -----------------------------------------------------------------------------
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
-        """A uint8 [nbytes] host buffer for a request body (``_host_empty``): pinned on a GPU, so the
+        """A uint8 [nbytes] host buffer for a request body (``HostBuffers.empty``): pinned on a GPU, so the
         vectors parsed in place go to the device in one DMA. 503 if no host memory can be had."""
         try:
-            return self._host_empty((nbytes,), torch.uint8)
+            return self.host_buffers.empty((nbytes,), torch.uint8)
         except (MemoryError, RuntimeError) as exc:
             self.metrics.device_errors.labels("out_of_memory").inc()
             raise Unavailable(
@@ -176,64 +194,19 @@ class Engine:
                 type="out_of_memory",
             ) from exc
 
-    def _host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialized host tensor. On a GPU it is pinned (torch's caching host allocator: reused
-        across requests, no page faults, one DMA to or from the device) while this process's live pinned
-        storage stays within ``pinned_host_bytes``; beyond that, or if pinned memory cannot be had,
-        pageable memory does (slower copies, same results). The allocator keeps what it hands out, rounded
-        up to powers of two, so the page-locked memory of a process stays under about twice the budget.
-        (Two allocations at once may both fit and together pass the budget by one of them.)"""
-        if self.device.type == "cuda":
-            nbytes = math.prod(shape) * dtype.itemsize
-            if self.pinned_bytes_in_use() + nbytes <= self.settings.pinned_host_bytes:
-                try:
-                    tensor = torch.empty(shape, dtype=dtype, pin_memory=True)
-                except RuntimeError as exc:
-                    log.warning("pinned host memory of %d bytes not available (%s); using pageable memory", nbytes, exc)
-                else:
-                    # A weak reference to the storage, not the tensor: views (parsed tensors, numpy arrays,
-                    # answer parts) keep the storage alive after the tensor object is gone.
-                    with self._lock:
-                        self._pinned.append((StorageWeakRef(tensor.untyped_storage()), nbytes))
-                    return tensor
-        return torch.empty(shape, dtype=dtype)
-
     def pinned_bytes_in_use(self) -> int:
-        """Bytes of this process's pinned host storage still alive (``_host_empty``)."""
-        with self._lock:
-            self._pinned = [(ref, n) for ref, n in self._pinned if not ref.expired()]
-            return sum(n for _, n in self._pinned)
+        """Bytes of this process's pinned host storage still alive (``HostBuffers``)."""
+        return self.host_buffers.pinned_bytes_in_use()
+
+    # -- quantizers -------------------------------------------------------------------------------
 
     def quantizer(self, variant: str, dim: int, bits: int, seed: int) -> Quantizer:
         """The resident quantizer for these parameters, built on first use (call from a worker)."""
-        if seed == self.settings.default_seed:
-            key3 = (variant, dim, bits)
-            q = self._resident.get(key3)
-            if q is None:
-                with self._build_lock:
-                    q = self._resident.get(key3) or Quantizer(variant, dim, bits, seed, device=self.device)
-                self._resident[key3] = q
-                self.metrics.quantizers.labels("default_seed").set(len(self._resident))
-            return q
-        key = (variant, dim, bits, seed)
-        with self._lock:
-            q = self._seeded.get(key)
-            if q is not None:
-                self._seeded.move_to_end(key)
-                return q
-        with self._build_lock:
-            q = Quantizer(variant, dim, bits, seed, device=self.device)
-        with self._lock:
-            self._seeded[key] = q
-            self._seeded.move_to_end(key)
-            while len(self._seeded) > self.settings.seed_cache_size:
-                self._seeded.popitem(last=False)
-            self.metrics.quantizers.labels("other_seeds").set(len(self._seeded))
-        return q
+        return self.quantizers.get(variant, dim, bits, seed)
 
     def resident_count(self) -> dict[str, int]:
-        with self._lock:
-            return {"default_seed": len(self._resident), "other_seeds": len(self._seeded)}
+        """Resident quantizers: {"default_seed": n, "other_seeds": m}."""
+        return self.quantizers.counts()
 
     # -- queue ------------------------------------------------------------------------------------
 
@@ -243,16 +216,7 @@ class Engine:
         released when its device job ends, or by ``Ticket.__exit__`` if no job was started."""
         if not self.accepting:
             raise Unavailable("the service is shutting down", type="shutting_down")
-        with self._lock:
-            if self._admitted >= self.settings.max_queue:
-                self.metrics.rejected.labels("queue_full").inc()
-                raise QueueFull(
-                    f"{self._admitted} requests are already queued or running (max_queue={self.settings.max_queue}); "
-                    "retry later"
-                )
-            self._admitted += 1
-            self.metrics.queue_depth.set(self._admitted - self._running)
-        return Ticket(self)
+        return self.admission.admit()
 
     async def run(self, fn: Callable[..., T], *args: Any, ticket: Ticket | None = None) -> T:
         """Run ``fn(*args)`` on a device worker under ``ticket`` (admitted now if none is given): 429 if
@@ -278,36 +242,30 @@ class Engine:
             ) from None
 
     def _job(self, fn: Callable[..., T], args: tuple) -> T:
-        with self._lock:
-            self._running += 1
-            self.metrics.jobs_running.set(self._running)
-            self.metrics.queue_depth.set(self._admitted - self._running)
+        """A worker runs an admitted request's ``fn``; its queue place is given back when it ends."""
+        self.admission.job_started()
         try:
             return self._guard(fn, *args)
         finally:
-            self._finish(started=True)
+            self.admission.job_finished()
             self.metrics.job_done()
 
-    def _finish(self, started: bool) -> None:
-        with self._lock:
-            self._admitted -= 1
-            if started:
-                self._running -= 1
-            self.metrics.jobs_running.set(self._running)
-            self.metrics.queue_depth.set(self._admitted - self._running)
-
     def _guard(self, fn: Callable[..., T], *args: Any) -> T:
-        """Map failures: the library's ValueError -> 422; out of memory and other device errors -> 503
-        (after releasing cached memory, so the next request can run)."""
+        """Map failures: the library's QuantizerError -> 422 by its field and kind (``invalid_input``); out
+        of memory and other device errors -> 503 (after releasing cached memory, so the next request can
+        run)."""
         try:
             return fn(*args)
         except ApiError:
             raise
+        except QuantizerError as exc:
+            raise invalid_input(exc) from None
         except ValueError as exc:
-            message = str(exc)
-            if message.startswith(("x ", "x:")):  # the library calls the input x; the API calls it vectors
-                message = "vectors" + message[1:]
-            raise InvalidInput(message, _field_of(str(exc)), type="non_finite" if "NaN" in message else None) from None
+            # Every refusal of input by the Quantizer is a QuantizerError, and the Quantizer checks its input
+            # before the layers below it would: an untyped ValueError here has no field or kind to map. It
+            # stays the 422 it always was, and is logged so that the raise that lacks a type gets one.
+            log.warning("untyped ValueError from a device job (%s): %s", type(exc).__name__, exc)
+            raise InvalidInput(str(exc)) from None
         except (torch.OutOfMemoryError, MemoryError) as exc:
             self._release_memory()
             self.metrics.device_errors.labels("out_of_memory").inc()
@@ -388,7 +346,12 @@ class Engine:
         dtype: torch.dtype,
     ) -> DequantizeResult:
         """codes uint8 [..., code_bytes], norms float32 [...] (CPU) and a descriptor -> vectors [..., dim]
-        in ``dtype``; Stats of those vectors against ``reference`` [..., dim] when given."""
+        in ``dtype``; Stats of those vectors against ``reference`` [..., dim] when given.
+
+        The descriptor's fingerprint is checked by the library (``Quantizer.dequantize`` refuses a Packed
+        whose fingerprint is not its own: a QuantizerError of kind "fingerprint", 422 fingerprint_mismatch on
+        quantizer.fingerprint). The format version is checked here first, because the library folds it into
+        that same fingerprint error while the API answers it as its own type and field."""
         q = self.quantizer(descriptor["variant"], descriptor["dim"], descriptor["bits"], descriptor["seed"])
         if descriptor["format_version"] != FORMAT_VERSION:
             raise InvalidInput(
@@ -397,19 +360,12 @@ class Engine:
                 "quantizer.format_version",
                 type="format_mismatch",
             )
-        if descriptor["fingerprint"] != q.fingerprint:
-            raise InvalidInput(
-                f"fingerprint {descriptor['fingerprint']!r} does not match this server's quantizer "
-                f"({q.variant}, dim={q.dim}, bits={q.bits}, seed={q.seed}), whose fingerprint is {q.fingerprint!r}: "
-                "the codes were made by a different quantizer or another format",
-                "quantizer.fingerprint",
-                type="fingerprint_mismatch",
-            )
         reference = reference.to(self.device, non_blocking=True) if reference is not None else None
         if reference is not None and not bool(torch.isfinite(reference).all()):
             raise InvalidInput("reference holds NaN or Inf", "reference", type="non_finite")
         codes, norms = codes.to(self.device, non_blocking=True), norms.to(self.device, non_blocking=True)
-        packed = Packed(codes=codes, norms=norms, **q.descriptor())
+        # The request's own descriptor, not the server quantizer's: the library compares its fingerprint.
+        packed = Packed(codes=codes, norms=norms, **descriptor)
         out = self._timed("dequantize", q, dtype, lambda: q.dequantize(packed, dtype))
         self._count("dequantize", q, norms.numel())
         stats = None
@@ -420,20 +376,8 @@ class Engine:
         return DequantizeResult(vectors, stats)
 
     def _to_host(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-        """Results -> host tensors. On a GPU each goes by one DMA into pinned memory (``_host_empty``: no
-        page faults, where .cpu() took a fresh pageable allocation each time) and the stream is
-        synchronized once for all."""
-        if self.device.type != "cuda":
-            return list(tensors)
-        host = []
-        for t in tensors:
-            if t is not None:
-                copy = self._host_empty(tuple(t.shape), t.dtype)
-                copy.copy_(t, non_blocking=True)
-                t = copy
-            host.append(t)
-        torch.cuda.current_stream(self.device).synchronize()
-        return host
+        """Results -> host tensors (``HostBuffers.to_host``: one DMA each into pinned memory on a GPU)."""
+        return self.host_buffers.to_host(*tensors)
 
     def _observe_error(self, q: Quantizer, stats: Stats) -> None:
         m = self.metrics
@@ -489,7 +433,7 @@ class Engine:
                 self.warmup_error = f"{type(exc).__name__}: {exc}"
                 log.error("warm-up failed; the service stays not ready: %s", self.warmup_error)
                 return
-            with self._lock:  # against begin_shutdown: a draining process must not be marked ready
+            with self._state_lock:  # against begin_shutdown: a draining process must not be marked ready
                 self.warmed = True
                 if not self.draining:
                     self.metrics.set_ready(True)
@@ -507,7 +451,7 @@ class Engine:
 
     def begin_shutdown(self) -> None:
         """Turn not-ready (readiness probes fail) but keep serving what is admitted."""
-        with self._lock:
+        with self._state_lock:
             self.draining = True
             self.metrics.set_ready(False)
 
@@ -516,19 +460,3 @@ class Engine:
         self.begin_shutdown()
         self.accepting = False
         self._executor.shutdown(wait=True)
-
-
-def _field_of(message: str) -> str | None:
-    """The request field a library ValueError is about, from the name it starts with."""
-    head = message.split(" ", 1)[0].rstrip(":")
-    return {
-        "x": "vectors",
-        "codes": "codes",
-        "norms": "norms",
-        "dtype": "dtype",
-        "variant": "variant",
-        "dim": "dim",
-        "bits": "bits",
-        "seed": "seed",
-        "fingerprint": "quantizer.fingerprint",
-    }.get(head)

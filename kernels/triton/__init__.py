@@ -17,7 +17,7 @@ try:
 except Exception as exc:  # a broken triton install can raise more than ImportError
     raise ImportError(f"kernels.triton needs an importable triton: {exc}") from exc
 
-from kernels.triton._common import launch_batches
+from kernels.triton._launch import launch_batches
 from kernels.triton.dequantize import dequantize
 from kernels.triton.quantize import quantize
 from kernels.triton.roundtrip import roundtrip

@@ -15,21 +15,20 @@ import triton
 import triton.language as tl
 
 from kernels.plan import Plan
-from kernels.triton._common import (
-    FLOAT_DTYPES,
-    FUSED_VARIANTS,
+from kernels.triton._jit import (
     _centroid,
     _load_words,
     _rotate,
     _unpack_words,
     _word_centroids,
+)
+from kernels.triton._launch import (
+    FLOAT_DTYPES,
     check_device,
-    fused_params,
+    family_id,
+    fused,
     fused_tile,
     matrix_tiles,
-    mixing_matrix,
-    symmetric_search,
-    variant_id,
     word_access,
 )
 
@@ -54,7 +53,7 @@ def _dequantize_fused_kernel(
     BN: tl.constexpr,
     W: tl.constexpr,
     BITS: tl.constexpr,
-    VARIANT: tl.constexpr,
+    FAMILY: tl.constexpr,
     WORD: tl.constexpr,
     SYMMETRIC: tl.constexpr,
 ):
@@ -69,18 +68,17 @@ def _dequantize_fused_kernel(
         word = _load_words(
             codes_ptr + first * stride_cc, rows, row_ok, stride_cr, stride_cc, BN, W, CODE_BYTES - first, BITS, WORD
         )
-        # Centroids straight from the packed words at bits 1-2 (see _word_centroids). H200 run 7 (N = 2^20,
-        # dim 128, float16, against the previous kernels in the same run): full/fast bits 2 121 -> 108 us,
-        # 2d bits 1 86 -> 81 us, but 2d bits 2 91 -> 109 us (its tile goes through more layout
-        # conversions), so 2d keeps the unpacked codes at bits 2.
-        if SYMMETRIC and (BITS == 1 or (BITS == 2 and VARIANT != 1)):
+        # Centroids straight from the packed words at bits 1-2 (see _word_centroids): 0.89x the time for
+        # full/fast at bits 2 (H200, N = 2^20, dim 128), but 1.2x for 2d ("pairs"; its tile goes through more
+        # layout conversions), so 2d keeps the unpacked codes at bits 2.
+        if SYMMETRIC and (BITS == 1 or (BITS == 2 and FAMILY != 1)):
             c = _word_centroids(word, cent_ptr, BN, W, BITS)
         else:
             c = _centroid(_unpack_words(word, BN, W, BITS), cent_ptr, BITS, SYMMETRIC)
         # Padding columns (>= n_coded) hold code 0, whose centroid is not zero; zero them so that the
         # padded blocks of the tile stay out of the sums of the inverse rotation.
         c = tl.where((c0 + cols < N_CODED)[None, :], c, 0.0)
-        x = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, c0, VARIANT, True) * rho[:, None]
+        x = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, c0, FAMILY, True) * rho[:, None]
         tl.store(
             out_ptr + rows.to(tl.int64)[:, None] * stride_or + (c0 + cols)[None, :] * stride_oc,
             x.to(out_ptr.dtype.element_ty),
@@ -184,7 +182,7 @@ def launch_matrix_dequantize(codes, norms, out, plan, x=None, err=None) -> None:
         codes,
         norms,
         out,
-        mixing_matrix(plan),
+        plan.mixing_matrix,
         plan.centroids,
         x if has_x else out,
         err if has_x else norms,
@@ -207,9 +205,12 @@ def launch_matrix_dequantize(codes, norms, out, plan, x=None, err=None) -> None:
     )
 
 
-def dequantize(codes: torch.Tensor, norms: torch.Tensor, plan: Plan, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor, norms: torch.Tensor, plan: Plan, dtype: torch.dtype, tile: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Packed codes uint8 [N, code_bytes] and norms float32 [N] -> reconstruction [N, dim] in ``dtype``
-    (float16 | bfloat16 | float32); matches ``kernels.reference.dequantize`` within float32 rounding."""
+    (float16 | bfloat16 | float32); matches ``kernels.reference.dequantize`` within float32 rounding.
+    ``tile``: the fused kernel's (tile elements, warps) instead of ``_launch.fused_tile``'s (benchmarks)."""
     check_codes(codes, norms, plan)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
@@ -217,9 +218,9 @@ def dequantize(codes: torch.Tensor, norms: torch.Tensor, plan: Plan, dtype: torc
     out = torch.empty(n, plan.dim, dtype=dtype, device=codes.device)
     if n == 0:
         return out
-    if plan.variant in FUSED_VARIANTS:
-        width, rows, warps = fused_tile(plan, n, "dequantize")
-        p0, p1 = fused_params(plan)
+    if fused(plan):
+        width, rows, warps = fused_tile(plan, n, "dequantize", tile)
+        p0, p1 = plan.fused_params
         _dequantize_fused_kernel[(triton.cdiv(n, rows),)](
             codes,
             norms,
@@ -239,9 +240,9 @@ def dequantize(codes: torch.Tensor, norms: torch.Tensor, plan: Plan, dtype: torc
             BN=rows,
             W=width,
             BITS=plan.bits,
-            VARIANT=variant_id(plan.variant),
+            FAMILY=family_id(plan),
             WORD=word_access(plan, codes),
-            SYMMETRIC=symmetric_search(plan),
+            SYMMETRIC=plan.symmetric,
             num_warps=warps,
         )
     else:

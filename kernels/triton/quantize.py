@@ -14,9 +14,8 @@ import triton
 import triton.language as tl
 
 from kernels.plan import Plan
-from kernels.triton._common import (
+from kernels.triton._jit import (
     EPS,
-    FUSED_VARIANTS,
     _code_search,
     _code_words,
     _pack_words,
@@ -24,13 +23,13 @@ from kernels.triton._common import (
     _row_chunk,
     _rows_norm,
     _store_words,
+)
+from kernels.triton._launch import (
     check_rows,
-    fused_params,
+    family_id,
+    fused,
     fused_tile,
     matrix_tiles,
-    mixing_matrix,
-    symmetric_search,
-    variant_id,
     word_access,
 )
 
@@ -54,7 +53,7 @@ def _quantize_fused_kernel(
     BN: tl.constexpr,
     W: tl.constexpr,
     BITS: tl.constexpr,
-    VARIANT: tl.constexpr,
+    FAMILY: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     WORD: tl.constexpr,
 ):
@@ -86,7 +85,7 @@ def _quantize_fused_kernel(
             BN,
             W,
             BITS,
-            VARIANT,
+            FAMILY,
             SYMMETRIC,
             WORD,
         )
@@ -111,7 +110,7 @@ def _quantize_tile(
     BN: tl.constexpr,
     W: tl.constexpr,
     BITS: tl.constexpr,
-    VARIANT: tl.constexpr,
+    FAMILY: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     WORD: tl.constexpr,
 ):
@@ -119,7 +118,7 @@ def _quantize_tile(
     1 / rho [BN]), packed and stored from byte C0 * BITS / 8 of the rows."""
     # x * (1 / rho) instead of x / rho: one multiply an element instead of a division; the two differ by
     # an ulp or two, which moves only values within ~1e-7 relative of a boundary.
-    y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, C0, VARIANT, False)
+    y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, C0, FAMILY, False)
     if C0 + W <= N_CODED:
         valid = None  # every column of the chunk is coded
     else:
@@ -216,19 +215,20 @@ def _quantize_matrix_kernel(
         )
 
 
-def quantize(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, plan: Plan, tile: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows x [N, dim] -> (packed codes uint8 [N, code_bytes], norms float32 [N]); same results as
-    ``kernels.reference.quantize`` (codes may differ only for values within ~1e-7 relative of a boundary)."""
+    ``kernels.reference.quantize`` (codes may differ only for values within ~1e-7 relative of a boundary).
+    ``tile``: the fused kernel's (tile elements, warps) instead of ``_launch.fused_tile``'s (benchmarks)."""
     check_rows(x, plan)
     n = x.shape[0]
     codes = torch.empty(n, plan.code_bytes, dtype=torch.uint8, device=x.device)
     norms = torch.empty(n, dtype=torch.float32, device=x.device)
     if n == 0:
         return codes, norms
-    sym = symmetric_search(plan)
-    if plan.variant in FUSED_VARIANTS:
-        width, rows, warps = fused_tile(plan, n, "quantize")
-        p0, p1 = fused_params(plan)
+    sym = plan.symmetric
+    if fused(plan):
+        width, rows, warps = fused_tile(plan, n, "quantize", tile)
+        p0, p1 = plan.fused_params
         _quantize_fused_kernel[(triton.cdiv(n, rows),)](
             x,
             codes,
@@ -247,7 +247,7 @@ def quantize(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
             BN=rows,
             W=width,
             BITS=plan.bits,
-            VARIANT=variant_id(plan.variant),
+            FAMILY=family_id(plan),
             SYMMETRIC=sym,
             WORD=word_access(plan, codes),
             num_warps=warps,
@@ -258,7 +258,7 @@ def quantize(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
             x,
             codes,
             norms,
-            mixing_matrix(plan),
+            plan.mixing_matrix,
             plan.boundaries,
             n,
             plan.dim,

@@ -15,18 +15,18 @@ import triton
 import triton.language as tl
 
 from kernels.plan import Plan
-from kernels.triton._common import (
-    FLOAT_DTYPES,
-    FUSED_VARIANTS,
+from kernels.triton._jit import (
     _rotate,
     _row_chunk,
     _rows_norm,
     _search_centroid,
+)
+from kernels.triton._launch import (
+    FLOAT_DTYPES,
     check_rows,
-    fused_params,
+    family_id,
+    fused,
     fused_tile,
-    symmetric_search,
-    variant_id,
 )
 from kernels.triton.dequantize import launch_matrix_dequantize
 from kernels.triton.quantize import quantize
@@ -51,7 +51,7 @@ def _roundtrip_fused_kernel(
     BN: tl.constexpr,
     W: tl.constexpr,
     BITS: tl.constexpr,
-    VARIANT: tl.constexpr,
+    FAMILY: tl.constexpr,
     SYMMETRIC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -84,7 +84,7 @@ def _roundtrip_fused_kernel(
             BN,
             W,
             BITS,
-            VARIANT,
+            FAMILY,
             SYMMETRIC,
         )
     tl.store(err_ptr + rows, err, mask=row_ok)
@@ -111,14 +111,14 @@ def _roundtrip_tile(
     BN: tl.constexpr,
     W: tl.constexpr,
     BITS: tl.constexpr,
-    VARIANT: tl.constexpr,
+    FAMILY: tl.constexpr,
     SYMMETRIC: tl.constexpr,
 ):
     """Round trip of the float32 tile x [BN, W] (columns ``cols`` = C0 .. C0 + W - 1 of the rows, norms
     rho and 1 / rho [BN]): stores x_hat and returns the tile's part of ||x - x_hat||^2 [BN]."""
-    y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, C0, VARIANT, False)
+    y = _rotate(x * inv[:, None], p0_ptr, p1_ptr, BN, W, N_CODED, C0, FAMILY, False)
     c = tl.where((cols < N_CODED)[None, :], _search_centroid(y, bnd_ptr, cent_ptr, BITS, SYMMETRIC), 0.0)
-    x_hat = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, C0, VARIANT, True) * rho[:, None]
+    x_hat = _rotate(c, p0_ptr, p1_ptr, BN, W, N_CODED, C0, FAMILY, True) * rho[:, None]
     mask = row_ok[:, None] & (cols < DIM)[None, :]
     tl.store(
         out_ptr + rows.to(tl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
@@ -129,11 +129,14 @@ def _roundtrip_tile(
     return tl.sum(diff * diff, axis=1)
 
 
-def roundtrip(x: torch.Tensor, plan: Plan, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def roundtrip(
+    x: torch.Tensor, plan: Plan, dtype: torch.dtype = torch.float32, tile: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows x [N, dim] -> (reconstruction [N, dim] in ``dtype`` (float16 | bfloat16 | float32), squared
     error float32 [N] of the float32 reconstruction); same results as ``kernels.reference.roundtrip``
     within float32 rounding (and the boundary rule of ``quantize``). A float16 output halves the bytes
-    written at float16 input (the N = 8,192 back-to-back target compares the round trip with a copy)."""
+    written at float16 input. ``tile``: the fused kernel's (tile elements, warps) instead of
+    ``_launch.fused_tile``'s (benchmarks)."""
     check_rows(x, plan)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
@@ -142,9 +145,9 @@ def roundtrip(x: torch.Tensor, plan: Plan, dtype: torch.dtype = torch.float32) -
     err = torch.empty(n, dtype=torch.float32, device=x.device)
     if n == 0:
         return out, err
-    if plan.variant in FUSED_VARIANTS:
-        width, rows, warps = fused_tile(plan, n, "roundtrip")
-        p0, p1 = fused_params(plan)
+    if fused(plan):
+        width, rows, warps = fused_tile(plan, n, "roundtrip", tile)
+        p0, p1 = plan.fused_params
         _roundtrip_fused_kernel[(triton.cdiv(n, rows),)](
             x,
             out,
@@ -163,8 +166,8 @@ def roundtrip(x: torch.Tensor, plan: Plan, dtype: torch.dtype = torch.float32) -
             BN=rows,
             W=width,
             BITS=plan.bits,
-            VARIANT=variant_id(plan.variant),
-            SYMMETRIC=symmetric_search(plan),
+            FAMILY=family_id(plan),
+            SYMMETRIC=plan.symmetric,
             num_warps=warps,
         )
     else:

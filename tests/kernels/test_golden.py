@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, safe_open
 
 from kernels import VARIANTS, Quantizer

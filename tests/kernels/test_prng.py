@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from kernels import Quantizer, prng
+from kernels.rotations import ROTATIONS
 
 
 def test_splitmix64_matches_the_published_reference_stream():
@@ -12,7 +13,7 @@ def test_splitmix64_matches_the_published_reference_stream():
 
 
 def test_counter_form_equals_the_sequential_generator():
-    state = prng.stream_state("full", 128, 12345)
+    state = prng.stream_state(ROTATIONS["full"].variant_id, 128, 12345)
     expected = []
     s = state
     for _ in range(50):
@@ -26,15 +27,22 @@ def test_counter_form_equals_the_sequential_generator():
 
 
 def test_uniforms_are_in_the_open_interval_and_normals_are_standard():
-    u = prng.uniforms(prng.stream_state("2d", 64, 0), 200_000)
+    u = prng.uniforms(prng.stream_state(ROTATIONS["2d"].variant_id, 64, 0), 200_000)
     assert u.min() > 0.0 and u.max() < 1.0
-    n = prng.normals(prng.stream_state("dense", 64, 0), 200_000)
+    n = prng.normals(prng.stream_state(ROTATIONS["dense"].variant_id, 64, 0), 200_000)
     assert abs(n.mean()) < 0.01 and abs(n.std() - 1.0) < 0.01
 
 
 def test_stream_tag_separates_variants_dims_and_seeds():
-    states = {prng.stream_state(v, d, s) for v in prng.VARIANT_IDS for d in (4, 5, 128) for s in (0, 1)}
-    assert len(states) == len(prng.VARIANT_IDS) * 3 * 2
+    ids = [r.variant_id for r in ROTATIONS.values()]
+    states = {prng.stream_state(v, d, s) for v in ids for d in (4, 5, 128) for s in (0, 1)}
+    assert len(states) == len(ids) * 3 * 2
+
+
+def test_variant_ids_are_the_ones_format_md_pins():
+    assert {name: r.variant_id for name, r in ROTATIONS.items()} == {
+        "full": 1, "fast": 2, "2d": 3, "dense": 4, "hadamard": 5, "identity": 6,
+    }
 
 
 def test_first_parameters_of_seed_zero_are_pinned():

@@ -4,7 +4,7 @@ variant, every bits value 1..8, every input dtype.
 Markers: ``interpreter`` tests run on the CPU under TRITON_INTERPRET=1 (tests/conftest.py) on
 small shapes; ``gpu`` tests run the same checks on CUDA with larger shapes (``pytest -m gpu``).
 
-What "equal" means (issue 3):
+What "equal" means:
 - codes: identical, except values within 1e-6 relative of a codebook boundary, which may fall either way.
   The kernels compute x * (1 / rho) and sum the rotation in their own order, so a rotated value can differ
   from the reference's by a few ulps; a differing code must sit within 1e-6 * max(|t|, 1/sqrt(n_coded)) of
@@ -195,11 +195,11 @@ CHUNKED_CASES = [
 @needs_interpreter
 @pytest.mark.parametrize("variant,dim,bits,dtype", CHUNKED_CASES)
 def test_chunked_rows_interpreter(variant, dim, bits, dtype, monkeypatch):
-    from kernels.triton import _common
-    from kernels.triton._common import CHUNK_COLUMNS, fused_tile
+    from kernels.triton import _launch
+    from kernels.triton._launch import CHUNK_COLUMNS, fused_tile
 
     # Every op's kernel has the chunk loop; the tests run all three chunked whatever CHUNKED_OPS picks.
-    monkeypatch.setattr(_common, "CHUNKED_OPS", ("quantize", "dequantize", "roundtrip"))
+    monkeypatch.setattr(_launch, "CHUNKED_OPS", ("quantize", "dequantize", "roundtrip"))
     plan = Quantizer(variant, dim, bits, backend="torch").plan
     assert all(fused_tile(plan, 21, op)[0] == CHUNK_COLUMNS for op in ("quantize", "dequantize", "roundtrip"))
     check_ops(variant, dim, bits, DTYPES[dtype], n=21, device="cpu", seed=dim)
@@ -300,7 +300,7 @@ def test_rows_wider_than_the_tile_interpreter(variant, dim):
 def test_launch_batches_reach_every_tile(variant, dim):
     """Quantizer.warm_batches (kernels.triton.launch_batches) names batch sizes that reach each launch
     configuration any batch of 1..max_rows gets, for every op, starting at 1 and ascending..."""
-    from kernels.triton._common import FUSED_TILES, fused_tile, launch_batches
+    from kernels.triton._launch import FUSED_TILES, fused_tile, launch_batches
 
     plan = Quantizer(variant, dim, 3, backend="torch").plan
     max_rows = 65536

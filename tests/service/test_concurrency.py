@@ -156,11 +156,11 @@ class _TorchWithoutHostMemory:
 
 
 async def test_no_host_memory_for_a_body_is_503_and_serving_continues(monkeypatch):
-    import service.engine
+    import service.host_buffers
 
     app = create_app(settings(warm_dims=[64]))
     async with running(app) as client:
-        monkeypatch.setattr(service.engine, "torch", _TorchWithoutHostMemory())
+        monkeypatch.setattr(service.host_buffers, "torch", _TorchWithoutHostMemory())
         big = st_save({"vectors": torch.randn(4096, 64)}, metadata={"bits": "3"})  # 1 MiB of float32
         r = await client.post("/quantize", content=big, headers={"content-type": SAFETENSORS})
         assert_error(r, 503, "out_of_memory", None, "no host memory", str(len(big)))

@@ -1,0 +1,150 @@
+"""Launch policy of the Triton kernels: input checks, the fused kernels' tile per op and batch size, the
+batch sizes that compile every kernel, and the matrix kernels' tiles. Everything derived from a quantizer
+(block coefficients, mixing matrix, symmetric search) lives on its ``Plan``; nothing here is cached or
+mutable, and a benchmark that wants another tile passes it explicitly (``tile=``)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from kernels.plan import Plan
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The fused kernels' rotation families and the constexpr FAMILY that selects each in _jit._rotate; the
+# "matrix" family runs in the matrix kernels instead.
+FUSED_FAMILIES = {"blocks": 0, "pairs": 1, "none": 2}
+
+# Tile of the fused kernels, per op: (elements of one program's tile, elements a thread holds). 2048-element
+# tiles beat 4096 on an H100 (N = 2^20, float16, dim 128, bits 4: quantize 173 against 208 us, round trip
+# 378 against 466 us with 16 elements a thread); smaller tiles also take fewer registers a thread.
+FUSED_TILES = {"quantize": (2048, 32), "dequantize": (2048, 32), "roundtrip": (2048, 16)}
+# Below SMALL_PROGRAMS programs every program is resident at once; quantize/dequantize then hold 8 elements
+# a thread (H200, 8,192 rows of 128: dequantize bits 2 0.81x the time of 2 warps). The round trip keeps 16
+# (more warps measured slower there).
+SMALL_PER_THREAD = {"quantize": 8, "dequantize": 8, "roundtrip": 16}
+SMALL_PROGRAMS = 4096
+MIN_PROGRAMS = 1024  # ~8 per SM on a 132-SM H100/H200
+MIN_TILE = 1024  # elements: small batches shrink the tile down to this, not to single rows
+# "blocks" rows wider than CHUNK_COLUMNS go through dequantize and the round trip in chunks of that many
+# columns: a [BN, 512] tile made Triton convert each block-coefficient row between layouts through shared
+# memory (37 conversions against 5 at dim 128), and chunking took the H200 round trip at dim 512 from
+# 0.33-0.40 to 0.67-0.91 of copy. Quantize measured slower chunked (bits 3-4, 16-bit), so it keeps whole rows.
+CHUNK_COLUMNS = 128
+CHUNKED_FAMILIES = ("blocks",)
+CHUNKED_OPS = ("dequantize", "roundtrip")
+
+
+def check_rows(x: torch.Tensor, plan: Plan, name: str = "x") -> None:
+    """Rows x [N, dim] float16 | bfloat16 | float32 on the plan's device (any strides)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != plan.dim:
+        raise ValueError(f"{name} must have shape [N, {plan.dim}], got {list(x.shape)}")
+    check_device(x, plan, name)
+
+
+def check_device(t: torch.Tensor, plan: Plan, name: str) -> None:
+    want = torch.device(plan.device)
+    if t.device.type != want.type or (want.index is not None and t.device.index != want.index):
+        raise ValueError(f"{name} is on {t.device} but the plan lives on {plan.device}")
+
+
+def fused(plan: Plan) -> bool:
+    """Whether the plan's rotation runs in the fused kernels (else in the matrix kernels)."""
+    return plan.rotation.kernel in FUSED_FAMILIES
+
+
+def family_id(plan: Plan) -> int:
+    """The constexpr FAMILY of the fused kernels for this plan's rotation."""
+    return FUSED_FAMILIES[plan.rotation.kernel]
+
+
+def fused_tile(plan: Plan, n: int, op: str, tile: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """(W, BN, num_warps) for the fused kernel of ``op`` over n rows: W columns >= n_coded (or a chunk of
+    CHUNK_COLUMNS for wide "blocks" rows in CHUNKED_OPS: the kernels loop over the row's chunks), BN rows
+    with W * BN ~ the op's tile (FUSED_TILES), warps so that a thread holds at most the op's elements.
+    BN shrinks for small batches until there are >= MIN_PROGRAMS programs, so that all SMs have work and
+    each program is short; below SMALL_PROGRAMS programs a thread holds SMALL_PER_THREAD elements.
+    ``tile``: (tile elements, warps) instead of the defaults (benchmark sweeps; warps 0 = derived)."""
+    elements, per_thread = FUSED_TILES[op]
+    warps = 0
+    if tile is not None:
+        elements, warps = tile
+    width = triton.next_power_of_2(max(8, plan.n_coded))
+    if plan.rotation.kernel in CHUNKED_FAMILIES and op in CHUNKED_OPS:
+        width = min(width, CHUNK_COLUMNS)
+    rows = max(1, elements // width)
+    while rows > 1 and rows * width > MIN_TILE and triton.cdiv(n, rows) < MIN_PROGRAMS:
+        rows //= 2  # (rows > 1: a row of 2048 or more columns is already wider than MIN_TILE)
+    if triton.cdiv(n, rows) < SMALL_PROGRAMS:
+        per_thread = SMALL_PER_THREAD[op]
+    if not warps:
+        warps = min(16, max(2, triton.next_power_of_2(-(-width * rows // (32 * per_thread)))))
+    return width, rows, warps
+
+
+def launch_batches(plan: Plan, max_rows: int) -> list[int]:
+    """Batch sizes (rows, ascending, the first 1) that between them compile every kernel the fused ops
+    launch for batches of 1..max_rows: for each launch configuration (``fused_tile``: the tile's rows and
+    warps grow with the batch) its first size that is a multiple of 16 and its first that is not, because
+    Triton also specializes the integer argument N on divisibility by 16 (and on N == 1, so 1 and 2 are
+    both there). Running each op once at each size warms them all. [1, 2, 16] for the matrix kernels
+    (their tiles do not depend on the batch). N stays specialized: ``do_not_specialize`` moved the kernels'
+    times by -8% to +10% (H200, dim 128, float16)."""
+    starts = {1}
+    if fused(plan):
+        for op in FUSED_TILES:
+            n = 1
+            while n <= max_rows:
+                config, last = fused_tile(plan, n, op), n
+                # fused_tile is monotone in n (its rows and warps only grow): the last n of this
+                # configuration is found by doubling, then bisection.
+                step = 1
+                while last + step <= max_rows and fused_tile(plan, last + step, op) == config:
+                    last += step
+                    step *= 2
+                while step > 1:
+                    step //= 2
+                    if last + step <= max_rows and fused_tile(plan, last + step, op) == config:
+                        last += step
+                starts.add(n)
+                unaligned = n + 1 if n % 16 == 0 or n == 1 else n  # N == 1 is a class of its own
+                if unaligned <= last:
+                    starts.add(unaligned)
+                aligned = -(-n // 16) * 16
+                if aligned <= last:
+                    starts.add(aligned)
+                n = last + 1
+    else:
+        starts.update((2, 16))
+    return sorted(s for s in starts if s <= max_rows)
+
+
+def word_access(plan: Plan, codes: torch.Tensor) -> bool:
+    """Whether a group of 8 codes can move as one 1/2/4/8-byte word: bits 1, 2, 4 or 8, whole groups only
+    (code_bytes a multiple of bits, so no word runs into the next row), unit byte stride and aligned rows;
+    or bits 3 with whole quads of groups (code_bytes a multiple of 12: 3 aligned 32-bit words each)."""
+    b = plan.bits
+    if b == 3:  # 4 groups (12 bytes) as 3 aligned 32-bit words: whole quads only
+        return (
+            plan.code_bytes % 12 == 0
+            and codes.stride(1) == 1
+            and codes.stride(0) % 4 == 0
+            and codes.data_ptr() % 4 == 0
+        )
+    return (
+        b in (1, 2, 4, 8)
+        and plan.code_bytes % b == 0
+        and codes.stride(1) == 1
+        and codes.stride(0) % b == 0
+        and codes.data_ptr() % b == 0
+    )
+
+
+def matrix_tiles(plan: Plan) -> tuple[int, int, int]:
+    """(BN, BK, BO) of the matrix kernels: tl.dot needs every side >= 16; BO a multiple of 8 (packing)."""
+    bo = min(64, max(16, triton.next_power_of_2(max(plan.n_coded, plan.dim))))
+    return 32, 32, bo

@@ -1,0 +1,96 @@
+"""``QuantizerCache``: the quantizers resident on the service's device, built on first use.
+
+Two maps, as before the engine was split: quantizers of the default seed, kept for the life of the process
+(their number is bounded by the served variant x dim x bits allowlists), and an LRU of at most
+``seed_cache_size`` quantizers of other seeds (any of 2^64 seeds may be asked for, so that one must be
+bounded).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import torch
+
+from kernels import Quantizer
+from service.metrics import Metrics
+
+DefaultSeedKey = tuple[str, int, int]  # variant, dim, bits
+OtherSeedKey = tuple[str, int, int, int]  # variant, dim, bits, seed
+
+
+class QuantizerCache:
+    """Quantizers on one device, each built at most once while it stays cached.
+
+    Locking: every read and write of the two maps happens under ``_lock``, which is never held while a
+    quantizer is built, so lookups of built quantizers never wait behind a codebook computation. Builds
+    take ``_build_lock`` (one build at a time: codebooks are cached per process) and look the key up again
+    under it, so that threads that missed the same key together build it once and share the result.
+    """
+
+    def __init__(self, device: torch.device, default_seed: int, seed_cache_size: int, metrics: Metrics) -> None:
+        self.device = device
+        self.default_seed = default_seed
+        self.seed_cache_size = seed_cache_size
+        self._metrics = metrics
+        self._lock = threading.Lock()  # both maps
+        self._build_lock = threading.Lock()  # one build at a time
+        self._default_seed: dict[DefaultSeedKey, Quantizer] = {}
+        self._other_seeds: OrderedDict[OtherSeedKey, Quantizer] = OrderedDict()
+
+    def get(self, variant: str, dim: int, bits: int, seed: int) -> Quantizer:
+        """The quantizer for these parameters, built on this device on first use (slow then: call it from
+        a device worker). The library's QuantizerError for parameters it refuses propagates."""
+        if seed == self.default_seed:
+            return self._default_seed_quantizer((variant, dim, bits))
+        return self._other_seed_quantizer((variant, dim, bits, seed))
+
+    def counts(self) -> dict[str, int]:
+        """Resident quantizers by cache: {"default_seed": n, "other_seeds": m} (GET /info)."""
+        with self._lock:
+            return {"default_seed": len(self._default_seed), "other_seeds": len(self._other_seeds)}
+
+    def _default_seed_quantizer(self, key: DefaultSeedKey) -> Quantizer:
+        with self._lock:
+            q = self._default_seed.get(key)
+        if q is not None:
+            return q
+        with self._build_lock:
+            with self._lock:
+                q = self._default_seed.get(key)  # built by a thread that held the build lock before us
+            if q is not None:
+                return q
+            q = self._build(*key, self.default_seed)
+            with self._lock:
+                self._default_seed[key] = q
+                self._metrics.quantizers.labels("default_seed").set(len(self._default_seed))
+        return q
+
+    def _other_seed_quantizer(self, key: OtherSeedKey) -> Quantizer:
+        with self._lock:
+            q = self._lookup_other_seed(key)
+        if q is not None:
+            return q
+        with self._build_lock:
+            with self._lock:
+                q = self._lookup_other_seed(key)  # built by a thread that held the build lock before us
+            if q is not None:
+                return q
+            q = self._build(*key)
+            with self._lock:
+                self._other_seeds[key] = q
+                while len(self._other_seeds) > self.seed_cache_size:
+                    self._other_seeds.popitem(last=False)  # least recently used
+                self._metrics.quantizers.labels("other_seeds").set(len(self._other_seeds))
+        return q
+
+    def _lookup_other_seed(self, key: OtherSeedKey) -> Quantizer | None:
+        """The cached quantizer, marked most recently used (call with ``_lock`` held)."""
+        q = self._other_seeds.get(key)
+        if q is not None:
+            self._other_seeds.move_to_end(key)
+        return q
+
+    def _build(self, variant: str, dim: int, bits: int, seed: int) -> Quantizer:
+        return Quantizer(variant, dim, bits, seed, device=self.device)
