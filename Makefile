@@ -9,7 +9,7 @@ PIP_EXTRA ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup serve test test-gpu bench lint demo
+.PHONY: setup serve test test-fast test-integration test-gpu bench lint demo
 
 setup: $(VENV)/.installed
 
@@ -26,8 +26,14 @@ serve: setup
 demo: setup
 	$(PY) -m kernels.demo
 
-test: setup
-	$(PY) -m pytest
+# Both tiers (tests/conftest.py assigns "integration"), the fast one first; CI runs this.
+test: test-fast test-integration
+
+test-fast: setup
+	$(PY) -m pytest -m "not gpu and not integration"
+
+test-integration: setup
+	$(PY) -m pytest -m "integration and not gpu"
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu

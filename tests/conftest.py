@@ -36,3 +36,29 @@ def pytest_terminal_summary(terminalreporter):
             f"triton ops: {differing} of {total} codes differed from the reference over {len(stats)} cases "
             f"(all within the boundary tolerance); worst case {worst[0]}: {worst[1]} of {worst[2]}"
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Test tiers. "integration": tests that start real service processes or talk to them over the network, run
+# real Prometheus tools, or load a real model (tests/deploy, tests/bench, the client tests against a live
+# server, supervised processes, the slow model tests). Everything else is the fast tier: units, the Triton
+# interpreter, the service in process. `make test` runs both tiers, as CI does; `make test-fast` the first.
+
+_INTEGRATION_DIRS = ("tests/deploy/", "tests/bench/")
+_INTEGRATION_FILES = ("tests/service/test_process.py",)
+_INTEGRATION_FIXTURES = {"server", "busy_server", "live_service", "live_metrics", "smollm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    root = str(config.rootpath) + "/"
+    for item in items:
+        path = str(item.path).removeprefix(root)
+        if (
+            path.startswith(_INTEGRATION_DIRS)
+            or path in _INTEGRATION_FILES
+            or _INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ()))
+            or item.get_closest_marker("slow")
+        ):
+            item.add_marker(pytest.mark.integration)

@@ -1,4 +1,4 @@
-"""The real-activation evaluation (bench/eval_real.py, issue 7) on a few passages and one layer.
+"""The real-activation evaluation (bench/eval_real.py) on a few passages and one layer.
 
 Checks that the extracted tensors are the model's own, that dense and block rotations are
 statistically equivalent on isotropic input while the real keys are measurably anisotropic, and that

@@ -1,4 +1,4 @@
-"""The provisioned Grafana dashboard: well-formed, covers what the issue lists, and every query uses only
+"""The provisioned Grafana dashboard: well-formed, covers the panels operators need, and every query uses only
 metric names and labels that the service really exports (checked against a live service's /metrics
 after traffic, and against the metric objects for label names)."""
 

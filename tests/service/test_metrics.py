@@ -1,4 +1,4 @@
-"""/metrics after traffic: `promtool check metrics` passes, and the names and labels the issue lists are
+"""/metrics after traffic: `promtool check metrics` passes, and the names and labels the dashboard and docs rely on are
 there with the right values; label values never leave the allowlist."""
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def _samples(text: str) -> dict:
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
+@pytest.mark.integration  # runs the real promtool
 async def test_promtool_check_metrics(exposition):
     promtool = shutil.which("promtool")
     if promtool is None:
