@@ -70,13 +70,15 @@ class Plan:
     def fused_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The two parameter pointers of a fused kernel: "blocks": the 4x4 block matrices coefficient-major,
         float32 [16, g] (coefficient 4 i + j of block b at [4 i + j, b]) and an unused pointer; "pairs":
-        cos and sin [g]; "none": unused pointers (the centroids)."""
+        cos and sin [g]; "hadamard": the signs [n_coded]; "none": unused pointers (the centroids)."""
         kernel = self.rotation.kernel
         if kernel == "blocks":
             matrix = self.params["matrix"]
             return matrix.reshape(matrix.shape[0], 16).t().contiguous(), self.centroids
         if kernel == "pairs":
             return self.params["cos"].contiguous(), self.params["sin"].contiguous()
+        if kernel == "hadamard":
+            return self.params["signs"].contiguous(), self.centroids
         if kernel == "none":
             return self.centroids, self.centroids
         raise ValueError(f"variant {self.variant!r} runs in the matrix kernels, not the fused ones")

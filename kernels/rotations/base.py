@@ -21,9 +21,10 @@ import torch
 from isoquant_format import VARIANT_IDS
 
 # The Triton kernel families (kernels/triton): "blocks" (a 4x4 matrix per block of 4 coordinates), "pairs"
-# (a planar rotation per pair), "none" (no rotation) run in the fused kernels; "matrix" runs y = x A^T with
+# (a planar rotation per pair), "hadamard" (random signs and an in-register Walsh-Hadamard transform),
+# "none" (no rotation) run in the fused kernels; "matrix" runs y = x A^T with
 # A [n_coded, dim] from ``Rotation.mixing_matrix`` through tl.dot, which serves any orthogonal rotation.
-KernelFamily = Literal["blocks", "pairs", "none", "matrix"]
+KernelFamily = Literal["blocks", "pairs", "none", "hadamard", "matrix"]
 
 ROTATIONS: dict[str, Rotation] = {}
 

@@ -27,7 +27,7 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 class Hadamard(Rotation):
     """signs [n_coded] of +-1 (the top bits of the stream); y = H (signs * x) / sqrt(n_coded)."""
 
-    name, defining, kernel = "hadamard", ("signs",), "matrix"
+    name, defining, kernel = "hadamard", ("signs",), "hadamard"
 
     def coded_dim(self, dim: int) -> int:
         return 1 << max(1, (dim - 1).bit_length())

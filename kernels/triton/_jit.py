@@ -155,6 +155,38 @@ def _rotate_pairs(t, cos_ptr, sin_ptr, BN: tl.constexpr, W: tl.constexpr, N_PAIR
 
 
 @triton.jit
+def _butterfly(t, BN: tl.constexpr, W: tl.constexpr, H: tl.constexpr):
+    """One stage of the Walsh-Hadamard transform over the columns of t [BN, W]: for every pair of
+    columns (j, j + H) in blocks of 2H, (a, b) -> (a + b, a - b). The pair axis is moved last so that
+    tl.split / tl.join take it apart inside a thread."""
+    u = tl.permute(tl.reshape(t, [BN, W // (2 * H), 2, H]), [0, 1, 3, 2])
+    a, b = tl.split(u)
+    u = tl.permute(tl.join(a + b, a - b), [0, 1, 3, 2])
+    return tl.reshape(u, [BN, W])
+
+
+@triton.jit
+def _rotate_hadamard(
+    t, signs_ptr, BN: tl.constexpr, W: tl.constexpr, N_CODED: tl.constexpr, INVERSE: tl.constexpr
+):
+    """Random signs and the fast Walsh-Hadamard transform of the n_coded columns (a power of two <= W; the
+    columns beyond are zero and stay in butterfly blocks of their own), scaled by 1 / sqrt(n_coded):
+    forward H (signs * x) / sqrt(n), inverse signs * H y / sqrt(n), as ``kernels.rotations.hadamard``:
+    log2(n) butterfly stages in registers, no matrix."""
+    cols = tl.arange(0, W)
+    signs = tl.load(signs_ptr + cols, mask=cols < N_CODED, other=0.0)
+    if not INVERSE:
+        t = t * signs[None, :]
+    for stage in tl.static_range(13):  # n_coded <= 4096 = 2^12
+        if (1 << stage) < N_CODED:
+            t = _butterfly(t, BN, W, 1 << stage)
+    t = t * (1.0 / N_CODED**0.5)  # a float32 constant, as the reference's scalar scale
+    if INVERSE:
+        t = t * signs[None, :]
+    return t
+
+
+@triton.jit
 def _rotate(
     t,
     p0_ptr,
@@ -167,11 +199,14 @@ def _rotate(
     INVERSE: tl.constexpr,
 ):
     """Rotation of a float32 tile [BN, W] whose first column is column C0 (a multiple of W) of the row,
-    for the fused kernel families (``_launch.FUSED_FAMILIES``): FAMILY 0 blocks, 1 pairs, 2 none."""
+    for the fused kernel families (``_launch.FUSED_FAMILIES``): FAMILY 0 blocks, 1 pairs, 2 none,
+    3 hadamard (whole rows only: C0 is 0)."""
     if FAMILY == 0:
         return _rotate_blocks(t, p0_ptr, BN, W, N_CODED // 4, C0 // 4, INVERSE)
     elif FAMILY == 1:
         return _rotate_pairs(t, p0_ptr, p1_ptr, BN, W, N_CODED // 2, C0 // 2, INVERSE)
+    elif FAMILY == 3:
+        return _rotate_hadamard(t, p0_ptr, BN, W, N_CODED, INVERSE)
     else:
         return t
 

@@ -13,7 +13,7 @@ from kernels.plan import Plan
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The fused kernels' rotation families and the constexpr FAMILY that selects each in _jit._rotate; the
 # "matrix" family runs in the matrix kernels instead.
-FUSED_FAMILIES = {"blocks": 0, "pairs": 1, "none": 2}
+FUSED_FAMILIES = {"blocks": 0, "pairs": 1, "none": 2, "hadamard": 3}
 
 # Tile of the fused kernels, per op: (elements of one program's tile, elements a thread holds). 2048-element
 # tiles beat 4096 on an H100 (N = 2^20, float16, dim 128, bits 4: quantize 173 against 208 us, round trip

@@ -38,7 +38,7 @@ def test_registry_is_ordered_by_id_and_every_variant_is_complete():
     assert list(ROTATIONS) == list(isoquant_format.VARIANTS)
     for name, rotation in ROTATIONS.items():
         assert rotation.name == name and rotation.variant_id == isoquant_format.VARIANT_IDS[name]
-        assert rotation.kernel in ("blocks", "pairs", "none", "matrix")
+        assert rotation.kernel in ("blocks", "pairs", "none", "hadamard", "matrix")
         params = rotation.generate(10, rotation.coded_dim(10), 12345)
         assert set(rotation.defining) <= set(params)
         x = torch.randn(7, rotation.coded_dim(10))
