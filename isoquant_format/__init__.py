@@ -34,7 +34,7 @@ from isoquant_format.safetensors import (
 FORMAT_VERSION = 1
 # The variants and their stable ids (part of the parameter generator's stream tag, docs/FORMAT.md): never
 # renumber. A new rotation gets the next id here and its module in kernels/rotations/.
-VARIANT_IDS = {"full": 1, "fast": 2, "2d": 3, "dense": 4, "hadamard": 5, "identity": 6}
+VARIANT_IDS = {"full": 1, "fast": 2, "2d": 3, "dense": 4, "hadamard": 5, "identity": 6, "kronecker": 7}
 VARIANTS = tuple(VARIANT_IDS)
 # The keys that name a quantizer, in the order docs/FORMAT.md lists them: the /dequantize ``quantizer``
 # object and the metadata of every codes container.

@@ -26,7 +26,7 @@ def golden():
     return load_file(GOLDEN), fingerprints
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "kronecker"])  # the variants of 7860f1d
 def test_fingerprints_and_codes_are_unchanged(golden, variant):
     tensors, fingerprints = golden
     differing = total = 0

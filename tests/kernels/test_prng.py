@@ -41,7 +41,7 @@ def test_stream_tag_separates_variants_dims_and_seeds():
 
 def test_variant_ids_are_the_ones_format_md_pins():
     assert {name: r.variant_id for name, r in ROTATIONS.items()} == {
-        "full": 1, "fast": 2, "2d": 3, "dense": 4, "hadamard": 5, "identity": 6,
+        "full": 1, "fast": 2, "2d": 3, "dense": 4, "hadamard": 5, "identity": 6, "kronecker": 7,
     }
 
 

@@ -86,3 +86,29 @@ def test_a_new_variant_runs_in_the_triton_matrix_kernels(reverse_variant):
     torch.testing.assert_close(
         kt.dequantize(codes, norms, plan, torch.float32), reference.dequantize(codes, norms, plan, torch.float32)
     )
+
+
+def test_kronecker_parameters_and_rotation_follow_format_md():
+    """docs/FORMAT.md's kronecker row, recomputed from the generator: dim 96 = 3 * 32."""
+    import numpy as np
+
+    from kernels import prng
+    from kernels.rotations import make_rotation
+
+    dim, m, block, seed = 96, 3, 32, 11
+    state0 = prng.stream_state(7, dim, seed)
+    signs = 1.0 - 2.0 * (prng.splitmix64(state0, dim) >> np.uint64(63)).astype(np.float64)
+    gaussian = torch.from_numpy(prng.normals((state0 + dim * prng.GOLDEN) % 2**64, m * m).reshape(m, m))
+    q, r = torch.linalg.qr(gaussian)
+    q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+    params = make_rotation("kronecker", dim, seed).tensors
+    torch.testing.assert_close(params["signs"], torch.from_numpy(signs).float(), rtol=0, atol=0)
+    torch.testing.assert_close(params["mix"], q.float())
+    sylvester = torch.ones(1, 1, dtype=torch.float64)
+    while sylvester.shape[0] < block:
+        sylvester = torch.cat([torch.cat([sylvester, sylvester], 1), torch.cat([sylvester, -sylvester], 1)], 0)
+    matrix = torch.kron(params["mix"].double().contiguous(), sylvester) * torch.from_numpy(signs)[None, :] / block**0.5
+    x = torch.randn(5, dim, dtype=torch.float64)
+    rotation = ROTATIONS["kronecker"]
+    torch.testing.assert_close(rotation.apply(x.float(), params), (x @ matrix.T).float(), rtol=1e-5, atol=1e-5)
+    assert Quantizer("kronecker", 384, 3).code_bytes == 144  # no padding: 384 coordinates at 3 bits

@@ -225,7 +225,7 @@ async def test_quantizer_parameters_reproduce_the_fingerprint(client):
 async def test_info_and_docs(client):
     info = (await client.get("/info")).json()
     assert info["device"] == "cpu" and info["backend"] == "torch" and info["ready"] is True
-    assert info["variants"] == ["full", "fast", "2d", "dense", "hadamard", "identity"]
+    assert info["variants"] == ["full", "fast", "2d", "dense", "hadamard", "identity", "kronecker"]
     assert info["dtypes"] == ["float16", "bfloat16", "float32"] and 128 in info["dims"] and info["bits"][0] == 1
     assert info["warm_set"] == {
         "variants": ["full", "fast", "2d"],

@@ -154,7 +154,7 @@ async def test_ragged_and_non_numeric_lists(client):
 @pytest.mark.parametrize(
     "change, field, fragments",
     [
-        ({"variant": "rotor"}, "variant", ["'rotor'", "full, fast, 2d, dense, hadamard, identity"]),
+        ({"variant": "rotor"}, "variant", ["'rotor'", "full, fast, 2d, dense, hadamard, identity, kronecker"]),
         ({"bits": 9}, "bits", ["9", "1, 2, 3, 4, 5, 6, 7, 8"]),
         ({"bits": "three"}, "bits", ["bits"]),
         ({"vectors": b64(torch.randn(2, 100))}, "vectors", ["dim 100", "32, 64, 96, 128, 256, 512, 1024"]),

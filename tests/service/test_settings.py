@@ -43,7 +43,7 @@ def test_environment(monkeypatch):
     "overrides, fragment",
     [
         ({"device": "tpu"}, "device must be auto, cpu, cuda or cuda:N"),
-        ({"variants": ["full", "rotor"]}, "allowed: full, fast, 2d, dense, hadamard, identity"),
+        ({"variants": ["full", "rotor"]}, "allowed: full, fast, 2d, dense, hadamard, identity, kronecker"),
         ({"dims": [1]}, "2..4096"),
         ({"bits": [9]}, "1..8"),
         ({"warm_dims": [100]}, "warm_dims"),
