@@ -198,6 +198,63 @@ class KiviCodec:
 # The run
 
 
+@torch.no_grad()
+def kv_error(args) -> str:
+    """Mean relative squared error ||x - x_hat||^2 / ||x||^2 of the model's own keys (after RoPE) and values,
+    per head vector, for every variant at ``--bits`` and ``--seeds`` (the library as-is, float32 norms):
+    the reconstruction error the perplexity grid's rows come from, cheap enough for the CPU."""
+    from transformers import AttentionInterface
+
+    from kernels import Quantizer
+    from kernels.hf import CAPTURE, _attend, _attention_implementation
+
+    tokenizer, model = load_model(args.gguf, args.device)
+    windows = eval_windows(tokenizer, args.windows, args.length).to(args.device)
+    captured: dict[str, list[torch.Tensor]] = {"key": [], "value": []}
+
+    def record(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        captured["key"].append(key.reshape(-1, key.shape[-1]).float())
+        captured["value"].append(value.reshape(-1, value.shape[-1]).float())
+        return _attend(query, key, value, scaling, query.shape[2])
+
+    AttentionInterface.register(CAPTURE, record)  # restored below: calibration registers its own
+    try:
+        with _attention_implementation(model, CAPTURE):
+            model(windows)
+    finally:
+        import kernels.hf as hf
+
+        AttentionInterface.register(CAPTURE, hf._capture_attention)
+    data = {kind: torch.cat(parts) for kind, parts in captured.items()}
+    lines = [
+        f"Relative squared error of SmolLM2-135M's keys and values per head ({data['key'].shape[0]} head vectors "
+        f"each, {args.windows} windows of {args.length}, all 30 layers), mean over seeds {args.seeds}:",
+        "",
+        "| variant | bits | keys | values | keys / dense | values / dense |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    head_dim = data["key"].shape[-1]
+    for bits in args.bits:
+        errors = {}
+        for variant in args.variants:
+            seeds = args.seeds[:1] if variant == "identity" else args.seeds
+            per_kind = {}
+            for kind, x in data.items():
+                values = []
+                for seed in seeds:
+                    x_hat, sq_err = Quantizer(variant, head_dim, bits, seed=seed, device=x.device).roundtrip(x)
+                    values.append((sq_err / x.square().sum(-1).clamp_min(1e-30)).mean().item())
+                per_kind[kind] = sum(values) / len(values)
+            errors[variant] = per_kind
+        for variant, per_kind in errors.items():
+            ratio = {k: per_kind[k] / errors["dense"][k] for k in per_kind} if "dense" in errors else {}
+            lines.append(
+                f"| {variant} | {bits} | {per_kind['key']:.4f} | {per_kind['value']:.4f} | "
+                f"{ratio.get('key', float('nan')):.3f} | {ratio.get('value', float('nan')):.3f} |"
+            )
+    return "\n".join(lines)
+
+
 def plain(variant: str, bits: int, seed: int) -> KVCacheConfig:
     """The library as-is: one variant and bits for keys and values, float32 norms, nothing else."""
     return KVCacheConfig(variant, bits, variant, bits, norm_dtype="float32", seed=seed)
@@ -515,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         help="choose each preset's recipe on development text first (search_candidates)",
     )
     parser.add_argument("--search-windows", type=int, default=16)
+    parser.add_argument("--kv-error", action="store_true",
+                        help="only the relative error of the model's keys and values per variant (no perplexity)")
     parser.add_argument("--no-ablation", action="store_true", help="the grid only")
     parser.add_argument("--calibration-tokens", type=int, default=2048)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -536,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
         args.variants = args.variants.split(",")
         args.modes = args.modes.split(",")
         args.presets = args.presets.split(",")
+        if args.kv_error:
+            print(kv_error(args))
+            return 0
         result = run(args)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
