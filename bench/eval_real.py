@@ -547,7 +547,7 @@ def plot(result: dict, path: str) -> None:
         ("attention output, d = 384", "attention", "output_rel", dict(dim=HIDDEN)),
         ("recall@10 miss (1 - recall), embeddings d = 384", "recall", "miss", {}),
     ]
-    markers = dict(zip(VARIANTS, "osD^vx", strict=True))
+    markers = dict(zip(VARIANTS, "osD^vx*P", strict=False))  # one marker a variant (enough for 8)
     fig, axes = plt.subplots(2, 4, figsize=(19, 8.5))
     for ax, (title, table, key, match) in zip(axes.flat, panels, strict=True):
         for variant in variants:

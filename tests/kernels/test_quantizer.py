@@ -164,7 +164,10 @@ def test_any_shape_round_trips_to_finite_values(variant, dim, bits, lead, dtype)
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"variant": "rotor"}, "variant must be one of full, fast, 2d, dense, hadamard, identity, kronecker; got 'rotor'"),
+        (
+            {"variant": "rotor"},
+            "variant must be one of full, fast, 2d, dense, hadamard, identity, kronecker; got 'rotor'",
+        ),
         ({"dim": 1}, "dim must be an integer from 2 to 4096; got 1"),
         ({"dim": 4097}, "dim must be an integer from 2 to 4096; got 4097"),
         ({"dim": 12.0}, "dim must be an integer from 2 to 4096; got 12.0"),
