@@ -54,6 +54,11 @@ class Plan:
     def rotation(self) -> Rotation:
         return ROTATIONS[self.variant]
 
+    @property
+    def kernel(self) -> str:
+        """The Triton kernel family of this rotation at this dim (``Rotation.kernel_for``)."""
+        return self.rotation.kernel_for(self.dim)
+
     # Forms the Triton kernels read (cached_property stores them in the instance's __dict__, which a frozen
     # dataclass allows; the torch reference never builds them).
 
@@ -70,8 +75,9 @@ class Plan:
     def fused_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The two parameter pointers of a fused kernel: "blocks": the 4x4 block matrices coefficient-major,
         float32 [16, g] (coefficient 4 i + j of block b at [4 i + j, b]) and an unused pointer; "pairs":
-        cos and sin [g]; "hadamard": the signs [n_coded]; "none": unused pointers (the centroids)."""
-        kernel = self.rotation.kernel
+        cos and sin [g]; "hadamard": the signs [n_coded]; "kronecker": the signs [dim] and the mix [m, m];
+        "none": unused pointers (the centroids)."""
+        kernel = self.kernel
         if kernel == "blocks":
             matrix = self.params["matrix"]
             return matrix.reshape(matrix.shape[0], 16).t().contiguous(), self.centroids
@@ -79,6 +85,8 @@ class Plan:
             return self.params["cos"].contiguous(), self.params["sin"].contiguous()
         if kernel == "hadamard":
             return self.params["signs"].contiguous(), self.centroids
+        if kernel == "kronecker":
+            return self.params["signs"].contiguous(), self.params["mix"].contiguous()
         if kernel == "none":
             return self.centroids, self.centroids
         raise ValueError(f"variant {self.variant!r} runs in the matrix kernels, not the fused ones")

@@ -24,7 +24,7 @@ from isoquant_format import VARIANT_IDS
 # (a planar rotation per pair), "hadamard" (random signs and an in-register Walsh-Hadamard transform),
 # "none" (no rotation) run in the fused kernels; "matrix" runs y = x A^T with
 # A [n_coded, dim] from ``Rotation.mixing_matrix`` through tl.dot, which serves any orthogonal rotation.
-KernelFamily = Literal["blocks", "pairs", "none", "hadamard", "matrix"]
+KernelFamily = Literal["blocks", "pairs", "none", "hadamard", "kronecker", "matrix"]
 
 ROTATIONS: dict[str, Rotation] = {}
 
@@ -42,6 +42,10 @@ class Rotation:
     def variant_id(self) -> int:
         """The stable id in the PRNG stream tag (docs/FORMAT.md): the wire format's table holds it."""
         return VARIANT_IDS[self.name]
+
+    def kernel_for(self, dim: int) -> KernelFamily:
+        """The kernel family that runs this rotation at ``dim`` (default: ``kernel`` at every dim)."""
+        return self.kernel
 
     def coded_dim(self, dim: int) -> int:
         """Coordinates coded per vector: dim padded to the variant's block."""

@@ -29,7 +29,15 @@ class Kronecker(Rotation):
     """signs [dim] of +-1 (the top bits of the first dim outputs of the stream), mix [m, m] orthogonal (Haar,
     from normals continuing the stream after those outputs)."""
 
-    name, defining, kernel = "kronecker", ("signs", "mix"), "matrix"
+    name, defining, kernel = "kronecker", ("signs", "mix"), "kronecker"
+
+    def kernel_for(self, dim: int) -> str:
+        """The fused kernels while the across-block mix is small: it is computed as a broadcast product of
+        (tile width / block)^2 x block values a row, so 4 blocks (dim 2^k or 3 x 2^k) or tiles of <= 64
+        columns; other dims (m = 5, 7, ...) run in the matrix kernels."""
+        width = 1 << max(3, (dim - 1).bit_length())
+        _, block = split_dim(dim)
+        return "kronecker" if width // block <= 4 or width <= 64 else "matrix"
 
     def generate(self, dim: int, n_coded: int, state: int) -> dict[str, torch.Tensor]:
         m, _ = split_dim(dim)

@@ -166,9 +166,7 @@ def _butterfly(t, BN: tl.constexpr, W: tl.constexpr, H: tl.constexpr):
 
 
 @triton.jit
-def _rotate_hadamard(
-    t, signs_ptr, BN: tl.constexpr, W: tl.constexpr, N_CODED: tl.constexpr, INVERSE: tl.constexpr
-):
+def _rotate_hadamard(t, signs_ptr, BN: tl.constexpr, W: tl.constexpr, N_CODED: tl.constexpr, INVERSE: tl.constexpr):
     """Random signs and the fast Walsh-Hadamard transform of the n_coded columns (a power of two <= W; the
     columns beyond are zero and stay in butterfly blocks of their own), scaled by 1 / sqrt(n_coded):
     forward H (signs * x) / sqrt(n), inverse signs * H y / sqrt(n), as ``kernels.rotations.hadamard``:
@@ -187,6 +185,50 @@ def _rotate_hadamard(
 
 
 @triton.jit
+def _mix_blocks(
+    t, mix_ptr, BN: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, M: tl.constexpr, TRANSPOSE: tl.constexpr
+):
+    """Block j of the result = sum over k of mix[j, k] (mix[k, j] with TRANSPOSE) times block k, for the
+    W // BLOCK blocks of BLOCK columns of t [BN, W]; mix [M, M] row-major, zero beyond M (padding blocks)."""
+    NB: tl.constexpr = W // BLOCK
+    j = tl.arange(0, NB)
+    ok = (j[:, None] < M) & (j[None, :] < M)
+    if TRANSPOSE:
+        q = tl.load(mix_ptr + j[None, :] * M + j[:, None], mask=ok, other=0.0)
+    else:
+        q = tl.load(mix_ptr + j[:, None] * M + j[None, :], mask=ok, other=0.0)
+    z = tl.reshape(t, [BN, 1, NB, BLOCK])
+    y = tl.sum(z * tl.reshape(q, [1, NB, NB, 1]), axis=2)
+    return tl.reshape(y, [BN, W])
+
+
+@triton.jit
+def _rotate_kronecker(
+    t, signs_ptr, mix_ptr, BN: tl.constexpr, W: tl.constexpr, N_CODED: tl.constexpr, INVERSE: tl.constexpr
+):
+    """kronecker (``kernels.rotations.kronecker``): n_coded = m * BLOCK, BLOCK the largest power of two
+    dividing it; forward (mix kron H) (signs * x) / sqrt(BLOCK), inverse signs * (mix^T kron H) y / sqrt(BLOCK):
+    butterflies within each block, then a broadcast product across the blocks."""
+    BLOCK: tl.constexpr = N_CODED & (-N_CODED)
+    M: tl.constexpr = N_CODED // BLOCK
+    cols = tl.arange(0, W)
+    signs = tl.load(signs_ptr + cols, mask=cols < N_CODED, other=0.0)
+    if INVERSE:
+        t = _mix_blocks(t, mix_ptr, BN, W, BLOCK, M, True)
+    else:
+        t = t * signs[None, :]
+    for stage in tl.static_range(13):
+        if (1 << stage) < BLOCK:
+            t = _butterfly(t, BN, W, 1 << stage)
+    t = t * (1.0 / BLOCK**0.5)
+    if INVERSE:
+        t = t * signs[None, :]
+    else:
+        t = _mix_blocks(t, mix_ptr, BN, W, BLOCK, M, False)
+    return t
+
+
+@triton.jit
 def _rotate(
     t,
     p0_ptr,
@@ -200,13 +242,15 @@ def _rotate(
 ):
     """Rotation of a float32 tile [BN, W] whose first column is column C0 (a multiple of W) of the row,
     for the fused kernel families (``_launch.FUSED_FAMILIES``): FAMILY 0 blocks, 1 pairs, 2 none,
-    3 hadamard (whole rows only: C0 is 0)."""
+    3 hadamard, 4 kronecker (whole rows only: C0 is 0)."""
     if FAMILY == 0:
         return _rotate_blocks(t, p0_ptr, BN, W, N_CODED // 4, C0 // 4, INVERSE)
     elif FAMILY == 1:
         return _rotate_pairs(t, p0_ptr, p1_ptr, BN, W, N_CODED // 2, C0 // 2, INVERSE)
     elif FAMILY == 3:
         return _rotate_hadamard(t, p0_ptr, BN, W, N_CODED, INVERSE)
+    elif FAMILY == 4:
+        return _rotate_kronecker(t, p0_ptr, p1_ptr, BN, W, N_CODED, INVERSE)
     else:
         return t
 

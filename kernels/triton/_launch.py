@@ -13,7 +13,7 @@ from kernels.plan import Plan
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The fused kernels' rotation families and the constexpr FAMILY that selects each in _jit._rotate; the
 # "matrix" family runs in the matrix kernels instead.
-FUSED_FAMILIES = {"blocks": 0, "pairs": 1, "none": 2, "hadamard": 3}
+FUSED_FAMILIES = {"blocks": 0, "pairs": 1, "none": 2, "hadamard": 3, "kronecker": 4}
 
 # Tile of the fused kernels, per op: (elements of one program's tile, elements a thread holds). 2048-element
 # tiles beat 4096 on an H100 (N = 2^20, float16, dim 128, bits 4: quantize 173 against 208 us, round trip
@@ -54,12 +54,12 @@ def check_device(t: torch.Tensor, plan: Plan, name: str) -> None:
 
 def fused(plan: Plan) -> bool:
     """Whether the plan's rotation runs in the fused kernels (else in the matrix kernels)."""
-    return plan.rotation.kernel in FUSED_FAMILIES
+    return plan.kernel in FUSED_FAMILIES
 
 
 def family_id(plan: Plan) -> int:
     """The constexpr FAMILY of the fused kernels for this plan's rotation."""
-    return FUSED_FAMILIES[plan.rotation.kernel]
+    return FUSED_FAMILIES[plan.kernel]
 
 
 def fused_tile(plan: Plan, n: int, op: str, tile: tuple[int, int] | None = None) -> tuple[int, int, int]:
@@ -74,7 +74,7 @@ def fused_tile(plan: Plan, n: int, op: str, tile: tuple[int, int] | None = None)
     if tile is not None:
         elements, warps = tile
     width = triton.next_power_of_2(max(8, plan.n_coded))
-    if plan.rotation.kernel in CHUNKED_FAMILIES and op in CHUNKED_OPS:
+    if plan.kernel in CHUNKED_FAMILIES and op in CHUNKED_OPS:
         width = min(width, CHUNK_COLUMNS)
     rows = max(1, elements // width)
     while rows > 1 and rows * width > MIN_TILE and triton.cdiv(n, rows) < MIN_PROGRAMS:

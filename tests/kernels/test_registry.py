@@ -38,7 +38,7 @@ def test_registry_is_ordered_by_id_and_every_variant_is_complete():
     assert list(ROTATIONS) == list(isoquant_format.VARIANTS)
     for name, rotation in ROTATIONS.items():
         assert rotation.name == name and rotation.variant_id == isoquant_format.VARIANT_IDS[name]
-        assert rotation.kernel in ("blocks", "pairs", "none", "hadamard", "matrix")
+        assert rotation.kernel in ("blocks", "pairs", "none", "hadamard", "kronecker", "matrix")
         params = rotation.generate(10, rotation.coded_dim(10), 12345)
         assert set(rotation.defining) <= set(params)
         x = torch.randn(7, rotation.coded_dim(10))
@@ -112,3 +112,16 @@ def test_kronecker_parameters_and_rotation_follow_format_md():
     rotation = ROTATIONS["kronecker"]
     torch.testing.assert_close(rotation.apply(x.float(), params), (x @ matrix.T).float(), rtol=1e-5, atol=1e-5)
     assert Quantizer("kronecker", 384, 3).code_bytes == 144  # no padding: 384 coordinates at 3 bits
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRETED, reason="needs triton under TRITON_INTERPRET=1 (CPU machine)")
+@pytest.mark.parametrize("dim,kernel", [(6, "kronecker"), (96, "kronecker"), (384, "kronecker"), (100, "matrix")])
+def test_kronecker_kernels_match_the_reference(dim, kernel):
+    """Fused for up to 4 blocks (the mix across blocks as a broadcast product), the matrix kernels beyond."""
+    from tests.kernels.test_triton_ops import check_ops
+
+    assert Quantizer("kronecker", dim, 3, backend="torch").plan.kernel == kernel
+    for bits in (2, 3, 4):
+        check_ops("kronecker", dim, bits, torch.float32, n=7, device="cpu", seed=dim)
+    check_ops("kronecker", dim, 3, torch.bfloat16, n=5, device="cpu", seed=dim + 1, strided=True)
