@@ -184,18 +184,25 @@ class Quantizer:
 
     # -- ops ---------------------------------------------------------------------------------------
 
-    def quantize(self, x: torch.Tensor) -> Packed:
-        """x [..., dim] float16 | bfloat16 | float32 -> Packed(codes uint8 [..., code_bytes], norms float32 [...])."""
+    def quantize(self, x: torch.Tensor, *, check: bool = True) -> Packed:
+        """x [..., dim] float16 | bfloat16 | float32 -> Packed(codes uint8 [..., code_bytes], norms float32 [...]).
+
+        Rows with NaN/Inf, or whose norm overflows float32, are found from the op's own norms (no extra pass
+        over the input) and refused with a QuantizerError naming them: one host sync. ``check=False`` skips
+        that (no sync at all, e.g. inside a CUDA graph): such rows then have a non-finite norm in the result."""
         rows, lead = self._rows(x, "x")
         codes, norms = self._ops.quantize(rows, self.plan)
+        if check:
+            self._refuse_bad_rows(norms, rows, "x")
         return Packed(
             codes=codes.reshape(*lead, self.code_bytes),
             norms=norms.reshape(lead),
             **self.descriptor(),
         )
 
-    def dequantize(self, packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Packed codes -> reconstruction [..., dim] in ``dtype`` (float16 | bfloat16 | float32)."""
+    def dequantize(self, packed: Packed, dtype: torch.dtype = torch.float32, *, check: bool = True) -> torch.Tensor:
+        """Packed codes -> reconstruction [..., dim] in ``dtype`` (float16 | bfloat16 | float32). Non-finite
+        norms are refused (one host sync); ``check=False`` skips that check and its sync."""
         self._check_output_dtype(dtype)
         if not isinstance(packed, Packed):
             raise QuantizerError(
@@ -228,17 +235,23 @@ class Quantizer:
             )
         self._check_device(codes, "codes")
         self._check_device(norms, "norms")
-        self._check_finite(norms.reshape(-1, 1), "norms")
+        if check:
+            self._check_finite(norms.reshape(-1, 1), "norms")
         lead = norms.shape
         out = self._ops.dequantize(codes.reshape(-1, self.code_bytes), norms.reshape(-1), self.plan, dtype)
         return out.reshape(*lead, self.dim)
 
-    def roundtrip(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    def roundtrip(
+        self, x: torch.Tensor, dtype: torch.dtype = torch.float32, *, check: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [..., dim] -> (reconstruction [..., dim] in ``dtype`` (float16 | bfloat16 | float32), squared
-        error ||x - x_hat||^2 float32 [...] of the float32 reconstruction, whatever ``dtype`` is)."""
+        error ||x - x_hat||^2 float32 [...] of the float32 reconstruction, whatever ``dtype`` is). Bad rows
+        are found from the op's own squared errors, as in ``quantize``; ``check=False`` skips it (no sync)."""
         self._check_output_dtype(dtype)
         rows, lead = self._rows(x, "x")
         x_hat, sq_err = self._ops.roundtrip(rows, self.plan, dtype)
+        if check:
+            self._refuse_bad_rows(sq_err, rows, "x")
         return x_hat.reshape(*lead, self.dim), sq_err.reshape(lead)
 
     # -- validation --------------------------------------------------------------------------------
@@ -258,20 +271,26 @@ class Quantizer:
                 kind="shape",
             )
         self._check_device(x, name)
-        lead = x.shape[:-1]
-        rows = x.reshape(-1, self.dim)
-        # One pass over the input finds both kinds of bad row: a norm is not finite exactly when the row
-        # holds NaN/Inf or its squares overflow float32. Only then is the input looked at again, to say which.
-        norms = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)
-        bad = ~torch.isfinite(norms)
-        if bool(bad.any()):
-            self._check_finite(rows, name)
-            raise QuantizerError(
-                f"{name}: the norm of vectors {_index_list(bad)} overflows float32; scale the input down",
-                field=name,
-                kind="overflow",
-            )
-        return rows, lead
+        return x.reshape(-1, self.dim), x.shape[:-1]
+
+    def _refuse_bad_rows(self, per_row: torch.Tensor, rows: torch.Tensor, name: str) -> None:
+        """Raise for the rows whose float32 norm is not finite (NaN/Inf inside, or squares that overflow),
+        found from a per-row float32 result of the op itself (its norms or squared errors) [N]: a row's
+        result is finite whenever its norm is, so only a non-finite one sends us back to the input (one
+        host sync otherwise; the input is read again only on the error path)."""
+        suspect = ~torch.isfinite(per_row)
+        if not bool(suspect.any()):
+            return
+        # A squared error can overflow just above a finite norm (||x - x_hat||^2 <= 4 ||x||^2): recheck.
+        bad = suspect & ~torch.isfinite(torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32))
+        if not bool(bad.any()):
+            return
+        self._check_finite(rows, name)
+        raise QuantizerError(
+            f"{name}: the norm of vectors {_index_list(bad)} overflows float32; scale the input down",
+            field=name,
+            kind="overflow",
+        )
 
     def _check_device(self, t: torch.Tensor, name: str) -> None:
         if t.device != self.device and not (t.device.type == self.device.type == "cuda" and self.device.index is None):

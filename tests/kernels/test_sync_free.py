@@ -1,0 +1,91 @@
+"""The public ops without an extra pass over the input, and without a host sync when asked (check=False), so
+that they can be captured in a CUDA graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from kernels import Quantizer
+
+
+class _CountNorms(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.linalg.vector_norm:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_valid_input_is_read_once_for_its_norms():
+    q = Quantizer("full", 64, 3, backend="torch")
+    x = torch.randn(100, 64)
+    with _CountNorms() as counter:
+        q.quantize(x)
+    assert counter.calls == 1  # the op's own norms; the check reads them, not the input
+    with _CountNorms() as counter:
+        q.roundtrip(x)
+    assert counter.calls == 1
+
+
+@pytest.mark.parametrize("op", ["quantize", "roundtrip"])
+def test_bad_rows_are_named_from_the_ops_own_results(op):
+    q = Quantizer("hadamard", 32, 2, backend="torch")
+    x = torch.randn(6, 32)
+    x[2, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"x holds NaN or Inf in vectors \[2\]"):
+        getattr(q, op)(x)
+    big = torch.full((5, 32), 1e20)
+    big[:3] = 1.0
+    with pytest.raises(ValueError, match=r"the norm of vectors \[3, 4\] overflows float32"):
+        getattr(q, op)(big)
+    # A large but finite norm is not refused.
+    near = torch.zeros(2, 32)
+    near[:, 0] = 1.5e19  # its square, 2.25e38, is still a float32
+    getattr(q, op)(near)
+
+
+def test_check_false_skips_the_check():
+    q = Quantizer("full", 16, 3, backend="torch")
+    x = torch.randn(4, 16)
+    x[1, 0] = float("inf")
+    packed = q.quantize(x, check=False)
+    assert not torch.isfinite(packed.norms[1]) and torch.isfinite(packed.norms[[0, 2, 3]]).all()
+    _, sq_err = q.roundtrip(x, check=False)
+    assert not torch.isfinite(sq_err[1])
+    out = q.dequantize(packed, check=False)
+    assert torch.isfinite(out[[0, 2, 3]]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["full", "hadamard", "identity"])
+def test_ops_capture_in_a_cuda_graph_and_replay_like_eager(variant):
+    q = Quantizer(variant, 128, 3, device="cuda")
+    assert q.backend == "triton"
+    x = torch.randn(8192, 128, device="cuda", dtype=torch.float16)
+    packed = q.quantize(x)  # eager (compiles the kernels first)
+    eager = (packed.codes.clone(), packed.norms.clone(), q.dequantize(packed), *q.roundtrip(x))
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm the graph's allocations on a side stream, as torch advises
+        q.quantize(static_x, check=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = q.quantize(static_x, check=False)
+        decoded = q.dequantize(captured, check=False)
+        x_hat, sq_err = q.roundtrip(static_x, check=False)
+    static_x.copy_(torch.randn_like(x))  # replay reads the new input
+    graph.replay()
+    fresh = q.quantize(static_x)
+    torch.testing.assert_close(captured.codes, fresh.codes, rtol=0, atol=0)
+    static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip((captured.codes, captured.norms, decoded, x_hat, sq_err), eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
