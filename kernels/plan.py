@@ -50,6 +50,44 @@ class Plan:
             boundaries=torch.from_numpy(codebook.boundaries).float().to(device),
         )
 
+    # As a custom op's arguments (kernels.ops): the tensors, in a fixed order, and the plan rebuilt from them.
+
+    def op_tensors(self) -> list[torch.Tensor]:
+        """centroids, boundaries, the rotation's parameters (sorted by name), then the kernels' derived forms
+        if this plan has built them (fused_params, mixing_matrix): what ``from_op_tensors`` rebuilds from."""
+        names = sorted(self.params)
+        derived = [t for name in ("fused_params", "mixing_matrix") if name in self.__dict__ for t in _as_list(
+            self.__dict__[name])]
+        return [self.centroids, self.boundaries, *(self.params[n] for n in names), *derived]
+
+    @classmethod
+    def code_bytes_of(cls, variant: str, dim: int, bits: int) -> int:
+        return packed_bytes(ROTATIONS[variant].coded_dim(dim), bits)
+
+    @property
+    def op_names(self) -> str:
+        """The parameter names of ``op_tensors``, comma-separated (a custom op takes a string)."""
+        return ",".join(sorted(self.params))
+
+    @classmethod
+    def from_op_tensors(cls, variant: str, dim: int, bits: int, names: str, tensors: list[torch.Tensor]) -> Plan:
+        """The plan whose ``op_tensors`` (with ``op_names``) these are (no copies; derived forms restored)."""
+        rotation = ROTATIONS[variant]
+        n_coded = rotation.coded_dim(dim)
+        centroids, boundaries, *rest = tensors
+        names = names.split(",") if names else []
+        plan = cls(
+            variant=variant, dim=dim, bits=bits, n_coded=n_coded, code_bytes=packed_bytes(n_coded, bits),
+            device=centroids.device, params=dict(zip(names, rest[: len(names)], strict=True)),
+            centroids=centroids, boundaries=boundaries,
+        )
+        derived = rest[len(names) :]
+        if len(derived) == 2:
+            plan.__dict__["fused_params"] = (derived[0], derived[1])
+        elif len(derived) == 1:
+            plan.__dict__["mixing_matrix"] = derived[0]
+        return plan
+
     @property
     def rotation(self) -> Rotation:
         return ROTATIONS[self.variant]
@@ -95,3 +133,8 @@ class Plan:
     def mixing_matrix(self) -> torch.Tensor:
         """float32 [n_coded, dim] A with rotate(pad(x)) = x @ A^T on ``device`` (the matrix kernels)."""
         return self.rotation.mixing_matrix(self.params, self.dim, self.n_coded).to(self.device)
+
+
+def _as_list(value) -> list[torch.Tensor]:
+    return list(value) if isinstance(value, tuple) else [value]
+

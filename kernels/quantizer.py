@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from isoquant_format import DESCRIPTOR_FIELDS, FORMAT_VERSION
+from kernels import ops as custom_ops  # noqa: F401  (registers torch.ops.isoquant.*)
 from kernels import reference
 from kernels.codebook import Codebook, lloyd_max
 from kernels.errors import QuantizerError
@@ -120,6 +121,12 @@ class Quantizer:
         self.plan = Plan.build(self.rotation, self.codebook, self.device)
         self.backend = self._resolve_backend(backend)
         self._ops = reference if self.backend == "torch" else _triton_ops()
+        if self.backend == "triton":
+            self._ops.prepare(self.plan)  # the kernels' derived forms, once, before any call or trace
+        # What the custom ops take (kernels.ops), and the fingerprint every Packed carries: built here, outside
+        # any torch.compile trace (cached_property takes a lock that the compiler cannot trace in 3.11).
+        self._op_tensors = self.plan.op_tensors()
+        self.fingerprint  # noqa: B018
 
     def _resolve_backend(self, backend: str) -> str:
         if backend == "torch":
@@ -191,9 +198,12 @@ class Quantizer:
         over the input) and refused with a QuantizerError naming them: one host sync. ``check=False`` skips
         that (no sync at all, e.g. inside a CUDA graph): such rows then have a non-finite norm in the result."""
         rows, lead = self._rows(x, "x")
-        codes, norms = self._ops.quantize(rows, self.plan)
-        if check:
-            self._refuse_bad_rows(norms, rows, "x")
+        if torch.compiler.is_compiling():  # one opaque op for the compiler; no host check (as check=False)
+            codes, norms = torch.ops.isoquant.quantize(rows, *self._op_args())
+        else:
+            codes, norms = self._ops.quantize(rows, self.plan)
+            if check:
+                self._refuse_bad_rows(norms, rows, "x")
         return Packed(
             codes=codes.reshape(*lead, self.code_bytes),
             norms=norms.reshape(lead),
@@ -235,10 +245,14 @@ class Quantizer:
             )
         self._check_device(codes, "codes")
         self._check_device(norms, "norms")
-        if check:
-            self._check_finite(norms.reshape(-1, 1), "norms")
         lead = norms.shape
-        out = self._ops.dequantize(codes.reshape(-1, self.code_bytes), norms.reshape(-1), self.plan, dtype)
+        codes, norms = codes.reshape(-1, self.code_bytes), norms.reshape(-1)
+        if torch.compiler.is_compiling():
+            out = torch.ops.isoquant.dequantize(codes, norms, *self._op_args(), dtype)
+        else:
+            if check:
+                self._check_finite(norms.reshape(-1, 1), "norms")
+            out = self._ops.dequantize(codes, norms, self.plan, dtype)
         return out.reshape(*lead, self.dim)
 
     def roundtrip(
@@ -249,10 +263,17 @@ class Quantizer:
         are found from the op's own squared errors, as in ``quantize``; ``check=False`` skips it (no sync)."""
         self._check_output_dtype(dtype)
         rows, lead = self._rows(x, "x")
-        x_hat, sq_err = self._ops.roundtrip(rows, self.plan, dtype)
-        if check:
-            self._refuse_bad_rows(sq_err, rows, "x")
+        if torch.compiler.is_compiling():
+            x_hat, sq_err = torch.ops.isoquant.roundtrip(rows, *self._op_args(), dtype)
+        else:
+            x_hat, sq_err = self._ops.roundtrip(rows, self.plan, dtype)
+            if check:
+                self._refuse_bad_rows(sq_err, rows, "x")
         return x_hat.reshape(*lead, self.dim), sq_err.reshape(lead)
+
+    def _op_args(self) -> tuple:
+        """(tensors, names, variant, dim, bits, backend): the plan as the custom ops of kernels.ops take it."""
+        return self._op_tensors, self.plan.op_names, self.variant, self.dim, self.bits, self.backend
 
     # -- validation --------------------------------------------------------------------------------
 

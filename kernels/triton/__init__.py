@@ -17,9 +17,17 @@ try:
 except Exception as exc:  # a broken triton install can raise more than ImportError
     raise ImportError(f"kernels.triton needs an importable triton: {exc}") from exc
 
-from kernels.triton._launch import launch_batches
+from kernels.triton._launch import fused, launch_batches
 from kernels.triton.dequantize import dequantize
 from kernels.triton.quantize import quantize
 from kernels.triton.roundtrip import roundtrip
 
-__all__ = ["dequantize", "launch_batches", "quantize", "roundtrip"]
+__all__ = ["dequantize", "launch_batches", "prepare", "quantize", "roundtrip"]
+
+
+def prepare(plan) -> None:
+    """Build the plan's derived forms that this plan's kernels read (before its ``op_tensors`` are taken)."""
+    if fused(plan):
+        plan.fused_params  # noqa: B018  (a cached property: building it is the point)
+    else:
+        plan.mixing_matrix  # noqa: B018
