@@ -121,6 +121,18 @@ class RawTensor(NamedTuple):
 # Reading
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        raise ValueError(f"key {_show(repeated[0])} appears more than once")
+    return dict(pairs)
+
+
 def parse(
     container: Buffer,
     *,
@@ -154,10 +166,14 @@ def parse(
         )
     try:
         # Strict UTF-8 (json.loads would also guess UTF-16 and UTF-32 from bytes); RecursionError is
-        # what a deeply nested header raises.
-        header = json.loads(bytes(view[8 : 8 + header_len]).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise FormatError(f"safetensors header is not valid JSON: {exc or 'nested too deeply'}", "header") from None
+        # what a deeply nested header raises. JSON as RFC 8259 has it, as the safetensors library reads it:
+        # no NaN/Infinity literals, no repeated key, no unpaired surrogate escape.
+        text = bytes(view[8 : 8 + header_len]).decode("utf-8")
+        header = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+        json.dumps(header, ensure_ascii=False).encode("utf-8")  # raises on an unpaired surrogate (\ud800)
+    except (ValueError, UnicodeError, RecursionError) as exc:
+        reason = "it holds an unpaired surrogate" if isinstance(exc, UnicodeEncodeError) else exc or "nested too deeply"
+        raise FormatError(f"safetensors header is not valid JSON: {reason}", "header") from None
     if not isinstance(header, dict):
         raise FormatError("safetensors header must be a JSON object", "header")
     metadata = header.pop("__metadata__", None)

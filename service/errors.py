@@ -29,7 +29,9 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"type": self.type, "message": self.message, "field": self.field}}
+        # Message and field can quote the client's own strings; an unpaired surrogate in them (a JSON
+        # "\ud800" escape) cannot be encoded as UTF-8, so such characters are shown escaped.
+        return {"error": {"type": self.type, "message": _printable(self.message), "field": _printable(self.field)}}
 
 
 class MalformedBody(ApiError):
@@ -81,3 +83,11 @@ class Unavailable(ApiError):
 
     def __init__(self, message: str, type: str = "unavailable", retry_after: int = 1) -> None:
         super().__init__(message, None, type=type, headers={"Retry-After": str(retry_after)})
+
+
+def _printable(text: str | None) -> str | None:
+    """``text`` with any character UTF-8 cannot encode (lone surrogates) written as a backslash escape."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+

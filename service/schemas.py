@@ -14,10 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from kernels import FORMAT_VERSION
 
 
+# Requests validate strictly: JSON true is not the integer 1, "3" and 3.0 are not the integer 3, "yes" is not a
+# boolean. Each is a 422 naming the field, never a silent coercion.
 class Array(BaseModel):
     """A tensor as base64 of its raw little-endian bytes, C order."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     data: str = Field(..., description="base64 (standard alphabet, padded) of the raw little-endian bytes")
     dtype: str = Field(..., description="float16 | bfloat16 | float32 | uint8 (codes)")
@@ -27,7 +29,7 @@ class Array(BaseModel):
 class Descriptor(BaseModel):
     """Identifies the quantizer that made a set of codes (docs/FORMAT.md)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     variant: str
     dim: int
@@ -48,7 +50,7 @@ class Distortion(BaseModel):
 class QuantizeRequest(BaseModel):
     """POST /quantize (application/json)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     # Any: an Array object or nested lists, told apart and validated by the route so that errors name
     # the exact field (the OpenAPI schema says Array | array, see app.py).
@@ -75,7 +77,7 @@ class QuantizeResponse(BaseModel):
 class DequantizeRequest(BaseModel):
     """POST /dequantize (application/json). Unknown fields are ignored so that a /quantize response is valid."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     quantizer: Descriptor
     codes: Array

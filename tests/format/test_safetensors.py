@@ -347,3 +347,23 @@ def test_imports_neither_torch_nor_numpy():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    "header, reason",
+    [
+        (b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{"a":"1"},"__metadata__":{"a":"2"}}',
+         "appears more than once"),
+        (b'{"x":{"dtype":"F32","shape":[NaN],"data_offsets":[0,4]}}', "NaN is not a JSON value"),
+        (b'{"x":{"dtype":"F32","shape":[Infinity],"data_offsets":[0,4]}}', "Infinity is not a JSON value"),
+        (b'{"x\\udc00":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', "unpaired surrogate"),
+        (b'\xef\xbb\xbf{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', "not valid JSON"),
+    ],
+)
+def test_headers_the_reference_library_refuses_are_refused(header, reason):
+    from isoquant_format import FormatError, parse
+
+    body = struct.pack("<Q", len(header)) + header + bytes(4)
+    with pytest.raises(FormatError, match=reason) as info:
+        parse(body)
+    assert info.value.field == "header"

@@ -335,3 +335,43 @@ async def test_negative_content_length_is_a_400(app, content_type):
     assert sent[0]["status"] == 400
     error = json.loads(sent[1]["body"])["error"]
     assert error["type"] == "malformed_body" and error["field"] == "content-length" and "negative" in error["message"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bodies that were answered 500, and JSON that was coerced silently
+
+
+async def test_zero_size_tensor_at_a_misaligned_offset_is_not_a_500(client):
+    body = struct.pack("<Q", 63) + b'{"vectors":{"dtype":"F16","shape":[0,4],"data_offsets":[0,0]}} '
+    response = await client.post("/quantize", content=body, headers={"content-type": SAFETENSORS})
+    assert response.status_code in (400, 422), response.text
+    assert response.json()["error"]["field"] is not None
+
+
+async def test_unpaired_surrogate_in_a_tensor_name_is_a_400(client):
+    header = b'{"a\\ud800":{"dtype":"F64","shape":[1,4],"data_offsets":[0,32]}}'
+    body = struct.pack("<Q", len(header)) + header + bytes(32)
+    response = await client.post("/quantize", content=body, headers={"content-type": SAFETENSORS})
+    assert_error(response, 400, "malformed_body", "body", "unpaired surrogate")
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"bits": True}, "bits"),
+        ({"bits": "3"}, "bits"),
+        ({"bits": 3.0}, "bits"),
+        ({"seed": True}, "seed"),
+        ({"return_distortion": "yes"}, "return_distortion"),
+        ({"vectors": {"data": "", "dtype": "float32", "shape": [True, 64]}}, "vectors.shape.0"),
+    ],
+)
+async def test_json_types_are_strict(client, changes, field):
+    request = {"vectors": [[1.0] * 64], **changes}
+    assert_error(await client.post("/quantize", json=request), 422, "invalid_value", field)
+
+
+async def test_descriptor_types_are_strict(client):
+    answer = (await client.post("/quantize", json={"vectors": [[1.0] * 64]})).json()
+    answer["quantizer"]["format_version"] = True
+    assert_error(await client.post("/dequantize", json=answer), 422, "invalid_value", "quantizer.format_version")
