@@ -20,6 +20,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
+from pydantic import ValidationError  # noqa: E402
+
 from service.settings import Settings  # noqa: E402
 from service.supervisor import configure_logging, serve, supervise  # noqa: E402
 
@@ -30,12 +32,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help="port (default: ISOQUANT_PORT or 8000; 0 picks a free one)")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        sys.exit(settings_error(exc))
     configure_logging(settings)
     if settings.processes == 1:
         serve(settings)
     else:
         sys.exit(supervise(settings, overrides))
+
+
+def settings_error(exc: ValidationError) -> str:
+    """One line a problem naming the variable to fix, without any input value: pydantic's own report
+    echoes the whole settings dict, the API key included."""
+    lines = ["invalid settings:"]
+    for error in exc.errors(include_input=False, include_url=False):
+        names = [str(part) for part in error["loc"] if part != "__root__"]
+        variable = ", ".join(f"ISOQUANT_{name.upper()}" for name in names) or "ISOQUANT_* settings"
+        lines.append(f"  {variable}: {error['msg']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

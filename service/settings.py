@@ -143,8 +143,9 @@ class Settings(BaseSettings):
 
 
 def _subset(name: str, values: list, allowed: tuple, allow_empty: bool = False) -> None:
+    variable = f"{name} (ISOQUANT_{name.upper()})"
     if not values and not allow_empty:
-        raise ValueError(f"{name} must not be empty; allowed: {', '.join(map(str, allowed))}")
+        raise ValueError(f"{variable} must not be empty; allowed: {', '.join(map(str, allowed))}")
     unknown = [v for v in values if v not in allowed]
     if unknown:
-        raise ValueError(f"{name}: {unknown} not allowed; allowed: {', '.join(map(str, allowed))}")
+        raise ValueError(f"{variable}: {unknown} not allowed; allowed: {', '.join(map(str, allowed))}")

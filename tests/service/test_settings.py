@@ -57,3 +57,16 @@ def test_bad_values_are_refused(overrides, fragment):
     with pytest.raises(ValidationError) as info:
         Settings(**overrides)
     assert fragment in str(info.value)
+
+
+def test_a_settings_error_names_the_variable_and_never_echoes_the_api_key():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ISOQUANT_API_KEY": "api-key-0123456789", "ISOQUANT_DIMS": "128,384,768,1536"}
+    result = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "ISOQUANT_WARM_DIMS" in output and "Traceback" not in output
+    assert "0123456789" not in output and "api-key" not in output
