@@ -134,7 +134,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
+        # Starlette re-raises after this answer and uvicorn then drops the connection: say so, so that a
+        # keep-alive client opens a new one instead of failing its next request on this one.
+        return _error(
+            500, "internal_error", f"internal error ({type(exc).__name__}); see the server log", None,
+            {"connection": "close"},
+        )
 
     def openapi() -> dict:
         # The request bodies are parsed by the routes (two media types), so their JSON schemas are added

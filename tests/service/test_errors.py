@@ -8,6 +8,7 @@ import base64
 import json
 import struct
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import save as st_save
@@ -375,3 +376,18 @@ async def test_descriptor_types_are_strict(client):
     answer = (await client.post("/quantize", json={"vectors": [[1.0] * 64]})).json()
     answer["quantizer"]["format_version"] = True
     assert_error(await client.post("/dequantize", json=answer), 422, "invalid_value", "quantizer.format_version")
+
+
+async def test_an_unexpected_error_is_a_500_in_the_error_shape_that_closes_the_connection(monkeypatch):
+    app = create_app(settings())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    async with running(app):  # ready, warm-up done
+        monkeypatch.setattr("service.codec.nested_to_tensor", broken)  # a bug outside every mapped error
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://isoquant.test") as client:
+            response = await client.post("/quantize", json={"vectors": [[1.0] * 64]})
+    assert_error(response, 500, "internal_error", None, "RuntimeError")
+    assert response.headers["connection"] == "close"
