@@ -367,3 +367,61 @@ def test_headers_the_reference_library_refuses_are_refused(header, reason):
     with pytest.raises(FormatError, match=reason) as info:
         parse(body)
     assert info.value.field == "header"
+
+
+# ------------------------------------------------------------------------------------------------
+# Differential: generated containers, valid and mutated, against the safetensors package
+
+_NP_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "I32": np.int32}
+
+
+@st.composite
+def _containers(draw) -> bytes:
+    count = draw(st.integers(0, 4))
+    names = draw(st.lists(st.text("abcxyz_.0123", min_size=1, max_size=6), min_size=count, max_size=count,
+                          unique=True))
+    tensors = {}
+    for name in names:
+        code = draw(st.sampled_from(sorted(_NP_DTYPES)))
+        shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+        data = draw(st.binary(min_size=int(np.prod(shape, dtype=np.int64)) * np.dtype(_NP_DTYPES[code]).itemsize,
+                              max_size=int(np.prod(shape, dtype=np.int64)) * np.dtype(_NP_DTYPES[code]).itemsize))
+        tensors[name] = np.frombuffer(data, dtype=_NP_DTYPES[code]).reshape(shape)
+    metadata = draw(st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3)) or None
+    return safetensors.numpy.save(tensors, metadata=metadata)
+
+
+def _mutate(body: bytes, data) -> bytes:
+    """One of: flip a byte, truncate, extend, or rewrite the header length (the mutations a broken writer
+    or a hostile client make)."""
+    kind = data.draw(st.sampled_from(["flip", "truncate", "extend", "length"]))
+    if kind == "flip":
+        at = data.draw(st.integers(0, len(body) - 1))
+        return body[:at] + bytes([body[at] ^ data.draw(st.integers(1, 255))]) + body[at + 1 :]
+    if kind == "truncate":
+        return body[: data.draw(st.integers(0, len(body) - 1))]
+    if kind == "extend":
+        return body + data.draw(st.binary(min_size=1, max_size=8))
+    return struct.pack("<Q", data.draw(st.integers(0, len(body)))) + body[8:]
+
+
+def _reference(body: bytes):
+    try:
+        return {name: (info["dtype"], list(info["shape"]), bytes(info["data"]))
+                for name, info in safetensors.deserialize(body)}
+    except Exception:  # noqa: BLE001  (the package refuses with SafetensorError, sometimes other errors)
+        return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(_containers(), st.data())
+def test_differential_every_container_we_accept_the_package_accepts_identically(body, data):
+    if data.draw(st.booleans()):
+        body = _mutate(body, data)
+    try:
+        ours, _ = parse(body, dtypes=ALL_DTYPES, max_header_bytes=1 << 20, max_tensors=None, max_ndim=64)
+    except FormatError:
+        return  # refusing is always allowed (the package may accept: our limits are stricter by design)
+    theirs = _reference(body)
+    assert theirs is not None, "we accepted a container the safetensors package refuses"
+    assert {name: (DTYPE_CODES[t.dtype], list(t.shape), bytes(t.data)) for name, t in ours.items()} == theirs
