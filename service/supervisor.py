@@ -8,8 +8,9 @@ shared socket, which one took a connection was a race, and 8 keep-alive connecti
 sat on them as [6, 1, 1] or [3, 3, 1, 1] (H200 host), so /dequantize ran at 46-60% of the in-process
 library instead of 110% with the requests spread. Why: one uvicorn process received 16 MiB request bodies at
 0.5-1.2 GB/s on the H200 host's CPU with no work in the route, whatever the number of clients; 8
-processes took 6.4 GB/s with 8 clients (docs/BENCHMARKS.md). If a server process dies, the others are
-stopped and the supervisor exits with status 1, so that the container restarts whole.
+processes took 6.4 GB/s with 8 clients (docs/BENCHMARKS.md). If a server process dies, the others keep
+serving and a replacement starts (with a backoff while replacements keep dying); it is offered connections
+once it is ready.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from prometheus_client import multiprocess
 from service.settings import Settings
 
 log = logging.getLogger("service")
+# A server process that dies is replaced after this delay, doubled for each replacement that died before it
+# was ready, up to the maximum.
+RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_MAX_S = 16.0
 
 
 class _Server(uvicorn.Server):
@@ -209,49 +214,73 @@ def supervise(settings: Settings, overrides: dict) -> int:
     # (about 270 a pair) and then in the backlog, instead of being refused.
     sock.listen(config.backlog)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
-    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(settings.processes)]
-    workers = [
-        context.Process(target=_worker, args=(overrides, pairs[i][1]), name=f"isoquant-server-{i}")
-        for i in range(settings.processes)
-    ]
+    workers: list = [None] * settings.processes
+    handoffs: list[socket.socket] = [None] * settings.processes  # what the dispatcher offers connections to
+
+    def start(i: int) -> socket.socket:
+        """Start server process i on a fresh socket pair; return the supervisor's end (not yet offered)."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        workers[i] = context.Process(target=_worker, args=(overrides, child), name=f"isoquant-server-{i}")
+        workers[i].start()
+        child.close()  # the process has its own copy now
+        parent.setblocking(False)  # a process that stops reading must not stall the others' connections
+        return parent
+
     stopping: list[int] = []  # the signals received; a list append takes no lock (see _Server.handle_exit)
 
     def stop(sig, frame) -> None:
         stopping.append(sig)
         for worker in workers:
-            if worker.exitcode is None and worker.pid is not None:
+            if worker is not None and worker.exitcode is None and worker.pid is not None:
                 os.kill(worker.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for worker in workers:
-        worker.start()
-    for _, child_end in pairs:
-        child_end.close()  # each process has its own copy now
-    for parent, _ in pairs:
-        parent.setblocking(False)  # a process that stops reading must not stall the others' connections
+    for i in range(settings.processes):
+        handoffs[i] = start(i)
     closing = threading.Event()
-    dispatcher = threading.Thread(target=_dispatch, args=(sock, [parent for parent, _ in pairs], closing), daemon=True)
+    dispatcher = threading.Thread(target=_dispatch, args=(sock, handoffs, closing), daemon=True)
     dispatcher.start()
     if stopping:  # a signal came while workers were starting: those started after it have not had it
         stop(stopping[0], None)
     pids = ", ".join(str(w.pid) for w in workers)
     log.info("started %d server processes (%s); metrics in %s", len(workers), pids, metrics_dir)
-    status = 0
+    restarts = [0] * settings.processes  # consecutive restarts of each slot, for the backoff
+    due: dict[int, float] = {}  # slot -> when its replacement starts
+    warming: dict[int, socket.socket] = {}  # slot -> the replacement's pair end, offered once it is ready
     try:
-        alive = {worker.sentinel: worker for worker in workers}
-        while alive:
-            for sentinel in wait(list(alive)):
-                worker = alive.pop(sentinel)
+        alive = {worker.sentinel: i for i, worker in enumerate(workers)}
+        while alive or (due and not stopping):
+            for sentinel in wait(list(alive), timeout=0.2):
+                i = alive.pop(sentinel)
+                worker = workers[i]
                 worker.join()
                 # Its live gauges (queue depth, in flight, ready, ...) stop counting in the others' scrapes.
                 multiprocess.mark_process_dead(worker.pid, metrics_dir)
                 with contextlib.suppress(FileNotFoundError):  # and /health/ready stops counting it
                     os.remove(os.path.join(metrics_dir, f"ready-{worker.pid}"))
-                if not stopping:
-                    log.error("server process %d exited with %s; stopping the others", worker.pid, worker.exitcode)
-                    status = 1
-                    stop(signal.SIGTERM, None)
+                if stopping:
+                    continue
+                # The others keep serving (the dispatcher skips a closed pair); a replacement starts after
+                # a backoff that doubles while replacements keep dying before they are ready.
+                handoffs[i].close()
+                warming.pop(i, None)
+                delay = min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_S * 2 ** restarts[i])
+                restarts[i] += 1
+                due[i] = time.monotonic() + delay
+                log.error("server process %d exited with %s; restarting it in %.1f s", worker.pid, worker.exitcode,
+                          delay)
+            for i, when in list(due.items()):
+                if not stopping and time.monotonic() >= when:
+                    del due[i]
+                    warming[i] = start(i)
+                    alive[workers[i].sentinel] = i
+                    log.info("restarted server process %d as %d", i, workers[i].pid)
+            for i, parent in list(warming.items()):
+                if os.path.exists(os.path.join(metrics_dir, f"ready-{workers[i].pid}")):
+                    handoffs[i] = parent  # ready: it takes connections from now on
+                    del warming[i]
+                    restarts[i] = 0
         if stopping:
             log.info("signal %s: all %d server processes stopped", stopping[0], len(workers))
     finally:
@@ -260,7 +289,7 @@ def supervise(settings: Settings, overrides: dict) -> int:
             sock.shutdown(socket.SHUT_RDWR)  # wakes the dispatcher's accept (Linux), which then returns
         sock.close()
         dispatcher.join(timeout=5)
-        for parent, _ in pairs:
+        for parent in [*handoffs, *warming.values()]:
             parent.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    return status
+    return 0

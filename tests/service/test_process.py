@@ -244,3 +244,54 @@ def test_server_processes_exit_when_the_supervisor_is_killed():
     for pid in alive:  # do not leave them behind if the test fails
         os.kill(pid, signal.SIGKILL)
     assert not alive, server.log_text()
+
+
+def test_a_killed_server_process_is_replaced_while_the_other_serves():
+    """kill -9 of one of 2 server processes: every request made meanwhile (a new connection each) is answered
+    by the other, a replacement starts, becomes ready and takes connections; the supervisor keeps running."""
+    from tests.live_service import start_server
+
+    server = start_server(TWO_PROCESSES)
+    try:
+        body = st_save({"vectors": torch.randn(5, 128).half()}, metadata={"variant": "full", "bits": "3"})
+
+        def post() -> int:
+            headers = {"content-type": SAFETENSORS}
+            return httpx.post(f"{server.url}/quantize", content=body, headers=headers, timeout=60).status_code
+
+        assert post() == 200
+        started = re.search(r"started 2 server processes \(([\d, ]+)\)", server.log_text())
+        killed_at = time.monotonic()
+        os.kill(int(started.group(1).split(", ")[0]), signal.SIGKILL)
+        # A connection handed over in the instant the process dies is lost with it (in flight there); the
+        # supervisor sees the death at once and from then on every request goes to the other process.
+        while "exited with" not in server.log_text():
+            assert time.monotonic() - killed_at < 5, server.log_text()
+            time.sleep(0.05)
+        statuses = []
+        deadline = time.monotonic() + 60
+        while "restarted server process" not in server.log_text() or len(statuses) < 20:
+            statuses.append(post())
+            assert time.monotonic() < deadline, server.log_text()
+        assert statuses == [200] * len(statuses), statuses
+        replacement = int(re.search(r"restarted server process \d+ as (\d+)", server.log_text()).group(1))
+        deadline = time.monotonic() + 60  # ready, then offered connections
+        while httpx.get(f"{server.url}/health/ready", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, server.log_text()
+            time.sleep(0.2)
+        from bench.bench_service import connections_per_process
+
+        port = int(server.url.rsplit(":", 1)[1])
+        kept = [httpx.Client(base_url=server.url, timeout=60) for _ in range(4)]
+        try:
+            for client in kept:
+                assert client.get("/health/live").status_code == 200
+            assert connections_per_process(port, leave_out_own=False) == [2, 2]  # the replacement takes its share
+        finally:
+            for client in kept:
+                client.close()
+        assert not _gone(replacement) and server.process.poll() is None
+    finally:
+        server.process.terminate()
+        status = server.process.wait(timeout=60)
+    assert status == 0, server.log_text()
