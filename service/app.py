@@ -70,6 +70,21 @@ class RequestMetricsMiddleware:
             self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - start)
 
 
+def _served_enums(schema: dict, settings: Settings) -> None:
+    """Give variant, dim and bits the values this server serves, wherever the schema has them (request
+    models, the descriptor, /quantizer's query), so that a schema-driven client forms valid requests."""
+    served = {"variant": list(settings.variants), "dim": list(settings.dims), "bits": list(settings.bits)}
+    components = schema.get("components", {}).get("schemas", {})
+    for model in ("QuantizeRequest", "Descriptor"):
+        for name, values in served.items():
+            prop = components.get(model, {}).get("properties", {}).get(name)
+            if prop is not None:
+                prop["enum"] = values
+    for parameter in schema.get("paths", {}).get("/quantizer", {}).get("get", {}).get("parameters", []):
+        if parameter.get("name") in served:
+            parameter.setdefault("schema", {})["enum"] = served[parameter["name"]]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service as an ASGI app. The engine (device, quantizers, workers) is built in the lifespan;
     warm-up runs on the device worker after start-up, so /health/live answers at once and
@@ -155,6 +170,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             either = [{"$ref": "#/components/schemas/Array"}, {"type": "array", "items": {}}]
             for model, name in ((QuantizeRequest, "vectors"), (DequantizeRequest, "reference")):
                 components[model.__name__]["properties"][name].update(anyOf=either)
+            _served_enums(schema, settings)
             app.openapi_schema = schema
         return app.openapi_schema
 

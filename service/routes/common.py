@@ -34,6 +34,16 @@ ERROR_RESPONSES = {
 }
 
 
+# /quantize and /dequantize answer in either media type (the request's, or the one Accept asks for).
+BODY_RESPONSES = {
+    **ERROR_RESPONSES,
+    200: {
+        "description": "JSON (the response model) or safetensors, as the request's format or Accept says",
+        "content": {"application/x-safetensors": {"schema": {"type": "string", "format": "binary"}}},
+    },
+}
+
+
 # JSON bodies below this are decoded and encoded on the event loop: a thread hop costs more than the
 # work. (Safetensors bodies are always handled on the loop: parsing and encoding them make views, not
 # copies, and a hop to the thread pool and back took 3-9 ms on our loaded 2-core CPU.)

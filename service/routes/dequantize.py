@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service import codec, validate
 from service.engine import DequantizeResult
 from service.errors import InvalidInput
-from service.routes.common import ERROR_RESPONSES, admitted, answer, authorized, get_state, offload
+from service.routes.common import BODY_RESPONSES, admitted, answer, authorized, get_state, offload
 from service.schemas import Array, DequantizeRequest, DequantizeResponse, Descriptor, Distortion
 from service.settings import Settings
 
@@ -148,7 +148,7 @@ def encode(result: DequantizeResult, p: Parsed, fmt: str) -> bytes | list:
     "container /quantize returns. The descriptor's fingerprint must match this server's quantizer.",
     openapi_extra=BODY_DOC,
     dependencies=[Depends(authorized)],
-    responses=ERROR_RESPONSES,
+    responses=BODY_RESPONSES,
 )
 async def dequantize(request: Request) -> Response:
     metrics = get_state(request).metrics

@@ -27,7 +27,11 @@ def _version(package: str) -> str | None:
         return None
 
 
-@router.get("/info", summary="Device, versions, what is served, the warm set and the limits")
+@router.get(
+    "/info",
+    summary="Device, versions, what is served, the warm set and the limits",
+    responses={401: ERROR_RESPONSES[401]},
+)
 async def info(request: Request) -> dict:
     state = get_state(request)
     s, engine = state.settings, state.engine

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service import codec, validate
 from service.engine import QuantizeResult
 from service.errors import InvalidInput
-from service.routes.common import ERROR_RESPONSES, admitted, answer, authorized, get_state, offload
+from service.routes.common import BODY_RESPONSES, admitted, answer, authorized, get_state, offload
 from service.schemas import Array, Descriptor, Distortion, QuantizeRequest, QuantizeResponse
 from service.settings import Settings
 
@@ -112,7 +112,7 @@ def encode(result: QuantizeResult, x: torch.Tensor, fmt: str) -> tuple[bytes | l
     "unless Accept asks for the other. Errors use the one error shape.",
     openapi_extra=BODY_DOC,
     dependencies=[Depends(authorized)],
-    responses=ERROR_RESPONSES,
+    responses=BODY_RESPONSES,
 )
 async def quantize(request: Request) -> Response:
     metrics = get_state(request).metrics

@@ -275,3 +275,20 @@ async def test_packed_from_response_decodes_with_library(client):
     q = Quantizer("fast", 128, 4)
     packed = Packed(codes=unb64(body["codes"]), norms=unb64(body["norms"]), **body["quantizer"])
     assert torch.equal(q.dequantize(packed), q.dequantize(q.quantize(x)))
+
+
+async def test_openapi_describes_every_answer_and_the_served_values(client):
+    schema = (await client.get("/openapi.json")).json()
+    info = (await client.get("/info")).json()
+    for path in ("/quantize", "/dequantize"):
+        answers = schema["paths"][path]["post"]["responses"]
+        assert {"application/json", "application/x-safetensors"} <= set(answers["200"]["content"])
+        assert {"400", "401", "413", "422", "429", "503"} <= set(answers)
+    assert "401" in schema["paths"]["/info"]["get"]["responses"]
+    components = schema["components"]["schemas"]
+    assert components["QuantizeRequest"]["properties"]["variant"]["enum"] == info["variants"]
+    assert components["QuantizeRequest"]["properties"]["bits"]["enum"] == info["bits"]
+    assert components["Descriptor"]["properties"]["dim"]["enum"] == info["dims"]
+    query = {p["name"]: p["schema"] for p in schema["paths"]["/quantizer"]["get"]["parameters"]}
+    assert query["variant"]["enum"] == info["variants"] and query["dim"]["enum"] == info["dims"]
+    assert query["bits"]["enum"] == info["bits"]
