@@ -84,10 +84,9 @@ def load_model(gguf: str | None = None, device: str = "cpu"):
 
 def eval_text() -> str:
     """The first half of the sorted help topics (the second half is ``kernels.hf.calibration_text``)."""
-    from pydoc_data.topics import topics
+    from kernels.hf import help_topics
 
-    names = sorted(topics)
-    return "\n\n".join(topics[name] for name in names[: len(names) // 2])
+    return help_topics(0)
 
 
 def eval_windows(tokenizer, count: int, length: int, dev: bool = False, skip: int = 0) -> torch.Tensor:
@@ -203,28 +202,19 @@ def kv_error(args) -> str:
     """Mean relative squared error ||x - x_hat||^2 / ||x||^2 of the model's own keys (after RoPE) and values,
     per head vector, for every variant at ``--bits`` and ``--seeds`` (the library as-is, float32 norms):
     the reconstruction error the perplexity grid's rows come from, cheap enough for the CPU."""
-    from transformers import AttentionInterface
-
     from kernels import Quantizer
-    from kernels.hf import CAPTURE, _attend, _attention_implementation
+    from kernels.hf import observe_attention
 
     tokenizer, model = load_model(args.gguf, args.device)
     windows = eval_windows(tokenizer, args.windows, args.length).to(args.device)
     captured: dict[str, list[torch.Tensor]] = {"key": [], "value": []}
 
-    def record(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    def record(layer, query, key, value) -> None:
         captured["key"].append(key.reshape(-1, key.shape[-1]).float())
         captured["value"].append(value.reshape(-1, value.shape[-1]).float())
-        return _attend(query, key, value, scaling, query.shape[2])
 
-    AttentionInterface.register(CAPTURE, record)  # restored below: calibration registers its own
-    try:
-        with _attention_implementation(model, CAPTURE):
-            model(windows)
-    finally:
-        import kernels.hf as hf
-
-        AttentionInterface.register(CAPTURE, hf._capture_attention)
+    with observe_attention(model, record):
+        model(windows)
     data = {kind: torch.cat(parts) for kind, parts in captured.items()}
     lines = [
         f"Relative squared error of SmolLM2-135M's keys and values per head ({data['key'].shape[0]} head vectors "
@@ -572,8 +562,11 @@ def main(argv: list[str] | None = None) -> int:
         help="choose each preset's recipe on development text first (search_candidates)",
     )
     parser.add_argument("--search-windows", type=int, default=16)
-    parser.add_argument("--kv-error", action="store_true",
-                        help="only the relative error of the model's keys and values per variant (no perplexity)")
+    parser.add_argument(
+        "--kv-error",
+        action="store_true",
+        help="only the relative error of the model's keys and values per variant (no perplexity)",
+    )
     parser.add_argument("--no-ablation", action="store_true", help="the grid only")
     parser.add_argument("--calibration-tokens", type=int, default=2048)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +42,7 @@ __all__ = [
     "calibrate_keys",
     "calibration_text",
     "codec_for",
+    "observe_attention",
     "quantized_attention",
 ]
 
@@ -252,33 +253,61 @@ class IsoQuantCache(Cache):
 # Calibration
 
 
-def calibration_text() -> str:
-    """Default calibration text: English prose that ships with Python (the help topics of
-    ``pydoc_data.topics``, the second half of the sorted topics; bench/eval_llm.py scores the first)."""
+def help_topics(half: int) -> str:
+    """English prose that ships with Python: the help topics of ``pydoc_data.topics``, sorted by name, the
+    first (``half`` 0) or second (1) half of them joined by blank lines."""
     from pydoc_data.topics import topics
 
     names = sorted(topics)
-    return "\n\n".join(topics[name] for name in names[len(names) // 2 :])
+    chosen = names[: len(names) // 2] if half == 0 else names[len(names) // 2 :]
+    return "\n\n".join(topics[name] for name in chosen)
 
 
-_CAPTURED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("isoquant_captured", default=None)
+def calibration_text() -> str:
+    """Default calibration text: the second half of the help topics (bench/eval_llm.py scores the first)."""
+    return help_topics(1)
+
+
+_OBSERVER: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("isoquant_observer", default=None)
 _SIMULATION: contextvars.ContextVar[_Simulation | None] = contextvars.ContextVar("isoquant_simulation", default=None)
 
 
 def _capture_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Attention that records per-channel key and query statistics (skipping the first 4 tokens,
-    the attention sinks), then attends in full precision."""
-    stats, skip = _CAPTURED.get(), 4
-    batch, q_heads, q_len, head_dim = query.shape
-    kv_heads = key.shape[1]
-    k = key[:, :, skip:].float()
-    q = query.reshape(batch, kv_heads, q_heads // kv_heads, q_len, head_dim)[:, :, :, skip:].float()
-    entry = stats.setdefault(module.layer_idx, {"n": 0, "k": 0.0, "k2": 0.0, "q2": 0.0})
-    entry["n"] += k.shape[0] * k.shape[2]
-    entry["k"] = entry["k"] + k.sum((0, 2))
-    entry["k2"] = entry["k2"] + k.square().sum((0, 2))
-    entry["q2"] = entry["q2"] + q.square().sum((0, 3)).mean(1)  # mean over the group's query heads
-    return _attend(query, key, value, scaling, q_len)
+    """Attention that shows its inputs to the active observer (``observe_attention``), then attends in full
+    precision."""
+    _OBSERVER.get()(module.layer_idx, query, key, value)
+    return _attend(query, key, value, scaling, query.shape[2])
+
+
+@contextlib.contextmanager
+def observe_attention(model, observer: Callable) -> Iterator[None]:
+    """Within the block, every attention layer of ``model`` calls ``observer(layer, query, key, value)``
+    (query [batch, heads, tokens, head_dim], key and value [batch, kv_heads, tokens, head_dim], keys after
+    RoPE) and then attends in full precision. Padded batches are not supported."""
+    token = _OBSERVER.set(observer)
+    try:
+        with _attention_implementation(model, CAPTURE):
+            yield
+    finally:
+        _OBSERVER.reset(token)
+
+
+def _key_statistics(stats: dict, skip: int = 4) -> Callable:
+    """An observer that sums, per layer, the keys' channel moments and the squared queries that read each KV
+    head, skipping the first ``skip`` tokens (the attention sinks)."""
+
+    def observe(layer, query, key, value) -> None:
+        batch, q_heads, q_len, head_dim = query.shape
+        kv_heads = key.shape[1]
+        k = key[:, :, skip:].float()
+        q = query.reshape(batch, kv_heads, q_heads // kv_heads, q_len, head_dim)[:, :, :, skip:].float()
+        entry = stats.setdefault(layer, {"n": 0, "k": 0.0, "k2": 0.0, "q2": 0.0})
+        entry["n"] += k.shape[0] * k.shape[2]
+        entry["k"] = entry["k"] + k.sum((0, 2))
+        entry["k2"] = entry["k2"] + k.square().sum((0, 2))
+        entry["q2"] = entry["q2"] + q.square().sum((0, 3)).mean(1)  # mean over the group's query heads
+
+    return observe
 
 
 @torch.no_grad()
@@ -297,12 +326,8 @@ def calibrate_keys(
     device = next(model.parameters()).device
     batch = ids[: count * length].reshape(count, length).to(device)
     stats: dict = {}
-    token = _CAPTURED.set(stats)
-    try:
-        with _attention_implementation(model, CAPTURE):
-            model(batch)
-    finally:
-        _CAPTURED.reset(token)
+    with observe_attention(model, _key_statistics(stats)):
+        model(batch)
     layers = [stats[i] for i in sorted(stats)]
     means = [entry["k"] / entry["n"] for entry in layers]
     stds = [(entry["k2"] / entry["n"] - m.square()).clamp_min(0).sqrt() for entry, m in zip(layers, means, strict=True)]

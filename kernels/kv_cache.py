@@ -36,8 +36,9 @@ from typing import Literal
 
 import torch
 
+from kernels.packing import packed_bytes
 from kernels.quantizer import Packed, Quantizer
-from kernels.rotations import VARIANTS
+from kernels.rotations import ROTATIONS, VARIANTS
 
 Kind = Literal["key", "value"]
 Tier = Literal["main", "window"]
@@ -125,16 +126,16 @@ class KVCacheConfig:
         def coded_bits(kind: Kind, tier: Tier) -> int:
             if tier == "window" and self.exact_window:
                 return exact_bits
-            return Quantizer(self.variant(kind), head_dim, self.bits(kind, tier)).code_bytes * 8 + norm_bits
+            coded = ROTATIONS[self.variant(kind)].coded_dim(head_dim)
+            return packed_bytes(coded, self.bits(kind, tier)) * 8 + norm_bits
 
-        total = 0.0
-        for layer in range(num_layers):
-            for kind in ("key", "value"):
-                if layer in self.full_precision_layers:
-                    total += tokens * exact_bits
-                    continue
-                total += sink * exact_bits + window * coded_bits(kind, "window")
-                total += quantized_tokens * coded_bits(kind, "main")
+        # A quantized layer stores the same for every layer; the full-precision ones store exact tokens.
+        quantized_layer = sum(
+            sink * exact_bits + window * coded_bits(kind, "window") + quantized_tokens * coded_bits(kind, "main")
+            for kind in ("key", "value")
+        )
+        exact_layers = sum(1 for layer in range(num_layers) if layer in self.full_precision_layers)
+        total = (num_layers - exact_layers) * quantized_layer + exact_layers * 2 * tokens * exact_bits
         return total / (2 * num_layers * tokens * head_dim)
 
 
@@ -220,7 +221,7 @@ class KVCodec:
             )
         return self._quantizers[kind, tier]
 
-    def _smoothing(self, layer: int, kind: Kind, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _smoothing(self, layer: int, kind: Kind) -> tuple[torch.Tensor, torch.Tensor] | None:
         if kind != "key" or not self.config.smooth_keys:
             return None
         # [kv_heads, head_dim] broadcast over [..., kv_heads, tokens, head_dim]
@@ -229,7 +230,7 @@ class KVCodec:
     def encode(self, layer: int, kind: Kind, x: torch.Tensor, tier: Tier = "main") -> HeadCodes:
         """x [..., kv_heads, tokens, head_dim] (float16/bfloat16/float32) -> HeadCodes with codes
         [..., kv_heads, tokens, code_bytes] and norms [..., kv_heads, tokens]."""
-        smoothing = self._smoothing(layer, kind, x)
+        smoothing = self._smoothing(layer, kind)
         if smoothing is not None:
             mean, scale = smoothing
             x = (x.float() - mean) * scale
@@ -240,7 +241,7 @@ class KVCodec:
         """HeadCodes -> head vectors [..., kv_heads, tokens, head_dim] in ``dtype``."""
         q = self.quantizer(kind, tier)
         packed = Packed(codes=codes.codes, norms=codes.norms.float(), **q.descriptor())
-        smoothing = self._smoothing(layer, kind, None)
+        smoothing = self._smoothing(layer, kind)
         if smoothing is None:
             return q.dequantize(packed, dtype)
         mean, scale = smoothing
