@@ -55,10 +55,12 @@ class Plan:
     def op_tensors(self) -> list[torch.Tensor]:
         """centroids, boundaries, the rotation's parameters (sorted by name), then the kernels' derived forms
         if this plan has built them (fused_params, mixing_matrix): what ``from_op_tensors`` rebuilds from."""
-        names = sorted(self.params)
-        derived = [t for name in ("fused_params", "mixing_matrix") if name in self.__dict__ for t in _as_list(
-            self.__dict__[name])]
-        return [self.centroids, self.boundaries, *(self.params[n] for n in names), *derived]
+        derived: list[torch.Tensor] = []
+        if "fused_params" in self.__dict__:
+            derived = list(self.fused_params)
+        elif "mixing_matrix" in self.__dict__:
+            derived = [self.mixing_matrix]
+        return [self.centroids, self.boundaries, *(self.params[n] for n in sorted(self.params)), *derived]
 
     @classmethod
     def code_bytes_of(cls, variant: str, dim: int, bits: int) -> int:
@@ -70,17 +72,27 @@ class Plan:
         return ",".join(sorted(self.params))
 
     @classmethod
-    def from_op_tensors(cls, variant: str, dim: int, bits: int, names: str, tensors: list[torch.Tensor]) -> Plan:
-        """The plan whose ``op_tensors`` (with ``op_names``) these are (no copies; derived forms restored)."""
+    def from_op_tensors(
+        cls, variant: str, dim: int, bits: int, names: str, symmetric: bool, tensors: list[torch.Tensor]
+    ) -> Plan:
+        """The plan whose ``op_tensors`` (with ``op_names`` and ``symmetric``) these are: no copies, and the
+        derived forms restored, so that an op call derives nothing (``symmetric`` would read the device)."""
         rotation = ROTATIONS[variant]
         n_coded = rotation.coded_dim(dim)
         centroids, boundaries, *rest = tensors
         names = names.split(",") if names else []
         plan = cls(
-            variant=variant, dim=dim, bits=bits, n_coded=n_coded, code_bytes=packed_bytes(n_coded, bits),
-            device=centroids.device, params=dict(zip(names, rest[: len(names)], strict=True)),
-            centroids=centroids, boundaries=boundaries,
+            variant=variant,
+            dim=dim,
+            bits=bits,
+            n_coded=n_coded,
+            code_bytes=packed_bytes(n_coded, bits),
+            device=centroids.device,
+            params=dict(zip(names, rest[: len(names)], strict=True)),
+            centroids=centroids,
+            boundaries=boundaries,
         )
+        plan.__dict__["symmetric"] = symmetric
         derived = rest[len(names) :]
         if len(derived) == 2:
             plan.__dict__["fused_params"] = (derived[0], derived[1])
@@ -133,8 +145,3 @@ class Plan:
     def mixing_matrix(self) -> torch.Tensor:
         """float32 [n_coded, dim] A with rotate(pad(x)) = x @ A^T on ``device`` (the matrix kernels)."""
         return self.rotation.mixing_matrix(self.params, self.dim, self.n_coded).to(self.device)
-
-
-def _as_list(value) -> list[torch.Tensor]:
-    return list(value) if isinstance(value, tuple) else [value]
-

@@ -126,6 +126,7 @@ class Quantizer:
         # What the custom ops take (kernels.ops), and the fingerprint every Packed carries: built here, outside
         # any torch.compile trace (cached_property takes a lock that the compiler cannot trace in 3.11).
         self._op_tensors = self.plan.op_tensors()
+        self.plan.symmetric  # noqa: B018
         self.fingerprint  # noqa: B018
 
     def _resolve_backend(self, backend: str) -> str:
@@ -272,8 +273,9 @@ class Quantizer:
         return x_hat.reshape(*lead, self.dim), sq_err.reshape(lead)
 
     def _op_args(self) -> tuple:
-        """(tensors, names, variant, dim, bits, backend): the plan as the custom ops of kernels.ops take it."""
-        return self._op_tensors, self.plan.op_names, self.variant, self.dim, self.bits, self.backend
+        """(tensors, names, symmetric, variant, dim, bits, backend): the plan as kernels.ops' custom ops take it."""
+        plan = self.plan
+        return self._op_tensors, plan.op_names, plan.symmetric, self.variant, self.dim, self.bits, self.backend
 
     # -- validation --------------------------------------------------------------------------------
 

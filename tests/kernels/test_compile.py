@@ -50,3 +50,16 @@ def test_inductor_compiles_the_triton_ops(variant):
     x = torch.randn(1000, 128, device="cuda", dtype=torch.float16)
     for got, want in zip(torch.compile(step, fullgraph=True)(x), step(x), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_ops_rebuild_the_plan_without_deriving_anything():
+    from kernels.plan import Plan
+
+    q = Quantizer("full", 48, 3)
+    q.plan.fused_params  # noqa: B018  (what the Triton backend builds at construction)
+    tensors, names, symmetric, variant, dim, bits, _ = q._op_args()
+    tensors = q.plan.op_tensors()
+    plan = Plan.from_op_tensors(variant, dim, bits, names, symmetric, tensors)
+    assert plan.__dict__["symmetric"] is symmetric is q.plan.symmetric
+    assert all(a is b for a, b in zip(plan.__dict__["fused_params"], q.plan.fused_params, strict=True))
+    assert all(plan.params[n] is q.plan.params[n] for n in q.plan.params) and plan.centroids is q.plan.centroids
