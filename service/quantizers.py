@@ -43,47 +43,39 @@ class QuantizerCache:
         """The quantizer for these parameters, built on this device on first use (slow then: call it from
         a device worker). The library's QuantizerError for parameters it refuses propagates."""
         if seed == self.default_seed:
-            return self._default_seed_quantizer((variant, dim, bits))
-        return self._other_seed_quantizer((variant, dim, bits, seed))
+            return self._cached((variant, dim, bits), self._default_seed.get, self._store_default_seed, seed)
+        return self._cached((variant, dim, bits, seed), self._lookup_other_seed, self._store_other_seed, seed)
 
     def counts(self) -> dict[str, int]:
         """Resident quantizers by cache: {"default_seed": n, "other_seeds": m} (GET /info)."""
         with self._lock:
             return {"default_seed": len(self._default_seed), "other_seeds": len(self._other_seeds)}
 
-    def _default_seed_quantizer(self, key: DefaultSeedKey) -> Quantizer:
+    def _cached(self, key: tuple, lookup, store, seed: int) -> Quantizer:
+        """``lookup(key)`` under ``_lock``; on a miss, build under ``_build_lock``, looking up again first (a
+        thread that held the build lock before us may have built it), and ``store(key, q)`` under ``_lock``."""
         with self._lock:
-            q = self._default_seed.get(key)
+            q = lookup(key)
         if q is not None:
             return q
         with self._build_lock:
             with self._lock:
-                q = self._default_seed.get(key)  # built by a thread that held the build lock before us
-            if q is not None:
-                return q
-            q = self._build(*key, self.default_seed)
-            with self._lock:
-                self._default_seed[key] = q
-                self._metrics.quantizers.labels("default_seed").set(len(self._default_seed))
+                q = lookup(key)
+            if q is None:
+                q = Quantizer(*key[:3], seed, device=self.device)
+                with self._lock:
+                    store(key, q)
         return q
 
-    def _other_seed_quantizer(self, key: OtherSeedKey) -> Quantizer:
-        with self._lock:
-            q = self._lookup_other_seed(key)
-        if q is not None:
-            return q
-        with self._build_lock:
-            with self._lock:
-                q = self._lookup_other_seed(key)  # built by a thread that held the build lock before us
-            if q is not None:
-                return q
-            q = self._build(*key)
-            with self._lock:
-                self._other_seeds[key] = q
-                while len(self._other_seeds) > self.seed_cache_size:
-                    self._other_seeds.popitem(last=False)  # least recently used
-                self._metrics.quantizers.labels("other_seeds").set(len(self._other_seeds))
-        return q
+    def _store_default_seed(self, key: DefaultSeedKey, q: Quantizer) -> None:
+        self._default_seed[key] = q
+        self._metrics.quantizers.labels("default_seed").set(len(self._default_seed))
+
+    def _store_other_seed(self, key: OtherSeedKey, q: Quantizer) -> None:
+        self._other_seeds[key] = q
+        while len(self._other_seeds) > self.seed_cache_size:
+            self._other_seeds.popitem(last=False)  # least recently used
+        self._metrics.quantizers.labels("other_seeds").set(len(self._other_seeds))
 
     def _lookup_other_seed(self, key: OtherSeedKey) -> Quantizer | None:
         """The cached quantizer, marked most recently used (call with ``_lock`` held)."""
@@ -91,6 +83,3 @@ class QuantizerCache:
         if q is not None:
             self._other_seeds.move_to_end(key)
         return q
-
-    def _build(self, variant: str, dim: int, bits: int, seed: int) -> Quantizer:
-        return Quantizer(variant, dim, bits, seed, device=self.device)
