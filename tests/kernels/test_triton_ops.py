@@ -176,6 +176,18 @@ def test_wider_tile_interpreter(variant):
     check_ops(variant, 77, 3, torch.float16, n=40, device="cpu", seed=3)
 
 
+
+# Walsh-Hadamard blocks of 64 columns and more (several butterfly stages across threads), hadamard padded
+# (100 -> 128) and kronecker with three blocks of 64 (the mix across blocks in the fused kernel).
+@pytest.mark.interpreter
+@needs_interpreter
+@pytest.mark.parametrize(
+    "variant,dim,bits,dtype",
+    [("hadamard", 64, 3, "float16"), ("hadamard", 100, 2, "float32"), ("kronecker", 192, 4, "bfloat16")],
+)
+def test_walsh_hadamard_blocks_interpreter(variant, dim, bits, dtype):
+    check_ops(variant, dim, bits, DTYPES[dtype], n=18, device="cpu", seed=5)
+
 # full/fast rows wider than CHUNK_COLUMNS (128) go through the kernels in chunks of 128 columns: a last
 # chunk of mostly padding (130 -> n_coded 132), three chunks with a partial last one (300, odd code_bytes
 # 113: byte path), the bits 3 word path across chunks (384: 144 bytes, 48 a chunk), bits 5 (binary search,
