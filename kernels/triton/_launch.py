@@ -5,8 +5,9 @@ mutable, and a benchmark that wants another tile passes it explicitly (``tile=``
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import triton
 
 from kernels.plan import Plan
 
@@ -33,6 +34,18 @@ MIN_TILE = 1024  # elements: small batches shrink the tile down to this, not to 
 CHUNK_COLUMNS = 128
 CHUNKED_FAMILIES = ("blocks",)
 CHUNKED_OPS = ("dequantize", "roundtrip")
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for Python ints. triton.cdiv and triton.next_power_of_2 are constexpr-function wrappers
+    that cost ~4-5 us a call on the host (measured on this 2-core CPU); the launch path calls them several
+    times, so the host side uses these plain versions."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
 
 
 def check_rows(x: torch.Tensor, plan: Plan, name: str = "x") -> None:
@@ -63,6 +76,14 @@ def family_id(plan: Plan) -> int:
 
 
 def fused_tile(plan: Plan, n: int, op: str, tile: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """(W, BN, num_warps) of the fused kernel of ``op`` over n rows of this plan: ``_fused_tile`` of the plan's
+    kernel family and coded width, memoised (a call is on every launch's path)."""
+    chunked = plan.kernel in CHUNKED_FAMILIES and op in CHUNKED_OPS
+    return _fused_tile(plan.n_coded, n, op, tile, chunked)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fused_tile(n_coded: int, n: int, op: str, tile: tuple[int, int] | None, chunked: bool) -> tuple[int, int, int]:
     """(W, BN, num_warps) for the fused kernel of ``op`` over n rows: W columns >= n_coded (or a chunk of
     CHUNK_COLUMNS for wide "blocks" rows in CHUNKED_OPS: the kernels loop over the row's chunks), BN rows
     with W * BN ~ the op's tile (FUSED_TILES), warps so that a thread holds at most the op's elements.
@@ -73,16 +94,16 @@ def fused_tile(plan: Plan, n: int, op: str, tile: tuple[int, int] | None = None)
     warps = 0
     if tile is not None:
         elements, warps = tile
-    width = triton.next_power_of_2(max(8, plan.n_coded))
-    if plan.kernel in CHUNKED_FAMILIES and op in CHUNKED_OPS:
+    width = next_power_of_2(max(8, n_coded))
+    if chunked:
         width = min(width, CHUNK_COLUMNS)
     rows = max(1, elements // width)
-    while rows > 1 and rows * width > MIN_TILE and triton.cdiv(n, rows) < MIN_PROGRAMS:
+    while rows > 1 and rows * width > MIN_TILE and cdiv(n, rows) < MIN_PROGRAMS:
         rows //= 2  # (rows > 1: a row of 2048 or more columns is already wider than MIN_TILE)
-    if triton.cdiv(n, rows) < SMALL_PROGRAMS:
+    if cdiv(n, rows) < SMALL_PROGRAMS:
         per_thread = SMALL_PER_THREAD[op]
     if not warps:
-        warps = min(16, max(2, triton.next_power_of_2(-(-width * rows // (32 * per_thread)))))
+        warps = min(16, max(2, next_power_of_2(cdiv(width * rows, 32 * per_thread))))
     return width, rows, warps
 
 
@@ -146,5 +167,5 @@ def word_access(plan: Plan, codes: torch.Tensor) -> bool:
 
 def matrix_tiles(plan: Plan) -> tuple[int, int, int]:
     """(BN, BK, BO) of the matrix kernels: tl.dot needs every side >= 16; BO a multiple of 8 (packing)."""
-    bo = min(64, max(16, triton.next_power_of_2(max(plan.n_coded, plan.dim))))
+    bo = min(64, max(16, next_power_of_2(max(plan.n_coded, plan.dim))))
     return 32, 32, bo

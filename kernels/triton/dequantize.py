@@ -24,6 +24,7 @@ from kernels.triton._jit import (
 )
 from kernels.triton._launch import (
     FLOAT_DTYPES,
+    cdiv,
     check_device,
     family_id,
     fused,
@@ -178,7 +179,7 @@ def launch_matrix_dequantize(codes, norms, out, plan, x=None, err=None) -> None:
     bn, bk, bo = matrix_tiles(plan)
     has_x = x is not None
     xs = (x.stride(0), x.stride(1)) if has_x else (0, 0)
-    _dequantize_matrix_kernel[(triton.cdiv(n, bn),)](
+    _dequantize_matrix_kernel[(cdiv(n, bn),)](
         codes,
         norms,
         out,
@@ -221,7 +222,7 @@ def dequantize(
     if fused(plan):
         width, rows, warps = fused_tile(plan, n, "dequantize", tile)
         p0, p1 = plan.fused_params
-        _dequantize_fused_kernel[(triton.cdiv(n, rows),)](
+        _dequantize_fused_kernel[(cdiv(n, rows),)](
             codes,
             norms,
             out,

@@ -25,6 +25,7 @@ from kernels.triton._jit import (
     _store_words,
 )
 from kernels.triton._launch import (
+    cdiv,
     check_rows,
     family_id,
     fused,
@@ -229,7 +230,7 @@ def quantize(x: torch.Tensor, plan: Plan, tile: tuple[int, int] | None = None) -
     if fused(plan):
         width, rows, warps = fused_tile(plan, n, "quantize", tile)
         p0, p1 = plan.fused_params
-        _quantize_fused_kernel[(triton.cdiv(n, rows),)](
+        _quantize_fused_kernel[(cdiv(n, rows),)](
             x,
             codes,
             norms,
@@ -254,7 +255,7 @@ def quantize(x: torch.Tensor, plan: Plan, tile: tuple[int, int] | None = None) -
         )
     else:
         bn, bk, bo = matrix_tiles(plan)
-        _quantize_matrix_kernel[(triton.cdiv(n, bn),)](
+        _quantize_matrix_kernel[(cdiv(n, bn),)](
             x,
             codes,
             norms,

@@ -23,6 +23,7 @@ from kernels.triton._jit import (
 )
 from kernels.triton._launch import (
     FLOAT_DTYPES,
+    cdiv,
     check_rows,
     family_id,
     fused,
@@ -148,7 +149,7 @@ def roundtrip(
     if fused(plan):
         width, rows, warps = fused_tile(plan, n, "roundtrip", tile)
         p0, p1 = plan.fused_params
-        _roundtrip_fused_kernel[(triton.cdiv(n, rows),)](
+        _roundtrip_fused_kernel[(cdiv(n, rows),)](
             x,
             out,
             err,

@@ -1,0 +1,237 @@
+r"""The public API against the kernels it launches, on one GPU in one run (issue: the public API at kernel speed).
+
+    PYTHONUNBUFFERED=1 python -m bench.bench_api [--out DIR] [--dims 128,512] [--quick]
+
+Four tables:
+1. N = 2^20, dims (default 128, 512), float16/bfloat16/float32, bits 2-4, full/fast/2d/identity, each op:
+   the raw launcher (``kernels.triton.quantize`` ...), the public call (``Quantizer.quantize`` ...) with its
+   default check (one host sync), the public call with ``check=False``, and a copy of the op's float tensor;
+   ``triton.testing.do_bench`` medians (L2 flushed), and public / raw.
+2. N = 8,192, dim 128, float16: the same calls captured 64 at a time in one CUDA graph (replay time / 64)
+   against the raw launcher's graph and the copy's.
+3. Host cost of one eager call at N in {1, 256, 8192} (dim 128, float16, full, bits 3): wall time per call of
+   a loop of calls, each followed by a synchronize, for a bare launch of the same Triton kernel with its
+   arguments built once (the floor: Triton's own launch), the raw launcher, the public call with
+   ``check=False`` and the default public call; and the enqueue time alone (no synchronize in the loop).
+4. Where the public call's host time goes: cProfile of the default public quantize at N = 256.
+Kernels are compiled first in worker processes (bench.bench_kernels.precompile). CSV and log go to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import csv
+import datetime
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.bench_kernels import DTYPES, bench_median_us, copy_us_of, graph_per_call_us, precompile  # noqa: E402
+from kernels import Quantizer  # noqa: E402
+
+VARIANTS = ("full", "fast", "2d", "identity")
+OPS = ("quantize", "dequantize", "roundtrip")
+
+
+def calls(kt, q: Quantizer, x: torch.Tensor, dtype: torch.dtype) -> dict:
+    """op -> (raw launcher, public default, public check=False) on the same inputs; dequantize outputs x's
+    dtype, the round trip float32 (the library defaults)."""
+    plan = q.plan
+    packed = q.quantize(x)
+    codes, norms = packed.codes, packed.norms
+    return {
+        "quantize": (
+            lambda: kt.quantize(x, plan),
+            lambda: q.quantize(x),
+            lambda: q.quantize(x, check=False),
+        ),
+        "dequantize": (
+            lambda: kt.dequantize(codes, norms, plan, dtype),
+            lambda: q.dequantize(packed, dtype),
+            lambda: q.dequantize(packed, dtype, check=False),
+        ),
+        "roundtrip": (
+            lambda: kt.roundtrip(x, plan),
+            lambda: q.roundtrip(x),
+            lambda: q.roundtrip(x, check=False),
+        ),
+    }
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel in its launcher's module for one call and keeps the launch
+    (grid, args, kwargs), so that the bench can repeat exactly that launch without the launcher."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launch = kernel, None
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launch = (grid, args, kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return run
+
+
+def bare_quantize_launch(q: Quantizer, x: torch.Tensor):
+    """A function that launches the fused quantize kernel with the arguments the launcher built once."""
+    import importlib
+
+    module = importlib.import_module("kernels.triton.quantize")
+    recorder = _Recorder(module._quantize_fused_kernel)
+    module._quantize_fused_kernel = recorder
+    try:
+        module.quantize(x, q.plan)
+    finally:
+        module._quantize_fused_kernel = recorder.kernel
+    grid, args, kwargs = recorder.launch
+    kernel = recorder.kernel
+    return lambda: kernel[grid](*args, **kwargs)
+
+
+def host_us(fn, calls: int, sync_each: bool) -> float:
+    """Median over 5 rounds of the wall time per call of ``calls`` calls (synchronizing after each, or once
+    at the end: then it is the enqueue rate while the GPU keeps up)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+            if sync_each:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(rounds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--dims", default="128,512")
+    parser.add_argument("--quick", action="store_true", help="dim 128, float16 and bits 3 only in table 1")
+    parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    log = io.StringIO()
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        log.write(line + "\n")
+
+    import kernels.triton as kt
+
+    props = torch.cuda.get_device_properties(0)
+    say(
+        f"# bench_api  card: {props.name} ({props.multi_processor_count} SMs)  "
+        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  torch {torch.__version__}  "
+        f"CPU: {_cpu_name()}"
+    )
+    dims = (128,) if args.quick else tuple(int(d) for d in args.dims.split(","))
+    dtypes = ("fp16",) if args.quick else tuple(DTYPES)
+    bits_list = (3,) if args.quick else (2, 3, 4)
+    big = [(1 << 20, d, t, v, b) for d in dims for t in dtypes for v in VARIANTS for b in bits_list]
+    small = [(8192, 128, "fp16", v, b) for v in VARIANTS for b in (2, 3, 4)]
+    say(f"# compiled in {precompile(big + small, args.workers):.0f} s")
+
+    rows = []
+    say("\n## 1. N = 2^20: median us (do_bench, L2 flushed); public / raw")
+    say(f"{'dim':>4} {'dtype':>5} {'variant':>8} {'b':>2} {'op':>10} {'raw':>8} {'public':>8} {'no-check':>8} "
+        f"{'copy':>8} {'pub/raw':>7} {'nochk/raw':>9}")
+    for n, dim, dtype_name, variant, bits in big:
+        dtype = DTYPES[dtype_name]
+        q = Quantizer(variant, dim, bits, seed=0, device="cuda")
+        x = torch.randn(n, dim, device="cuda", dtype=dtype)
+        copy_us = copy_us_of(x)
+        for op, (raw, public, unchecked) in calls(kt, q, x, dtype).items():
+            t_raw, t_pub, t_unc = (bench_median_us(f) for f in (raw, public, unchecked))
+            row = dict(n=n, dim=dim, dtype=dtype_name, variant=variant, bits=bits, op=op, raw_us=t_raw,
+                       public_us=t_pub, unchecked_us=t_unc, copy_us=copy_us)
+            rows.append(row)
+            say(f"{dim:>4} {dtype_name:>5} {variant:>8} {bits:>2} {op:>10} {t_raw:8.1f} {t_pub:8.1f} {t_unc:8.1f} "
+                f"{copy_us:8.1f} {t_pub / t_raw:7.3f} {t_unc / t_raw:9.3f}")
+        del x
+    if rows:
+        ratios = [r["public_us"] / r["raw_us"] for r in rows]
+        unc = [r["unchecked_us"] / r["raw_us"] for r in rows]
+        say(f"# public / raw: median {statistics.median(ratios):.3f}, max {max(ratios):.3f}, "
+            f"cells <= 1.05: {sum(r <= 1.05 for r in ratios)} of {len(ratios)}")
+        say(f"# check=False / raw: median {statistics.median(unc):.3f}, max {max(unc):.3f}, "
+            f"cells <= 1.05: {sum(r <= 1.05 for r in unc)} of {len(unc)}")
+
+    say("\n## 2. N = 8192, dim 128, float16: per call, 64 calls in one CUDA graph (us)")
+    say(f"{'variant':>8} {'b':>2} {'op':>10} {'raw':>7} {'public':>7} {'copy':>7} {'pub/raw':>7}")
+    graph_rows = []
+    for n, dim, dtype_name, variant, bits in small:
+        dtype = DTYPES[dtype_name]
+        q = Quantizer(variant, dim, bits, seed=0, device="cuda")
+        x = torch.randn(n, dim, device="cuda", dtype=dtype)
+        copy_us = copy_us_of(x, back_to_back=True)
+        for op, (raw, _, unchecked) in calls(kt, q, x, dtype).items():
+            t_raw, t_pub = graph_per_call_us(raw), graph_per_call_us(unchecked)
+            graph_rows.append(t_pub / t_raw)
+            rows.append(dict(n=n, dim=dim, dtype=dtype_name, variant=variant, bits=bits, op=op + "_graph",
+                             raw_us=t_raw, public_us=t_pub, unchecked_us=t_pub, copy_us=copy_us))
+            say(f"{variant:>8} {bits:>2} {op:>10} {t_raw:7.2f} {t_pub:7.2f} {copy_us:7.2f} {t_pub / t_raw:7.3f}")
+    say(f"# graph public / raw: median {statistics.median(graph_rows):.3f}, max {max(graph_rows):.3f}")
+
+    say("\n## 3. Host cost of one eager call: dim 128, float16, full, bits 3 quantize (us per call)")
+    say(f"{'N':>5} {'mode':>12} {'bare launch':>11} {'launcher':>9} {'no-check':>9} {'public':>8} "
+        f"{'public/bare':>11}")
+    q = Quantizer("full", 128, 3, seed=0, device="cuda")
+    for n in (1, 256, 8192):
+        x = torch.randn(n, 128, device="cuda", dtype=torch.float16)
+        fns = (
+            bare_quantize_launch(q, x),
+            lambda x=x: kt.quantize(x, q.plan),
+            lambda x=x: q.quantize(x, check=False),
+            lambda x=x: q.quantize(x),
+        )
+        for sync_each, mode in ((True, "sync each"), (False, "enqueue")):
+            t = [host_us(f, 200, sync_each) for f in fns]
+            rows.append(dict(n=n, dim=128, dtype="fp16", variant="full", bits=3, op=f"host_{mode.replace(' ', '_')}",
+                             raw_us=t[0], public_us=t[3], unchecked_us=t[2], copy_us=float("nan")))
+            say(f"{n:>5} {mode:>12} {t[0]:11.1f} {t[1]:9.1f} {t[2]:9.1f} {t[3]:8.1f} {t[3] / t[0]:11.2f}")
+
+    say("\n## 4. cProfile: 2000 default public quantize calls, N = 256 (top 18 by own time)")
+    x = torch.randn(256, 128, device="cuda", dtype=torch.float16)
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(2000):
+        q.quantize(x)
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(18)
+    say(text.getvalue())
+
+    with open(os.path.join(args.out, "bench_api.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(args.out, "bench_api.log"), "w") as f:
+        f.write(log.getvalue())
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()
