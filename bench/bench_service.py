@@ -89,6 +89,8 @@ def start_server(args) -> tuple[subprocess.Popen, str, Path]:
         env["ISOQUANT_TORCH_THREADS"] = str(args.torch_threads)
     if args.processes:
         env["ISOQUANT_PROCESSES"] = str(args.processes)
+    if args.batch_delay_ms:
+        env["ISOQUANT_BATCH_DELAY_MS"] = str(args.batch_delay_ms)
     with open(log, "wb") as out:
         # Port 0: the OS picks a free port; uvicorn's "Uvicorn running on" line (info level) names it.
         proc = subprocess.Popen(
@@ -357,6 +359,12 @@ def main() -> None:
         help="with --concurrency: also rows where every request opens its own connection",
     )
     parser.add_argument("--processes", type=int, help="server processes of the service it starts (ISOQUANT_PROCESSES)")
+    parser.add_argument(
+        "--batch-delay-ms",
+        type=float,
+        default=0.0,
+        help="dynamic batching window of the service it starts (ISOQUANT_BATCH_DELAY_MS; 0: off)",
+    )
     parser.add_argument("--quick", action="store_true", help="a quarter of the repeats")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--metrics-out", help="save the service's /metrics exposition after the run here")
@@ -483,7 +491,8 @@ def report(rows: list[dict], args, device: torch.device, info: dict) -> None:
     print(
         f"# bench/bench_service.py: {args.variant}, dim {args.dim}, {args.bits} bits, {args.dtype}; device {device} "
         f"({machine}, {os.cpu_count()} CPUs); backend {info.get('backend')}; torch {torch.__version__}; "
-        f"torch threads {args.torch_threads or torch.get_num_threads()}; server processes {args.processes or 1}; "
+        f"torch threads {args.torch_threads or 'server default'}; server processes {args.processes or 1}; "
+        f"batching delay {args.batch_delay_ms} ms; "
         f"load average {os.getloadavg()[0]:.1f}; {datetime.date.today()}; commit {commit}"
     )
     print("| path | op | batch | req/s | vectors/s | MB/s | p50 ms | p99 ms | vs library |")

@@ -10,8 +10,9 @@ other failure raises an :mod:`clients.errors` exception carrying the server's ty
 
     >>> from clients import IsoQuantClient
     >>> with IsoQuantClient("http://127.0.0.1:8000") as client:
+    ...     client.wait_ready(timeout=60)                             # while the server starts or warms up
     ...     packed = client.quantize(x, variant="full", bits=3)      # x: [..., dim] float16/float32
-    ...     x_hat, stats = client.dequantize(packed, reference=x)     # x_hat: float32 [..., dim]
+    ...     x_hat, stats = client.dequantize(packed, reference=x)     # x_hat: [..., dim] in x's dtype
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ import numpy as np
 from clients._codec import (
     DESCRIPTOR_KEYS,
     Distortion,
+    Origin,
     PackedCodes,
     as_vectors,
     from_json_array,
+    origin,
     read_safetensors,
     to_json_array,
     write_safetensors,
 )
-from clients.errors import ProtocolError, TransportError, error_from_response
+from clients.errors import IsoQuantError, OverloadedError, ProtocolError, TransportError, error_from_response
 
 __all__ = ["AsyncIsoQuantClient", "IsoQuantClient", "DEFAULT_URL"]
 
@@ -156,31 +159,43 @@ class _Core:
 
     # -- /quantize ---------------------------------------------------------------------------------
 
-    def quantize_body(self, rows: np.ndarray, variant: str, bits: int, seed: int | None) -> tuple[bytes, dict]:
+    def quantize_body(self, rows: np.ndarray, variant: str, bits: int, seed: int | None,
+                      return_distortion: bool = False) -> tuple[bytes, dict]:
         """rows float16|float32 [n, dim] -> (body, headers) of one POST /quantize."""
         headers = {**self.headers(), "Content-Type": self.media_type(), "Accept": self.media_type()}
         if self.format == "safetensors":
             meta = {"variant": variant, "bits": bits, "seed": seed}
+            if return_distortion:
+                meta["return_distortion"] = True
             return write_safetensors({"vectors": rows}, meta), headers
         body = {"vectors": to_json_array(rows), "variant": variant, "bits": bits}
         if seed is not None:
             body["seed"] = seed
+        if return_distortion:
+            body["return_distortion"] = True
         return json.dumps(body).encode(), headers
 
-    def quantize_answer(self, response: httpx.Response, n: int) -> tuple[np.ndarray, np.ndarray, dict]:
-        """A /quantize answer for n rows -> (codes uint8 [n, code_bytes], norms float32 [n], descriptor)."""
+    def quantize_answer(self, response: httpx.Response, n: int,
+                        want_stats: bool = False) -> tuple[np.ndarray, np.ndarray, dict, Distortion | None]:
+        """A /quantize answer for n rows -> (codes uint8 [n, code_bytes], norms float32 [n], descriptor,
+        Distortion of the round trip when ``want_stats``)."""
         try:
             if _is_json(response):
                 body = response.json()
                 descriptor = {k: body["quantizer"][k] for k in DESCRIPTOR_KEYS}
                 codes = from_json_array(body["codes"], "codes")
                 norms = from_json_array(body["norms"], "norms")
+                stats = body.get("distortion")
             else:
                 tensors, meta = read_safetensors(response.content, "the /quantize answer")
                 codes, norms = tensors["codes"], tensors["norms"]
                 descriptor = {k: meta[k] for k in DESCRIPTOR_KEYS}
+                stats = meta
             for key in ("dim", "bits", "seed", "format_version"):
                 descriptor[key] = int(descriptor[key])
+            distortion = Distortion.from_mapping(stats, n) if want_stats else None
+            if want_stats and distortion is None:
+                raise KeyError("distortion")
         except (KeyError, ValueError, TypeError) as exc:
             raise ProtocolError(f"cannot read the /quantize answer: {exc!r}", status=response.status_code,
                                 type="bad_response") from None
@@ -189,20 +204,21 @@ class _Core:
             raise ProtocolError(f"the /quantize answer for {n} vectors has codes {codes.dtype} {list(codes.shape)} "
                                 f"and norms {norms.dtype} {list(norms.shape)}", status=response.status_code,
                                 type="bad_response")
-        return codes, norms, descriptor
+        return codes, norms, descriptor, distortion
 
-    def assemble_codes(self, plan: _Plan, dim: int, itemsize: int,
-                       parts: Sequence[tuple[np.ndarray, np.ndarray, dict]]) -> PackedCodes:
+    def assemble_codes(self, plan: _Plan, source: Origin,
+                       parts: Sequence[tuple[np.ndarray, np.ndarray, dict, Distortion | None]]) -> PackedCodes:
         descriptor = parts[0][2]
-        for _, _, other in parts[1:]:
+        for _, _, other, _ in parts[1:]:
             if other != descriptor:
                 raise ProtocolError(f"chunks of one batch came back from different quantizers: {descriptor} vs "
                                     f"{other} (did the server change between requests?)", type="bad_response")
         codes = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
         norms = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        n = math.prod(plan.lead)
+        stats = [p[3] for p in parts if p[3] is not None]
+        distortion = Distortion.combine(stats) if stats else None
         return PackedCodes(codes=codes.reshape(*plan.lead, codes.shape[-1]), norms=norms.reshape(plan.lead),
-                           bytes_in=n * dim * itemsize, **descriptor)
+                           bytes_in=source.nbytes, dtype=source.dtype, distortion=distortion, **descriptor)
 
     # -- /dequantize -------------------------------------------------------------------------------
 
@@ -233,14 +249,12 @@ class _Core:
             else:
                 tensors, meta = read_safetensors(response.content, "the /dequantize answer")
                 vectors = tensors["vectors"]
-                keys = ("mse", "mean_relative_error", "max_relative_error")
-                stats = {k: meta[k] for k in keys} if all(k in meta for k in keys) else None
+                stats = meta
             distortion = None
             if want_stats:
-                if stats is None:
+                distortion = Distortion.from_mapping(stats, n)
+                if distortion is None:
                     raise KeyError("distortion")
-                distortion = Distortion(float(stats["mse"]), float(stats["mean_relative_error"]),
-                                        float(stats["max_relative_error"]), n)
         except (KeyError, ValueError, TypeError) as exc:
             raise ProtocolError(f"cannot read the /dequantize answer: {exc!r}", status=response.status_code,
                                 type="bad_response") from None
@@ -259,12 +273,12 @@ class _Core:
         ref = None
         if reference is not None:
             ref = as_vectors(reference, "reference")
-            if ref.shape != (*packed.shape, packed.dim):
-                raise ValueError(f"reference must have shape {[*packed.shape, packed.dim]} (the codes' leading shape "
-                                 f"and dim); got {list(ref.shape)}")
+            if ref.shape != packed.shape:
+                raise ValueError(f"reference must have shape {list(packed.shape)} (the shape of the vectors the codes "
+                                 f"stand for); got {list(ref.shape)}")
             ref = ref.reshape(-1, packed.dim)
         row_bytes = packed.code_bytes + 4 + (packed.dim * ref.itemsize if ref is not None else 0)
-        plan = self.plan(packed.shape, row_bytes)
+        plan = self.plan(packed.batch_shape, row_bytes)
         return codes, norms, ref, plan
 
     @staticmethod
@@ -298,10 +312,36 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _prepare_quantize(vectors: Any) -> tuple[np.ndarray, tuple[int, ...]]:
+def _prepare_quantize(vectors: Any) -> tuple[np.ndarray, tuple[int, ...], Origin]:
     x = as_vectors(vectors)
     lead = tuple(x.shape[:-1])
-    return x.reshape(-1, x.shape[-1]), lead
+    return x.reshape(-1, x.shape[-1]), lead, origin(vectors, x)
+
+
+def output_dtype(packed: PackedCodes, dtype: str | None) -> str:
+    """The dtype to reconstruct in: ``dtype`` if given, else the one the codes record (restored by default);
+    bfloat16, which numpy cannot hold, comes back as float32 (exactly what the server computes before rounding)."""
+    if dtype is not None:
+        return dtype
+    return packed.dtype if packed.dtype in _OUTPUT_DTYPES else "float32"
+
+
+def _ready_deadline_error(base_url: str, timeout: float, last: IsoQuantError | None) -> IsoQuantError:
+    if isinstance(last, TransportError):
+        return TransportError(f"nothing answered at {base_url} for {timeout:g} s: {last.message}", type=last.type)
+    detail = last.message if last is not None else "no answer"
+    return OverloadedError(f"not ready after {timeout:g} s: {detail}", status=getattr(last, "status", None),
+                           type=getattr(last, "type", "not_ready"))
+
+
+def _ready_answer(response: httpx.Response) -> tuple[dict | None, Exception | None]:
+    """GET /health/ready's answer -> (its body when 200, else None; the error to report if the wait ends)."""
+    if response.status_code == 200:
+        try:
+            return response.json(), None
+        except ValueError:
+            return {}, None
+    return None, error_from_response(response.status_code, response.content)
 
 
 class IsoQuantClient:
@@ -389,35 +429,65 @@ class IsoQuantClient:
             return False
         return self._core.check(response, 1).status_code == 200
 
+    def wait_ready(self, timeout: float = 60.0, interval: float = 0.25) -> dict:
+        """Wait until GET /health/ready answers 200 and return its body (device, backend, warmup_seconds).
+
+        While the server is starting (connection refused) or warming up (503) it asks again every ``interval``
+        seconds. After ``timeout`` seconds it raises OverloadedError with the server's last reason ("warming
+        up: 12 of 27 quantizers built and run") or TransportError if nothing ever answered; any other answer
+        (401, 404: not this service) is raised at once. A first start on a GPU compiles kernels for minutes:
+        give it the time your deployment's start period allows."""
+        deadline = time.monotonic() + timeout
+        last: IsoQuantError | None = None
+        while True:
+            try:
+                response = self._http.get(self._core.base_url + "/health/ready", headers=self._core.headers(),
+                                          timeout=min(self._core.timeout, max(interval, 1.0)))
+                body, last = _ready_answer(response)
+                if body is not None:
+                    return body
+                if response.status_code != 503:
+                    raise last
+            except httpx.TransportError as exc:
+                last = self._core.transport_error("GET", "/health/ready", exc, 1)
+            if time.monotonic() + interval > deadline:
+                raise _ready_deadline_error(self._core.base_url, timeout, last)
+            time.sleep(interval)
+
     def quantizer(self, variant: str, dim: int, bits: int, seed: int | None = None) -> dict:
         """GET /quantizer: one quantizer's descriptor, rotation parameters and codebook (JSON numbers)."""
         params = {"variant": variant, "dim": dim, "bits": bits, **({"seed": seed} if seed is not None else {})}
         return self._request("GET", "/quantizer", params=params).json()
 
-    def quantize(self, vectors: Any, *, variant: str = "full", bits: int = 3, seed: int | None = None) -> PackedCodes:
+    def quantize(self, vectors: Any, *, variant: str = "full", bits: int = 3, seed: int | None = None,
+                 return_distortion: bool = False) -> PackedCodes:
         """Quantize vectors [..., dim] (numpy array, torch tensor or nested lists; float16 and float32 are
         sent as they are, other real dtypes as float32).
 
-        Returns PackedCodes: codes uint8 [..., code_bytes], norms float32 [...], the quantizer descriptor.
-        ``seed=None`` takes the server's default seed. Large batches are split to fit the server's limits."""
-        rows, lead = _prepare_quantize(vectors)
+        Returns PackedCodes: codes uint8 [..., code_bytes], norms float32 [...], the quantizer descriptor and
+        the vectors' dtype, which ``dequantize`` restores. ``seed=None`` takes the server's default seed.
+        ``return_distortion=True`` has the server also run the round trip and fills ``packed.distortion``
+        (mse, relative errors, cosine similarities). Large batches are split to fit the server's limits."""
+        rows, lead, source = _prepare_quantize(vectors)
         self._limits()
         plan = self._core.plan(lead, rows.shape[1] * rows.itemsize)
         parts = []
         for chunk in plan.slices:
-            body, headers = self._core.quantize_body(rows[chunk], variant, bits, seed)
+            body, headers = self._core.quantize_body(rows[chunk], variant, bits, seed, return_distortion)
             response = self._request("POST", "/quantize", content=body, headers=headers)
-            parts.append(self._core.quantize_answer(response, chunk.stop - chunk.start))
-        return self._core.assemble_codes(plan, rows.shape[1], rows.itemsize, parts)
+            parts.append(self._core.quantize_answer(response, chunk.stop - chunk.start, return_distortion))
+        return self._core.assemble_codes(plan, source, parts)
 
     def dequantize(self, packed: PackedCodes, reference: Any = None, *,
-                   dtype: str = "float32") -> np.ndarray | tuple[np.ndarray, Distortion]:
+                   dtype: str | None = None) -> np.ndarray | tuple[np.ndarray, Distortion]:
         """Reconstruct vectors from ``packed``.
 
-        Returns the reconstruction, a numpy array [..., dim] of ``dtype`` (float32 or float16). With a
+        Returns the reconstruction, a numpy array [..., dim] of ``dtype`` (float32 or float16; by default the
+        dtype the codes record, so float16 vectors come back float16; bfloat16 as float32). With a
         ``reference`` [..., dim] (the original vectors), returns ``(reconstruction, Distortion)``, the
         server's error statistics of the reconstruction against it."""
         self._limits()
+        dtype = output_dtype(packed, dtype)
         codes, norms, ref, plan = self._core.prepare_dequantize(packed, reference, dtype)
         parts = []
         for chunk in plan.slices:
@@ -515,32 +585,53 @@ class AsyncIsoQuantClient:
             return False
         return self._core.check(response, 1).status_code == 200
 
+    async def wait_ready(self, timeout: float = 60.0, interval: float = 0.25) -> dict:
+        """See IsoQuantClient.wait_ready: wait until GET /health/ready answers 200; return its body."""
+        deadline = time.monotonic() + timeout
+        last: IsoQuantError | None = None
+        while True:
+            try:
+                response = await self._http.get(self._core.base_url + "/health/ready", headers=self._core.headers(),
+                                                timeout=min(self._core.timeout, max(interval, 1.0)))
+                body, last = _ready_answer(response)
+                if body is not None:
+                    return body
+                if response.status_code != 503:
+                    raise last
+            except httpx.TransportError as exc:
+                last = self._core.transport_error("GET", "/health/ready", exc, 1)
+            if time.monotonic() + interval > deadline:
+                raise _ready_deadline_error(self._core.base_url, timeout, last)
+            await asyncio.sleep(interval)
+
     async def quantizer(self, variant: str, dim: int, bits: int, seed: int | None = None) -> dict:
         """GET /quantizer (see IsoQuantClient.quantizer)."""
         params = {"variant": variant, "dim": dim, "bits": bits, **({"seed": seed} if seed is not None else {})}
         return (await self._request("GET", "/quantizer", params=params)).json()
 
     async def quantize(self, vectors: Any, *, variant: str = "full", bits: int = 3,
-                       seed: int | None = None) -> PackedCodes:
+                       seed: int | None = None, return_distortion: bool = False) -> PackedCodes:
         """See IsoQuantClient.quantize: vectors [..., dim] -> PackedCodes."""
-        rows, lead = _prepare_quantize(vectors)
+        rows, lead, source = _prepare_quantize(vectors)
         await self._limits()
         plan = self._core.plan(lead, rows.shape[1] * rows.itemsize)
 
         def job(chunk: slice):
             async def send():
-                body, headers = self._core.quantize_body(rows[chunk], variant, bits, seed)
+                body, headers = self._core.quantize_body(rows[chunk], variant, bits, seed, return_distortion)
                 response = await self._request("POST", "/quantize", content=body, headers=headers)
-                return self._core.quantize_answer(response, chunk.stop - chunk.start)
+                return self._core.quantize_answer(response, chunk.stop - chunk.start, return_distortion)
             return send
 
         parts = await self._gather([job(chunk) for chunk in plan.slices])
-        return self._core.assemble_codes(plan, rows.shape[1], rows.itemsize, parts)
+        return self._core.assemble_codes(plan, source, parts)
 
     async def dequantize(self, packed: PackedCodes, reference: Any = None, *,
-                         dtype: str = "float32") -> np.ndarray | tuple[np.ndarray, Distortion]:
-        """See IsoQuantClient.dequantize: vectors [..., dim], or (vectors, Distortion) with a reference."""
+                         dtype: str | None = None) -> np.ndarray | tuple[np.ndarray, Distortion]:
+        """See IsoQuantClient.dequantize: vectors [..., dim] (by default in the dtype the codes record), or
+        (vectors, Distortion) with a reference."""
         await self._limits()
+        dtype = output_dtype(packed, dtype)
         codes, norms, ref, plan = self._core.prepare_dequantize(packed, reference, dtype)
 
         def job(chunk: slice):

@@ -67,6 +67,9 @@ WIRE_DTYPES = ("F16", "BF16", "F32", "U8")
 MAX_HEADER_BYTES = 64 << 10
 MAX_TENSORS = 16
 MAX_NDIM = 8
+# The largest dimension of a tensor without elements (whose shape has a 0): such a tensor takes no bytes,
+# so the body's size cannot bound its other dimensions.
+MAX_EMPTY_DIM = 1 << 32
 
 # Values from the header are shown in messages through _show: a bounded length and nesting depth, so that
 # a hostile header can neither make a message huge nor make repr() recurse past the interpreter's limit.
@@ -192,16 +195,21 @@ def parse(
     spans = []
     for name, info in header.items():
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        # Each dimension at most the container's size: bounds the product below (a zero-size tensor does
-        # not need a larger one) and keeps huge integers out of the arithmetic and the messages.
+        # Each dimension at most the container's size (a tensor with elements cannot have a larger one), or
+        # MAX_EMPTY_DIM in a tensor without elements ([0, 768]: an empty batch of 768-dim vectors, which a
+        # small body holds and which must reach the reader's own "no vectors" answer): bounds the product
+        # below and keeps huge integers out of the arithmetic and the messages.
+        bound = size
+        if isinstance(shape, list) and 0 in shape and not any(isinstance(d, bool) for d in shape):
+            bound = max(size, MAX_EMPTY_DIM)
         if (
             not isinstance(shape, list)
             or len(shape) > max_ndim
-            or any(isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= size for d in shape)
+            or any(isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= bound for d in shape)
         ):
             raise FormatError(
                 f"malformed safetensors body: tensor {name!r} needs a shape of at most {max_ndim} dimensions, each "
-                f"from 0 to the body's size; got {_show(shape)}",
+                f"from 0 to the body's size (to {MAX_EMPTY_DIM} in a tensor without elements); got {_show(shape)}",
                 f"{name}.shape",
             )
         if (

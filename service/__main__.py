@@ -1,8 +1,9 @@
 """``python -m service [--host H] [--port P]``: every other setting comes from ``ISOQUANT_*`` variables.
 
 SIGTERM/SIGINT: the service turns not-ready at once, optionally keeps serving for ``drain_seconds``
-(so load balancers see it), then uvicorn stops accepting, finishes the accepted requests, and the
-lifespan waits for queued device work before the process exits.
+(so load balancers see it), then uvicorn stops accepting, finishes the accepted requests (those still
+open ``job_timeout_s`` + 2 s later get 503), drops the device jobs not yet started and waits for the
+running ones before the process exits (docs/OPERATIONS.md, "Shutdown", has the bound and its measurement).
 
 ``ISOQUANT_PROCESSES=N`` (N > 1) runs N server processes on one port (service/supervisor.py).
 """

@@ -4,6 +4,7 @@ routes, the request metrics middleware and the handlers that give every error th
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -16,7 +17,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import __version__
+from kernels import FORMAT_VERSION
+from service import __version__, codec, schemas
+from service.admission import BodyGateMiddleware
 from service.engine import Engine
 from service.errors import ApiError
 from service.metrics import Metrics
@@ -73,16 +76,78 @@ class RequestMetricsMiddleware:
 def _served_enums(schema: dict, settings: Settings) -> None:
     """Give variant, dim and bits the values this server serves, wherever the schema has them (request
     models, the descriptor, /quantizer's query), so that a schema-driven client forms valid requests."""
-    served = {"variant": list(settings.variants), "dim": list(settings.dims), "bits": list(settings.bits)}
+    served = schemas.served_constraints(settings)  # an enum, or minimum/maximum for a range of dims
     components = schema.get("components", {}).get("schemas", {})
     for model in ("QuantizeRequest", "Descriptor"):
-        for name, values in served.items():
+        for name, constraint in served.items():
             prop = components.get(model, {}).get("properties", {}).get(name)
             if prop is not None:
-                prop["enum"] = values
+                prop.pop("enum", None)
+                prop.update(constraint)
     for parameter in schema.get("paths", {}).get("/quantizer", {}).get("get", {}).get("parameters", []):
         if parameter.get("name") in served:
-            parameter.setdefault("schema", {})["enum"] = served[parameter["name"]]
+            prop = parameter.setdefault("schema", {})
+            prop.pop("enum", None)
+            prop.update(served[parameter["name"]])
+
+
+# Standard base64, padded, as codec.array_to_tensor reads it.
+_BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
+def _request_constraints(schema: dict, settings: Settings) -> None:
+    """What the routes check and JSON Schema can say, in the schemas (schemathesis, run against a live
+    service with every check, generated from the looser schema empty batches, empty dtypes and shapes,
+    uint8 norms, float codes, ragged lists and negative seeds, which the service rightly refused with 422).
+    What JSON Schema cannot say stays a 422: the byte count of ``data`` against shape x dtype, the
+    descriptor's fingerprint against the server's quantizer, a nested list's innermost length against the
+    served dims, and an integer written with a fraction (``3.0``), which JSON Schema counts as an integer."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    array = components.get("Array")
+    if array is None:
+        return
+    array["properties"]["data"].update(pattern=_BASE64, contentEncoding="base64")
+    # Served dtypes; float32 always, as nested lists are read (and reconstructed) in it.
+    array["properties"]["dtype"]["enum"] = [d for d in ("float16", "bfloat16", "float32")
+                                            if d in settings.dtypes or d == "float32"]
+    array["properties"]["shape"].update(
+        minItems=1, maxItems=codec.MAX_NDIM, items={"type": "integer", "minimum": 1}
+    )
+    # Codes and norms have one dtype each (uint8, float32): arrays of their own.
+    for name, dtype in (("Codes", "uint8"), ("Norms", "float32")):
+        components[name] = copy.deepcopy(array)
+        components[name]["title"] = name
+        components[name]["properties"]["dtype"]["enum"] = [dtype]
+    for model in ("DequantizeRequest", "QuantizeResponse"):
+        properties = components.get(model, {}).get("properties", {})
+        for field, name in (("codes", "Codes"), ("norms", "Norms")):
+            if field in properties:
+                properties[field]["$ref"] = f"#/components/schemas/{name}"
+    components["NestedNumbers"] = {
+        "title": "NestedNumbers",
+        "description": "vectors [..., dim] as nested lists of numbers, rectangular (read as float32)",
+        "type": "array",
+        "minItems": 1,
+        "items": {"anyOf": [{"type": "number"}, {"$ref": "#/components/schemas/NestedNumbers"}]},
+    }
+    nested = {"$ref": "#/components/schemas/NestedNumbers"}
+    seed = {"type": "integer", "minimum": 0, "maximum": (1 << 64) - 1}
+    quantize = components.get("QuantizeRequest", {}).get("properties", {})
+    if quantize:
+        quantize["seed"]["anyOf"] = [seed, {"type": "null"}]
+        quantize["vectors"]["anyOf"][1] = nested
+    descriptor = components.get("Descriptor", {}).get("properties", {})
+    if descriptor:
+        descriptor["seed"].update(seed)
+        descriptor["fingerprint"]["pattern"] = "^[0-9a-f]{16}$"
+        descriptor["format_version"]["enum"] = [FORMAT_VERSION]
+    dequantize = components.get("DequantizeRequest", {}).get("properties", {})
+    if dequantize:
+        dequantize["dtype"]["enum"] = list(settings.dtypes)
+        dequantize["reference"]["anyOf"] = [{"$ref": "#/components/schemas/Array"}, nested, {"type": "null"}]
+    for parameter in schema.get("paths", {}).get("/quantizer", {}).get("get", {}).get("parameters", []):
+        if parameter.get("name") == "seed":
+            parameter["schema"]["anyOf"] = [seed, {"type": "null"}]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -107,7 +172,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            # Uvicorn has already waited for the open requests; this waits for queued device work.
+            # Uvicorn has already waited for the open requests (and answered 503 to those it gave up on): jobs
+            # still queued have no one waiting, so they are dropped, and this waits only for running ones.
+            engine.admission.close()
             await run_in_threadpool(engine.close)
 
     app = FastAPI(
@@ -118,6 +185,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.isoquant = state
+    # Bodies of /quantize and /dequantize: admitted once read, a minimum rate (service/admission.py).
+    app.add_middleware(BodyGateMiddleware, settings=settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     for module in (quantize, dequantize, info, health):
         app.include_router(module.router)
@@ -171,6 +240,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for model, name in ((QuantizeRequest, "vectors"), (DequantizeRequest, "reference")):
                 components[model.__name__]["properties"][name].update(anyOf=either)
             _served_enums(schema, settings)
+            _request_constraints(schema, settings)
             app.openapi_schema = schema
         return app.openapi_schema
 

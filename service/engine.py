@@ -25,14 +25,26 @@ import torch
 
 from kernels import FORMAT_VERSION, INPUT_DTYPES, Packed, Quantizer, QuantizerError
 from service.admission import Admission, Ticket
+from service.batching import Coalescer, Member, split_rows
 from service.errors import ApiError, InvalidInput, Unavailable
 from service.host_buffers import HostBuffers
 from service.metrics import Metrics
 from service.quantizers import QuantizerCache
-from service.settings import Settings
+from service.settings import Settings, auto_torch_threads
 
 log = logging.getLogger("service.engine")
+WARM_UP_LOG_EVERY_S = 2.0  # seconds between warm-up progress lines in the log
 T = TypeVar("T")
+
+
+def _settle(future: asyncio.Future, result: Any = None, exc: BaseException | None = None) -> None:
+    """Resolve a group member's future (event loop), unless its request already stopped waiting."""
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,12 +69,16 @@ class Stats:
     mse: float
     mean_relative_error: float
     max_relative_error: float
+    mean_cosine_similarity: float
+    min_cosine_similarity: float
 
     def as_dict(self) -> dict[str, float]:
         return {
             "mse": self.mse,
             "mean_relative_error": self.mean_relative_error,
             "max_relative_error": self.max_relative_error,
+            "mean_cosine_similarity": self.mean_cosine_similarity,
+            "min_cosine_similarity": self.min_cosine_similarity,
         }
 
 
@@ -70,21 +86,29 @@ def distortion(x: torch.Tensor, x_hat: torch.Tensor, sq_err: torch.Tensor | None
     """x, x_hat [..., dim] (any float dtype, same device) -> Stats, computed in float64.
 
     mse: mean over all elements of (x - x_hat)^2; relative error of a vector: ||x - x_hat|| / ||x||,
-    defined as 0 for x = 0 (whose reconstruction is exactly 0). ``sq_err`` [...] may be given when
-    the fused round trip already computed it."""
+    defined as 0 for x = 0 (whose reconstruction is exactly 0); cosine similarity of a vector:
+    <x, x_hat> / (||x|| ||x_hat||), the measure embedding search uses, defined as 1 when both are 0 and 0 when
+    one is. ``sq_err`` [...] may be given when the fused round trip already computed it."""
     dim = x.shape[-1]
     xd = x.reshape(-1, dim).double()
+    xh = x_hat.reshape(-1, dim).double()
     if sq_err is None:
-        sq_err = (xd - x_hat.reshape(-1, dim).double()).square().sum(-1)
+        sq_err = (xd - xh).square().sum(-1)
     else:
         sq_err = sq_err.reshape(-1).double()
     norms = torch.linalg.vector_norm(xd, dim=-1)
     relative = torch.where(norms > 0, sq_err.sqrt() / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    norms_hat = torch.linalg.vector_norm(xh, dim=-1)
+    both = norms * norms_hat
+    neither = ((norms == 0) & (norms_hat == 0)).double()
+    cosine = torch.where(both > 0, (xd * xh).sum(-1) / both.clamp_min(1e-300), neither)
     n = max(xd.shape[0], 1)
     return Stats(
         mse=float(sq_err.sum()) / (n * dim),
         mean_relative_error=float(relative.sum()) / n,
         max_relative_error=float(relative.max()) if relative.numel() else 0.0,
+        mean_cosine_similarity=float(cosine.sum()) / n if cosine.numel() else 1.0,
+        min_cosine_similarity=float(cosine.min()) if cosine.numel() else 1.0,
     )
 
 
@@ -147,11 +171,31 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.device = resolve_device(settings.device)
+        # Intra-op threads of the device workers (read by _init_worker): the setting, else on the CPU
+        # auto_torch_threads (half the usable cores per process); on a GPU torch's own default (the kernels'
+        # work is not on the CPU).
+        self.torch_threads = settings.torch_threads
+        if self.torch_threads is None and self.device.type == "cpu":
+            self.torch_threads = auto_torch_threads(settings.processes)
         self._executor = ThreadPoolExecutor(
             max_workers=settings.workers, thread_name_prefix="isoquant-device", initializer=self._init_worker
         )
-        self.quantizers = QuantizerCache(self.device, settings.default_seed, settings.seed_cache_size, metrics)
+        self.quantizers = QuantizerCache(
+            self.device,
+            settings.default_seed,
+            settings.seed_cache_size,
+            metrics,
+            pinned=settings.warm_set(),
+            default_cache_size=settings.quantizer_cache_size,
+        )
         self.admission = Admission(settings.max_queue, metrics)
+        # Dynamic batching (service.batching), when a delay is set: small concurrent requests of one kind
+        # share one device job.
+        self.coalescer = (
+            Coalescer(settings.batch_delay_ms / 1000.0, settings.batch_max_vectors, self._launch_group)
+            if settings.batch_delay_ms > 0
+            else None
+        )
         self.host_buffers = HostBuffers(self.device, settings.pinned_host_bytes)
         # warmed and draining change together with the readiness gauge: a draining process must never be
         # marked ready (start_warm_up's callback against begin_shutdown).
@@ -172,8 +216,8 @@ class Engine:
             torch.cuda.set_device(self.device)
         # Intra-op threads are set per worker: on a small shared CPU an OpenMP team larger than the free
         # cores spins at its barriers and can run several times slower than one thread.
-        if self.settings.torch_threads is not None:
-            torch.set_num_threads(self.settings.torch_threads)
+        if self.torch_threads is not None:
+            torch.set_num_threads(self.torch_threads)
 
     @property
     def ready(self) -> bool:
@@ -211,9 +255,10 @@ class Engine:
     # -- queue ------------------------------------------------------------------------------------
 
     def admit(self) -> Ticket:
-        """Reserve one of the ``max_queue`` places (429 at once if none is free). A request takes its
-        ticket before it reads its body, so bodies in flight count against the bound too; the ticket is
-        released when its device job ends, or by ``Ticket.__exit__`` if no job was started."""
+        """A ticket for one of the ``max_queue`` places (429 at once if none is free). A request takes it
+        before it reads its body, but the place is held only from the body's last byte on (a slow client does
+        not hold one: service.admission); the ticket is released when its device job ends, or by
+        ``Ticket.__exit__`` if no job was started."""
         if not self.accepting:
             raise Unavailable("the service is shutting down", type="shutting_down")
         return self.admission.admit()
@@ -240,6 +285,148 @@ class Engine:
             raise Unavailable(
                 f"the device did not finish within {self.settings.job_timeout_s} s", type="timeout"
             ) from None
+
+    # -- ops, from the routes: batched with concurrent requests of the same kind when batching is on --------
+
+    async def quantize(
+        self,
+        variant: str,
+        bits: int,
+        seed: int,
+        x: torch.Tensor,
+        want_reconstruction: bool,
+        want_distortion: bool,
+        ticket: Ticket,
+    ) -> QuantizeResult:
+        """``quantize_job`` on a device worker, alone or (codes only, batching on, at most
+        ``batch_max_vectors`` rows) in one launch with concurrent requests for the same quantizer and dtype."""
+        args = (variant, bits, seed, x, want_reconstruction, want_distortion)
+        rows = x.numel() // max(x.shape[-1], 1) if x.ndim else 0
+        if self.coalescer is None or want_reconstruction or want_distortion or not self._joinable(rows):
+            return await self.run(self.quantize_job, *args, ticket=ticket)
+        return await self._joined(("quantize", variant, x.shape[-1], bits, seed, x.dtype), args, rows, ticket)
+
+    async def dequantize(
+        self,
+        descriptor: dict,
+        codes: torch.Tensor,
+        norms: torch.Tensor,
+        reference: torch.Tensor | None,
+        dtype: torch.dtype,
+        ticket: Ticket,
+    ) -> DequantizeResult:
+        """``dequantize_job`` on a device worker, alone or (no reference, batching on) in one launch with
+        concurrent requests that carry the same descriptor and ask for the same dtype."""
+        args = (descriptor, codes, norms, reference, dtype)
+        if self.coalescer is None or reference is not None or not self._joinable(norms.numel()):
+            return await self.run(self.dequantize_job, *args, ticket=ticket)
+        key = ("dequantize", tuple(sorted(descriptor.items())), dtype)
+        return await self._joined(key, args, norms.numel(), ticket)
+
+    def _joinable(self, rows: int) -> bool:
+        return 0 < rows <= self.settings.batch_max_vectors
+
+    async def _joined(self, key: tuple, args: tuple, rows: int, ticket: Ticket) -> Any:
+        """Join the open group of ``key`` and wait for this request's share of its result (503 after
+        ``job_timeout_s``, as ``run``)."""
+        if not self.accepting:
+            raise Unavailable("the service is shutting down", type="shutting_down")
+        ticket.handed_off = True  # the group's job (or _launch_group, if it cannot start) releases the place
+        future = self.coalescer.join(key, args, rows, ticket)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.settings.job_timeout_s)
+        except asyncio.TimeoutError:
+            self.metrics.rejected.labels("timeout").inc()
+            raise Unavailable(
+                f"the device did not finish within {self.settings.job_timeout_s} s", type="timeout"
+            ) from None
+
+    def _launch_group(self, key: tuple, members: list[Member]) -> None:
+        """(Event loop, from the Coalescer.) Run a formed group as one job on a device worker and resolve each
+        member's future with its own outcome when it ends."""
+        loop = asyncio.get_running_loop()
+        self.metrics.coalesced.labels(key[0]).observe(len(members))
+        try:
+            job = self._executor.submit(self._group_job, key, members)
+        except RuntimeError:  # shut down: no job will give the places back
+            for member in members:
+                self.admission.release()
+                _settle(member.future, exc=Unavailable("the service is shutting down", type="shutting_down"))
+            return
+
+        def resolve(done: Future) -> None:
+            outcomes = done.result()  # _group_job returns one outcome per member, never raises
+            for member, (result, exc) in zip(members, outcomes, strict=True):
+                _settle(member.future, result, exc)
+
+        job.add_done_callback(lambda done: loop.call_soon_threadsafe(resolve, done))
+
+    def _group_job(self, key: tuple, members: list[Member]) -> list[tuple[Any, BaseException | None]]:
+        """A worker runs a group: every member's place moves to running, the members' rows go through the op
+        in one call, and each gets its rows back. If the joined call fails (a member's bad rows, say), each
+        member runs alone instead, so that every request gets exactly the answer or error it gets unbatched.
+        Returns (result, None) or (None, error) per member, in order; never raises."""
+        outcome: dict[int, tuple[Any, BaseException | None]] = {}
+        started = []
+        for member in members:
+            try:
+                self.admission.job_started()
+                started.append(member)
+            except Unavailable as exc:  # closed: job_started released this place
+                outcome[id(member)] = (None, exc)
+        try:
+            grouped, alone = (
+                (self._quantize_group, self.quantize_job)
+                if key[0] == "quantize"
+                else (self._dequantize_group, self.dequantize_job)
+            )
+            try:
+                results = self._guard(grouped, started) if started else []
+                outcome.update((id(m), (r, None)) for m, r in zip(started, results, strict=True))
+            except Exception:  # noqa: BLE001  (each member then gets its own answer or error, alone)
+                for member in started:
+                    try:
+                        outcome[id(member)] = (self._guard(alone, *member.args), None)
+                    except Exception as exc:  # noqa: BLE001  (handed to that request's handler)
+                        outcome[id(member)] = (None, exc)
+            return [outcome[id(member)] for member in members]
+        finally:
+            for _ in started:
+                self.admission.job_finished()
+            self.metrics.job_done()
+
+    def _quantize_group(self, members: list[Member]) -> list[QuantizeResult]:
+        variant, bits, seed, first = members[0].args[:4]
+        dim = first.shape[-1]
+        q = self.quantizer(variant, dim, bits, seed)
+        xs = [m.args[3] for m in members]
+        counts = [m.rows for m in members]
+        xd = torch.cat([x.reshape(-1, dim) for x in xs]).to(self.device, non_blocking=True)
+        packed = self._timed("quantize", q, first.dtype, lambda: q.quantize(xd))
+        self._count("quantize", q, xd.shape[0])
+        codes, norms = self._to_host(packed.codes, packed.norms)
+        descriptor = q.descriptor()
+        return [
+            QuantizeResult(c.reshape(*x.shape[:-1], q.code_bytes), n.reshape(x.shape[:-1]), descriptor, None, None)
+            for x, c, n in zip(xs, split_rows(codes, counts), split_rows(norms, counts), strict=True)
+        ]
+
+    def _dequantize_group(self, members: list[Member]) -> list[DequantizeResult]:
+        descriptor, _, _, _, dtype = members[0].args
+        q = self.quantizer(descriptor["variant"], descriptor["dim"], descriptor["bits"], descriptor["seed"])
+        if descriptor["format_version"] != FORMAT_VERSION:
+            raise InvalidInput("format_version is not served", "quantizer.format_version", type="format_mismatch")
+        counts = [m.rows for m in members]
+        codes = torch.cat([m.args[1].reshape(-1, q.code_bytes) for m in members]).to(self.device, non_blocking=True)
+        norms = torch.cat([m.args[2].reshape(-1) for m in members]).to(self.device, non_blocking=True)
+        packed = Packed(codes=codes, norms=norms, **descriptor)
+        out = self._timed("dequantize", q, dtype, lambda: q.dequantize(packed, dtype))
+        self._count("dequantize", q, norms.shape[0])
+        (vectors,) = self._to_host(out)
+        return [
+            DequantizeResult(v.reshape(*m.args[2].shape, q.dim), None)
+            for m, v in zip(members, split_rows(vectors, counts), strict=True)
+        ]
 
     def _job(self, fn: Callable[..., T], args: tuple) -> T:
         """A worker runs an admitted request's ``fn``; its queue place is given back when it ends."""
@@ -393,8 +580,15 @@ class Engine:
         t0 = time.perf_counter()
         seed = self.settings.default_seed
         total = len(self.settings.warm_set())
+        logged = t0
         for done, (variant, dim, bits) in enumerate(self.settings.warm_set()):
             self.warm_progress = (done, total)
+            # A line every few seconds: a first start on a GPU compiles kernels for minutes, and an operator
+            # watching the log must see it move (the same progress as /health/ready's 503 body).
+            if time.perf_counter() - logged >= WARM_UP_LOG_EVERY_S:
+                logged = time.perf_counter()
+                log.info("warm-up: %d of %d quantizers built and run after %.1f s; next %s dim %d %d bits",
+                         done, total, logged - t0, variant, dim, bits)
             q = self.quantizer(variant, dim, bits, seed)
             sizes = {self.settings.warm_batch}
             if self.settings.warm_all_tiles:

@@ -1,8 +1,10 @@
 """All Prometheus metrics of the service, on one explicit registry (never the global default one).
 
-Label values come only from the served allowlists in ``Settings`` (variants, dims, bits, dtypes) and
-the fixed op/direction names below; ``Metrics.label`` maps anything else to ``other``, so the number
-of series is bounded whatever clients send. Every duration is in seconds and every size in bytes.
+Label values come only from the served allowlists in ``Settings`` (variants, bits, dtypes) and the fixed
+op/direction names below; ``Metrics.label`` maps anything else to ``other``, so the number of series is
+bounded whatever clients send. The ``dim`` label is bucketed instead (``dim_label``): every dim from 2 to
+4096 is served by default, so it is the exact dim for the common sizes, the warm set and a short served
+list, and ``le_<power of two>`` for the others. Every duration is in seconds and every size in bytes.
 
 With several server processes (``ISOQUANT_PROCESSES`` > 1) prometheus_client's multiprocess mode is on
 (``PROMETHEUS_MULTIPROC_DIR``, set by ``python -m service`` before the workers start): every process
@@ -59,6 +61,19 @@ KERNEL_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 RELATIVE_ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Dims that keep their own value as the dim label: heads of LLM KV caches and the usual embedding sizes.
+COMMON_DIMS = (32, 48, 64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+# A served list this short labels every dim it holds by its value (ISOQUANT_DIMS=64,100,300: three labels).
+EXACT_DIMS_UP_TO = 32
+
+
+def dim_label(dim: int, exact: frozenset[int] | set[int]) -> str:
+    """The dim label: the dim itself if it is in ``exact``, else ``le_<p>`` with p the smallest power of two
+    >= dim ("le_512" for 300 or 500: a dim in (256, 512] not labelled exactly). At most len(exact) + 12
+    values (le_2 .. le_4096) whatever clients send."""
+    if dim in exact:
+        return str(dim)
+    return f"le_{1 << max(1, (int(dim) - 1).bit_length())}"
 
 
 def multiprocess_dir() -> str | None:
@@ -71,10 +86,14 @@ class Metrics:
 
     def __init__(self, settings: Settings, version: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._settings = settings
         self._multiprocess_dir = multiprocess_dir()
+        exact = set(COMMON_DIMS) | set(settings.warm_dims)
+        if len(settings.dims) <= EXACT_DIMS_UP_TO:
+            exact |= set(settings.dims)
+        self._exact_dims = frozenset(d for d in exact if settings.serves_dim(d))
         self._allowed = {
             "variant": set(settings.variants),
-            "dim": {str(d) for d in settings.dims},
             "bits": {str(b) for b in settings.bits},
             "dtype": set(settings.dtypes),
             "op": set(OPS),
@@ -97,6 +116,13 @@ class Metrics:
         self.batch_size = Histogram(
             "isoquant_batch_size_vectors", "Vectors per request", ["op"], buckets=BATCH_BUCKETS, registry=r
         )
+        self.coalesced = Histogram(
+            "isoquant_coalesced_requests",
+            "Requests joined into one device launch by dynamic batching (ISOQUANT_BATCH_DELAY_MS > 0)",
+            ["op"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
         self.relative_error = Histogram(
             "isoquant_reconstruction_relative_error",
             "Mean per-vector relative error ||x - x_hat|| / ||x|| of one request's round trip",
@@ -106,7 +132,7 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "isoquant_queue_depth",
-            "Requests admitted (max_queue) and not yet running on the device, bodies being read included",
+            "Requests holding a max_queue place (taken once the body has arrived) and not yet running on the device",
             registry=r,
             multiprocess_mode="livesum",
         )
@@ -242,7 +268,12 @@ class Metrics:
             self.gpu_memory.labels(device, "reserved").set(torch.cuda.memory_reserved(self.device))
 
     def label(self, name: str, value: object) -> str:
-        """The label value if it is on the allowlist, else 'other' (bounded cardinality)."""
+        """The label value if it is on the allowlist, else 'other'; for ``dim``, ``dim_label`` (a served dim
+        exactly or its power-of-two bucket, 'other' for a dim not served). Bounded cardinality either way."""
+        if name == "dim":
+            if isinstance(value, bool) or not isinstance(value, int) or not self._settings.serves_dim(value):
+                return "other"
+            return dim_label(value, self._exact_dims)
         text = str(value)
         return text if text in self._allowed[name] else "other"
 

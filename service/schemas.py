@@ -45,6 +45,10 @@ class Distortion(BaseModel):
     mse: float = Field(..., description="mean over all elements of (x - x_hat)^2")
     mean_relative_error: float = Field(..., description="mean over vectors of ||x - x_hat|| / ||x|| (0 for x = 0)")
     max_relative_error: float = Field(..., description="max over vectors of ||x - x_hat|| / ||x||")
+    mean_cosine_similarity: float = Field(
+        ..., description="mean over vectors of <x, x_hat> / (||x|| ||x_hat||) (1 when both are 0)"
+    )
+    min_cosine_similarity: float = Field(..., description="min over vectors of the cosine similarity")
 
 
 class QuantizeRequest(BaseModel):
@@ -67,6 +71,10 @@ class QuantizeResponse(BaseModel):
     codes: Array = Field(..., description="uint8 [..., code_bytes], FORMAT.md bit layout")
     norms: Array = Field(..., description="float32 [...]")
     shape: list[int] = Field(..., description="shape of the input vectors [..., dim]")
+    dtype: str = Field(
+        ..., description="dtype of the input vectors (float32 for nested lists): /dequantize returns this dtype when "
+        "the response is posted back as it is"
+    )
     bytes_in: int = Field(..., description="bytes of the input vectors in their dtype")
     bytes_out: int = Field(..., description="bytes of codes plus norms")
     compression_ratio: float = Field(..., description="bytes_in / bytes_out")
@@ -83,7 +91,11 @@ class DequantizeRequest(BaseModel):
     codes: Array
     norms: Array
     reference: Any = Field(None, description="original vectors [..., dim] to compare against (Array or nested lists)")
-    dtype: str = Field("float32", description="dtype of the returned vectors")
+    dtype: str = Field(
+        "float32",
+        description="dtype of the returned vectors; a /quantize response holds its input's dtype here, so posted "
+        "back as it is it comes back in the dtype it was sent in",
+    )
 
 
 class DequantizeResponse(BaseModel):
@@ -101,3 +113,12 @@ class ErrorBody(BaseModel):
     """The one error shape of every 4xx/5xx answer."""
 
     error: ErrorDetail
+
+
+def served_constraints(settings) -> dict[str, dict]:
+    """JSON-schema constraints of variant, dim and bits for what ``settings`` serves: an ``enum`` of the served
+    values, except for dims served as one contiguous range (the default, 2..4096), which get ``minimum`` and
+    ``maximum`` rather than an enum of 4,095 numbers. For the OpenAPI schema (service/app.py)."""
+    dims = settings.dims
+    dim = {"minimum": dims[0], "maximum": dims[-1]} if dims[-1] - dims[0] + 1 == len(dims) else {"enum": list(dims)}
+    return {"variant": {"enum": list(settings.variants)}, "dim": dim, "bits": {"enum": list(settings.bits)}}

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -134,12 +135,18 @@ def configure_logging(settings: Settings) -> None:
 
 
 def _uvicorn_config(app, settings: Settings) -> uvicorn.Config:
+    from service.http_protocol import graceful_shutdown_s, protocol_class
+
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        # Bounds on the request line and headers, their count and their arrival time (service/http_protocol.py).
+        http=protocol_class(settings),
         log_level=settings.log_level,
-        timeout_graceful_shutdown=max(settings.job_timeout_s, 1.0) + 5.0,
+        # Requests still open this long after uvicorn stops accepting are answered 503 and cancelled
+        # (docs/OPERATIONS.md, "Shutdown", states the bound this gives).
+        timeout_graceful_shutdown=graceful_shutdown_s(settings),
         access_log=settings.log_level in ("debug", "trace"),
     )
 
@@ -155,9 +162,80 @@ def serve(settings: Settings, handoff: socket.socket | None = None) -> None:
 
 def _worker(overrides: dict, handoff: socket.socket) -> None:
     """Entry point of a server process started by ``supervise`` (a fresh interpreter: spawn)."""
-    settings = Settings(**overrides)
-    configure_logging(settings)
-    serve(settings, handoff)
+    supervisor = os.getppid()
+    try:
+        settings = Settings(**overrides)
+        configure_logging(settings)
+        serve(settings, handoff)
+    finally:
+        if os.getppid() != supervisor:
+            # The supervisor died without cleaning up (SIGKILL): the last server process out removes the
+            # metrics folder (each removes its own files and those of dead processes, then the folder if
+            # that left it empty).
+            folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+            if folder and sweep_metrics_dir(folder, exiting=os.getpid()):
+                log.info("the supervisor is gone; removed its metrics folder %s", folder)
+
+
+# The metrics folder of a supervisor: isoquant-metrics-<supervisor pid>-<random>, in the temporary directory.
+METRICS_PREFIX = "isoquant-metrics-"
+# prometheus_client's files (<kind>_<pid>.db) and the readiness markers (ready-<pid>): each names its process.
+_FILE_PID = re.compile(r"^(?:[a-z_]+_(\d+)\.db|ready-(\d+))$")
+_DIR_PID = re.compile(re.escape(METRICS_PREFIX) + r"(\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def sweep_metrics_dir(folder: str, exiting: int | None = None) -> bool:
+    """Remove from ``folder`` the files of processes that are provably gone (no such pid) or of
+    ``exiting`` (the caller, on its way out), then the folder if nothing else is left in it. Files whose
+    process lives, or that name no process, are kept, and so is the folder. True if the folder is gone."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return True
+    for name in names:
+        match = _FILE_PID.match(name)
+        if match is None:
+            continue
+        pid = int(match.group(1) or match.group(2))
+        if pid == exiting or not _alive(pid):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+    try:
+        os.rmdir(folder)
+    except FileNotFoundError:
+        return True
+    except OSError:  # not empty: a live process still has files there
+        return False
+    return True
+
+
+def sweep_stale_metrics_dirs(parent: str) -> list[str]:
+    """Metrics folders left in ``parent`` by supervisors that died with their server processes (kill -9 of
+    the whole group, a power cut): removed when the supervisor named in the folder's name and every
+    process named in its files are gone. The folders removed."""
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in entries:
+        match = _DIR_PID.match(name)
+        folder = os.path.join(parent, name)
+        if match is None or not os.path.isdir(folder) or _alive(int(match.group(1))):
+            continue
+        if sweep_metrics_dir(folder):
+            removed.append(folder)
+    return removed
 
 
 def _dispatch(sock: socket.socket, handoffs: list[socket.socket], closing: threading.Event) -> None:
@@ -205,7 +283,12 @@ def _offer(connection: socket.socket, handoffs: list[socket.socket], turn: int) 
 
 def supervise(settings: Settings, overrides: dict) -> int:
     """Bind the port, run ``settings.processes`` server processes on it, forward SIGTERM/SIGINT, wait."""
-    metrics_dir = tempfile.mkdtemp(prefix="isoquant-metrics-")
+    # No exit leaves this folder behind: a normal one removes it below; after a SIGKILL of this process the
+    # server processes remove it as they exit (``_worker``); if they were killed too, the next start here
+    # removes it (the folder's name carries this pid).
+    for stale in sweep_stale_metrics_dirs(tempfile.gettempdir()):
+        log.info("removed the metrics folder %s of a supervisor that is gone", stale)
+    metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
     # Read by prometheus_client when it is first imported, in each (spawned) server process.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     config = _uvicorn_config(None, settings)

@@ -8,6 +8,7 @@ import math
 import torch
 from pydantic import BaseModel, ValidationError
 
+from kernels import INPUT_DTYPES, MAX_BITS, MAX_DIM, MIN_BITS, MIN_DIM, VARIANTS
 from kernels.packing import packed_bytes
 from kernels.quantizer import MAX_SEED
 from kernels.rotations import coded_dim
@@ -20,27 +21,37 @@ def _listing(values) -> str:
     return ", ".join(str(v) for v in values)
 
 
+def _refuse(what: str, value: object, served: str, setting: str, supported: bool, field: str) -> InvalidInput:
+    """422 unsupported_value: the value, what is served, and, for a value the library supports but this server
+    does not serve, the setting that would serve it (an operator's fix, not the client's)."""
+    message = f"{what} {value!r} is not served; allowed: {served}"
+    if supported:
+        message += f" (the library supports it: add it to the server's {setting} setting to serve it)"
+    return InvalidInput(message, field, type="unsupported_value")
+
+
+def _among(value: object, names) -> bool:
+    return isinstance(value, str) and value in names  # a JSON list or object as a value is not hashable
+
+
 def variant(settings: Settings, value: object, field: str = "variant") -> str:
     if not isinstance(value, str) or value not in settings.variants:
-        raise InvalidInput(
-            f"variant {value!r} is not served; allowed: {_listing(settings.variants)}", field, type="unsupported_value"
-        )
+        served = _listing(settings.variants)
+        raise _refuse("variant", value, served, "ISOQUANT_VARIANTS", _among(value, VARIANTS), field)
     return value
 
 
 def bits(settings: Settings, value: object, field: str = "bits") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value not in settings.bits:
-        raise InvalidInput(
-            f"bits {value!r} is not served; allowed: {_listing(settings.bits)}", field, type="unsupported_value"
-        )
+        supported = isinstance(value, int) and not isinstance(value, bool) and MIN_BITS <= value <= MAX_BITS
+        raise _refuse("bits", value, _listing(settings.bits), "ISOQUANT_BITS", supported, field)
     return value
 
 
 def dim(settings: Settings, value: object, field: str = "dim") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value not in settings.dims:
-        raise InvalidInput(
-            f"dim {value!r} is not served; allowed: {_listing(settings.dims)}", field, type="unsupported_value"
-        )
+    if isinstance(value, bool) or not isinstance(value, int) or not settings.serves_dim(value):
+        supported = isinstance(value, int) and not isinstance(value, bool) and MIN_DIM <= value <= MAX_DIM
+        raise _refuse("dim", value, settings.dims_text(), "ISOQUANT_DIMS", supported, field)
     return value
 
 
@@ -54,9 +65,7 @@ def seed(settings: Settings, value: object, field: str = "seed") -> int:
 
 def dtype(settings: Settings, value: object, field: str = "dtype") -> str:
     if not isinstance(value, str) or value not in settings.dtypes:
-        raise InvalidInput(
-            f"dtype {value!r} is not served; allowed: {_listing(settings.dtypes)}", field, type="unsupported_value"
-        )
+        raise _refuse("dtype", value, _listing(settings.dtypes), "ISOQUANT_DTYPES", _among(value, INPUT_DTYPES), field)
     return value
 
 
@@ -65,13 +74,13 @@ def vectors(settings: Settings, x: torch.Tensor, field: str = "vectors") -> int:
     (NaN/Inf are refused by the quantizer itself, on the device, in the same pass as the norms.)"""
     name = dtype_name(x.dtype)
     if name not in settings.dtypes:
-        raise InvalidInput(
-            f"vectors dtype {name!r} is not served; allowed: {_listing(settings.dtypes)}",
-            field,
-            type="unsupported_value",
-        )
+        served = _listing(settings.dtypes)
+        raise _refuse("vectors dtype", name, served, "ISOQUANT_DTYPES", _among(name, INPUT_DTYPES), field)
     if x.ndim < 1:
         raise InvalidInput("vectors must have at least one dimension [..., dim]", field)
+    if x.numel() == 0:
+        # Before the dim check: {"vectors": []} has shape [0], whose "dim 0" is not the problem.
+        raise InvalidInput(f"the request holds no vectors (shape {list(x.shape)}); send at least one", field)
     dim(settings, int(x.shape[-1]), field)
     return count(settings, math.prod(x.shape[:-1]), field)
 

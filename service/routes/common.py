@@ -24,7 +24,7 @@ ERROR_RESPONSES = {
         400: "malformed JSON or safetensors body",
         401: "missing or invalid API key",
         406: "Accept allows neither JSON nor safetensors",
-        408: "the body did not arrive within 30 s",
+        408: "the headers or the body arrived too slowly (ISOQUANT_HEADER_TIMEOUT_S, ISOQUANT_BODY_MIN_RATE)",
         413: "body or vector count over the limit",
         415: "Content-Type is neither JSON nor safetensors",
         422: "a field's value is not served or not valid (the message lists the allowed values)",
@@ -95,8 +95,9 @@ class Admitted:
 @asynccontextmanager
 async def admitted(request: Request, parse: Callable[[bytes, str, Settings], Any]) -> AsyncIterator[Admitted]:
     """The common start of /quantize and /dequantize: readiness, Content-Type and Accept, then a queue
-    place (429 when full) held while the body is read, parsed (``parse(body, fmt, settings)``, in a thread
-    when large) and, inside the ``async with``, run on the device."""
+    ticket (429 at once when the queue is full), the body read (the ticket takes its place only once the
+    last byte has arrived: service.admission.BodyGateMiddleware), parsed (``parse(body, fmt, settings)``, in a
+    thread when large) and, inside the ``async with``, run on the device."""
     settings = get_state(request).settings
     engine = ready_engine(request)
     fmt = codec.request_format(request.headers.get("content-type"))

@@ -154,9 +154,7 @@ async def dequantize(request: Request) -> Response:
     metrics = get_state(request).metrics
     async with admitted(request, parse) as a:
         p = a.parsed
-        result = await a.engine.run(
-            a.engine.dequantize_job, p.descriptor, p.codes, p.norms, p.reference, p.dtype, ticket=a.ticket
-        )
+        result = await a.engine.dequantize(p.descriptor, p.codes, p.norms, p.reference, p.dtype, ticket=a.ticket)
     content = await offload(a.out_fmt, codec.tensor_nbytes(result.vectors), encode, result, p, a.out_fmt)
     metrics.batch_size.labels("dequantize").observe(p.norms.numel())
     metrics.payload_bytes.labels("dequantize", "in").inc(codec.tensor_nbytes(p.codes) + codec.tensor_nbytes(p.norms))

@@ -1,5 +1,5 @@
-"""Health (GET /health/live, /health/ready) and metrics (GET /metrics): never queued, never behind the
-API key, so probes and scrapes answer while the device is busy."""
+"""Health (GET /health/live, /health/ready), metrics (GET /metrics) and the pointer at GET /: never queued,
+never behind the API key, so probes and scrapes answer while the device is busy."""
 
 from __future__ import annotations
 
@@ -12,6 +12,22 @@ from service.routes.common import get_state
 from service.schemas import ErrorBody
 
 router = APIRouter(tags=["health"])
+
+
+@router.get("/", summary="Where to go from here: the API docs, health, info and metrics")
+async def root(request: Request) -> dict:
+    """A pointer for someone who opens the bare address (a browser, curl): before this it was a 404. Open like
+    health and metrics: it says nothing a client could not read from /docs."""
+    return {
+        "service": "isoquant",
+        "version": get_state(request).version,
+        "docs": "/docs",
+        "openapi": "/openapi.json",
+        "health": {"live": "/health/live", "ready": "/health/ready"},
+        "info": "/info",
+        "metrics": "/metrics",
+        "endpoints": ["POST /quantize", "POST /dequantize", "GET /quantizer", "GET /info"],
+    }
 
 
 @router.get("/health/live", summary="200 while the process serves HTTP")

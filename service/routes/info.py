@@ -49,7 +49,8 @@ async def info(request: Request) -> dict:
             "fastapi": _version("fastapi"),
         },
         "variants": s.variants,
-        "dims": s.dims,
+        # The ISOQUANT_DIMS syntax ("2-4096"), not a list: the default serves 4,095 dims.
+        "dims": s.dims_text(),
         "bits": s.bits,
         "dtypes": s.dtypes,
         "default_seed": s.default_seed,
@@ -62,9 +63,11 @@ async def info(request: Request) -> dict:
             "max_queue": s.max_queue,
             "workers": s.workers,
             "body_timeout_s": codec.BODY_TIMEOUT_S,
-            "torch_threads": s.torch_threads,
+            # What the device workers use: the setting, or on the CPU the default chosen from the cores.
+            "torch_threads": engine.torch_threads if engine else s.torch_threads,
             "job_timeout_s": s.job_timeout_s,
             "seed_cache_size": s.seed_cache_size,
+            "quantizer_cache_size": s.quantizer_cache_size,
         },
         "media_types": ["application/json", "application/x-safetensors"],
         # KV-cache recipes (docs/EVALUATION.md): a client quantizes keys with key_variant / key_bits and values
@@ -97,7 +100,7 @@ def describe(q: Quantizer) -> dict:
 async def quantizer(
     request: Request,
     variant: str = Query(..., description="a served variant"),
-    dim: int = Query(..., description="a served dimension"),
+    dim: int = Query(..., description="a served dimension (GET /info: dims)"),
     bits: int = Query(..., description="a served bit width"),
     seed: int | None = Query(None, description="0..2^64-1; default: the server's default seed"),
 ) -> dict:

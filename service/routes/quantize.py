@@ -82,6 +82,7 @@ def encode(result: QuantizeResult, x: torch.Tensor, fmt: str) -> tuple[bytes | l
             codes=codec.tensor_to_array(result.codes),
             norms=codec.tensor_to_array(result.norms),
             shape=list(x.shape),
+            dtype=codec.dtype_name(x.dtype),
             bytes_in=bytes_in,
             bytes_out=bytes_out,
             compression_ratio=ratio,
@@ -95,6 +96,9 @@ def encode(result: QuantizeResult, x: torch.Tensor, fmt: str) -> tuple[bytes | l
     metadata = {
         **result.descriptor,
         "shape": json.dumps(list(x.shape)),
+        # The input's dtype (docs/FORMAT.md): /dequantize reads this key as the dtype to answer in, so the
+        # container posted back as it is restores float16 vectors as float16, not float32 at twice the size.
+        "dtype": codec.dtype_name(x.dtype),
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
         "compression_ratio": ratio,
@@ -118,8 +122,7 @@ async def quantize(request: Request) -> Response:
     metrics = get_state(request).metrics
     async with admitted(request, parse) as a:
         p = a.parsed
-        result = await a.engine.run(
-            a.engine.quantize_job,
+        result = await a.engine.quantize(
             p.variant,
             p.bits,
             p.seed,

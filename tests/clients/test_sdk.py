@@ -4,6 +4,11 @@ container, offline decoding with ``kernels``, and errors as typed exceptions."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -51,17 +56,20 @@ def test_round_trip_shapes_norms_and_error(client, vectors, dtype):
     # full: dim 64 -> 64 coded coordinates at 3 bits = 24 bytes a vector
     assert packed.codes.shape == (3, 50, 24) and packed.codes.dtype == np.uint8
     assert packed.norms.shape == (3, 50) and packed.norms.dtype == np.float32
+    assert packed.shape == (3, 50, 64) and packed.batch_shape == (3, 50) and len(packed) == 3
     assert (packed.variant, packed.dim, packed.bits, packed.seed, packed.format_version) == ("full", 64, 3, 0, 1)
+    assert packed.dtype == np.dtype(dtype).name
     assert len(packed.fingerprint) == 16
     np.testing.assert_allclose(packed.norms, np.linalg.norm(x.astype(np.float64), axis=-1), rtol=1e-5)
     assert packed.bytes_in == x.nbytes and packed.compression_ratio == x.nbytes / (150 * 24 + 150 * 4)
 
-    x_hat = client.dequantize(packed)
-    assert x_hat.shape == (3, 50, 64) and x_hat.dtype == np.float32
+    x_hat = client.dequantize(packed)  # in the input's dtype, which the codes record
+    assert x_hat.shape == (3, 50, 64) and x_hat.dtype == dtype
+    x_hat = client.dequantize(packed, dtype="float32")
     relative = np.linalg.norm(x_hat - x, axis=-1) / np.linalg.norm(x.astype(np.float32), axis=-1)
     assert 0.05 < relative.mean() < 0.3  # 3 bits on 64 coordinates: ~0.18
 
-    x_hat2, stats = client.dequantize(packed, reference=x)
+    x_hat2, stats = client.dequantize(packed, reference=x, dtype="float32")
     np.testing.assert_array_equal(x_hat2, x_hat)
     assert isinstance(stats, Distortion) and stats.n_vectors == 150
     err = x.astype(np.float64) - x_hat.astype(np.float64)
@@ -101,12 +109,19 @@ def test_seeds_and_variants(client, vectors):
 
 def test_single_vector_and_lists(client, vectors):
     packed = client.quantize(vectors[0, 0])  # shape [dim]: leading shape ()
-    assert packed.shape == () and packed.codes.shape == (24,) and packed.norms.shape == ()
+    assert packed.shape == (64,) and packed.batch_shape == () and packed.codes.shape == (24,)
+    assert packed.norms.shape == ()
     assert client.dequantize(packed).shape == (64,)
     from_lists = client.quantize(vectors[0, :2].tolist())
     np.testing.assert_array_equal(from_lists.codes, client.quantize(vectors[0, :2]).codes)
     from_f64 = client.quantize(vectors[0, :2].astype(np.float64))  # sent as float32
     np.testing.assert_array_equal(from_f64.codes, from_lists.codes)
+    # The ratio is against what the caller holds (8 bytes a coordinate), the dtype what it was quantized in.
+    assert (from_f64.bytes_in, from_f64.dtype) == (2 * 64 * 8, "float32")
+    assert from_f64.compression_ratio == 2 * 64 * 8 / (2 * 24 + 2 * 4)
+    from_int8 = client.quantize(np.ones((2, 64), np.int8))
+    assert (from_int8.bytes_in, from_int8.dtype) == (2 * 64, "float32") and from_int8.compression_ratio < 3
+    assert (from_lists.bytes_in, from_lists.dtype) == (2 * 64 * 4, "float32")  # lists: the float32 sent
 
 
 def test_torch_tensors_duck_typed(client, vectors):
@@ -178,8 +193,8 @@ def test_server_errors_are_typed(client, server, vectors):
     assert (info.value.type, info.value.field) == ("unsupported_value", "variant")
 
     with pytest.raises(ValidationError) as info:
-        client.quantize(np.ones((2, 65), np.float32))
-    assert info.value.field == "vectors" and "dim 65 is not served" in info.value.message
+        client.quantize(np.ones((2, 4097), np.float32))
+    assert info.value.field == "vectors" and "dim 4097 is not served; allowed: 2-4096" in info.value.message
 
     bad = np.ones((2, 64), np.float32)
     bad[1, 3] = np.nan
@@ -258,3 +273,105 @@ def test_async_round_trip_matches_sync(client, server, vectors):
         np.testing.assert_array_equal(packed.codes, expected.codes[i])
     np.testing.assert_array_equal(hat, expected_hat)
     assert stats.n_vectors == 150
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 17: dtypes remembered, quality from quantize, PackedCodes as an array, waiting for readiness
+
+
+def test_slices_and_concatenations_are_the_codes_of_those_vectors(client, vectors):
+    x = vectors.reshape(150, 64)
+    whole = client.quantize(x, bits=4)
+    assert whole[10:20].to_bytes() == client.quantize(x[10:20], bits=4).to_bytes()
+    assert whole[[3, 7]].to_bytes() == client.quantize(x[[3, 7]], bits=4).to_bytes()
+    parts = [client.quantize(x[:40], bits=4), client.quantize(x[40:], bits=4)]
+    assert PackedCodes.concatenate(parts).to_bytes() == whole.to_bytes()
+    grid = client.quantize(vectors, bits=4)
+    assert grid[1].to_bytes() == client.quantize(vectors[1], bits=4).to_bytes() and len(grid) == 3
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "json"])
+def test_float16_codes_come_back_float16(server, vectors, fmt):
+    x = vectors.astype(np.float16)
+    with IsoQuantClient(server.url, api_key=API_KEY, format=fmt) as c:
+        packed = c.quantize(x, bits=3)
+        assert packed.dtype == "float16" and packed.bytes_in == x.nbytes
+        restored = c.dequantize(packed)
+        assert restored.dtype == np.float16 and restored.nbytes == x.nbytes  # not float32 at twice the size
+        np.testing.assert_array_equal(restored, c.dequantize(packed, dtype="float16"))
+        assert c.dequantize(packed, dtype="float32").dtype == np.float32  # an explicit dtype still wins
+
+
+def test_bfloat16_tensors_are_recorded_as_bfloat16(client, server, vectors, tmp_path):
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(vectors).to(torch.bfloat16)
+    packed = client.quantize(t)
+    assert packed.dtype == "bfloat16" and packed.bytes_in == t.numel() * 2
+    assert client.dequantize(packed).dtype == np.float32  # numpy has no bfloat16: the float32 reconstruction
+    path = tmp_path / "bf16.safetensors"
+    packed.save(path)
+    raw = httpx.post(server.url + "/dequantize", content=path.read_bytes(),
+                     headers={"Content-Type": "application/x-safetensors", "Authorization": f"Bearer {API_KEY}"})
+    assert raw.status_code == 200
+    from isoquant_format import parse
+
+    assert parse(raw.content)[0]["vectors"].dtype == "bfloat16"  # the service restores bfloat16 for others
+
+
+def test_quantize_returns_the_round_trip_quality(server, vectors):
+    with IsoQuantClient(server.url, api_key=API_KEY) as c, \
+            IsoQuantClient(server.url, api_key=API_KEY, max_batch_vectors=40) as split:
+        packed = c.quantize(vectors, bits=3, return_distortion=True)
+        _, reference = c.dequantize(packed, reference=vectors, dtype="float32")
+        chunked = split.quantize(vectors, bits=3, return_distortion=True)
+        assert c.quantize(vectors, bits=3).distortion is None
+    d = packed.distortion
+    assert d.n_vectors == 150 and 0.1 < d.mean_relative_error < 0.3 and 0.95 < d.mean_cosine_similarity < 1
+    for name in ("mse", "mean_relative_error", "max_relative_error", "mean_cosine_similarity",
+                 "min_cosine_similarity"):
+        assert getattr(d, name) == pytest.approx(getattr(reference, name), rel=1e-5), name
+        assert getattr(chunked.distortion, name) == pytest.approx(getattr(d, name), rel=1e-9), name
+    assert PackedCodes.from_bytes(packed.to_bytes()).distortion == d  # recorded in the file
+
+
+def test_wait_ready_returns_when_ready_and_names_what_it_waited_for(client):
+    body = client.wait_ready(timeout=5)
+    assert body["status"] == "ready" and body["device"] == "cpu"
+    with IsoQuantClient("http://127.0.0.1:9", timeout=2) as nobody:
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="nothing answered at http://127.0.0.1:9 for 1 s"):
+            nobody.wait_ready(timeout=1.0, interval=0.2)
+        assert time.monotonic() - started < 3
+
+
+@pytest.mark.integration  # starts its own service process
+def test_wait_ready_waits_for_a_server_that_is_still_starting(tmp_path):
+    """The server's port opens a moment after the wait began (starting, then warming up): the SDK and the CLI
+    wait for it instead of failing after their retries."""
+    from tests import live_service
+    from tests.clients.conftest import BASE_ENV
+
+    port = live_service.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ISOQUANT_")}
+    env.update(BASE_ENV, PYTHONPATH=str(live_service.REPO))
+
+    def start_later():
+        time.sleep(1.5)
+        return subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(start_later)
+        try:
+            with IsoQuantClient(f"http://127.0.0.1:{port}") as c:
+                body = c.wait_ready(timeout=90)
+                assert body["status"] == "ready" and c.ready() is True
+
+            async def again():
+                async with AsyncIsoQuantClient(f"http://127.0.0.1:{port}") as a:
+                    return await a.wait_ready(timeout=10)
+            assert asyncio.run(again())["status"] == "ready"
+        finally:
+            process = later.result()
+            process.terminate()
+            process.wait(timeout=20)

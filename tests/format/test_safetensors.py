@@ -425,3 +425,42 @@ def test_differential_every_container_we_accept_the_package_accepts_identically(
     theirs = _reference(body)
     assert theirs is not None, "we accepted a container the safetensors package refuses"
     assert {name: (DTYPE_CODES[t.dtype], list(t.shape), bytes(t.data)) for name, t in ours.items()} == theirs
+
+
+# ------------------------------------------------------------------------------------------------
+# Empty tensors and the recorded dtype
+
+
+@pytest.mark.parametrize("shape", [[0, 768], [0, 4096], [3, 0], [0, 1 << 32]])
+def test_a_tensor_without_elements_may_have_dimensions_beyond_the_body(shape):
+    """[0, 768] takes no bytes: the body's size cannot bound its 768. Up to MAX_EMPTY_DIM; the package agrees."""
+    body = _container({"vectors": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}})
+    assert len(body) < 768
+    tensors, _ = parse(body)
+    assert tensors["vectors"].shape == tuple(shape) and bytes(tensors["vectors"].data) == b""
+    assert safetensors.numpy.load(bytes(body))["vectors"].shape == tuple(shape)
+
+
+def test_a_tensor_without_elements_is_still_bounded():
+    assert isoquant_format.MAX_EMPTY_DIM == 1 << 32
+    body = _container({"vectors": {"dtype": "F32", "shape": [0, (1 << 32) + 1], "data_offsets": [0, 0]}})
+    with pytest.raises(FormatError) as info:
+        parse(body)
+    assert info.value.field == "vectors.shape" and "to 4294967296 in a tensor without elements" in info.value.message
+    # With elements, the body's size stays the bound (the byte count could not match anyway).
+    body = _container({"vectors": {"dtype": "U8", "shape": [1, 200], "data_offsets": [0, 200]}}, b"\0" * 100)
+    with pytest.raises(FormatError, match="each from 0 to the body's size"):
+        parse(body)
+
+
+def test_vector_dtype_reads_the_recorded_dtype_and_defaults_to_float32():
+    from isoquant_format import DEFAULT_VECTOR_DTYPE, VECTOR_DTYPES, vector_dtype
+
+    assert VECTOR_DTYPES == ("float16", "bfloat16", "float32") and DEFAULT_VECTOR_DTYPE == "float32"
+    assert [vector_dtype({"dtype": d}) for d in VECTOR_DTYPES] == list(VECTOR_DTYPES)
+    assert vector_dtype({}) == "float32"  # a container written before the key existed
+    assert vector_dtype({"dtype": " float16 "}) == "float16"
+    for bad in ("float64", "uint8", "", "F16"):
+        with pytest.raises(FormatError) as info:
+            vector_dtype({"dtype": bad})
+        assert info.value.field == "dtype" and "float16, bfloat16, float32" in info.value.message

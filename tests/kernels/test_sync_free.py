@@ -89,3 +89,31 @@ def test_ops_capture_in_a_cuda_graph_and_replay_like_eager(variant):
     torch.cuda.synchronize()
     for got, want in zip((captured.codes, captured.norms, decoded, x_hat, sq_err), eager, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _rows_independent_of_batch(q: Quantizer, dtype: torch.dtype, device: str) -> None:
+    """What the service's dynamic batching relies on: a row's codes, norm and reconstruction do not depend on
+    the batch it came in (its size picks another tile, warps and elements a thread on the GPU)."""
+    sizes = [1, 3, 17, 64, 250, 4099, 9000]  # spans the small-batch, shrunken and full tiles
+    parts = [torch.randn(n, q.dim, device=device).to(dtype) for n in sizes]
+    joined = q.quantize(torch.cat(parts))
+    decoded = q.dequantize(joined, dtype)
+    start = 0
+    for x in parts:
+        alone = q.quantize(x)
+        rows = slice(start, start + x.shape[0])
+        start += x.shape[0]
+        assert torch.equal(alone.codes, joined.codes[rows]) and torch.equal(alone.norms, joined.norms[rows])
+        assert torch.equal(q.dequantize(alone, dtype), decoded[rows])
+
+
+@pytest.mark.parametrize("variant", ["full", "hadamard"])
+def test_rows_do_not_depend_on_their_batch(variant):
+    _rows_independent_of_batch(Quantizer(variant, 64, 3), torch.float32, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["full", "fast", "2d", "identity", "hadamard", "kronecker", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rows_do_not_depend_on_their_batch_gpu(variant, dtype):
+    _rows_independent_of_batch(Quantizer(variant, 128, 3, device="cuda"), dtype, "cuda")

@@ -36,7 +36,7 @@ async def test_quantize_json_matches_library(client):
     assert codes.dtype == torch.uint8 and list(codes.shape) == [37, q.code_bytes]
     assert codes.numpy().tobytes() == packed.codes.numpy().tobytes()
     assert torch.equal(norms, packed.norms)
-    assert body["shape"] == [37, 128]
+    assert body["shape"] == [37, 128] and body["dtype"] == "float16"
     assert body["bytes_in"] == 37 * 128 * 2
     assert body["bytes_out"] == 37 * q.code_bytes + 37 * 4
     assert body["compression_ratio"] == pytest.approx(body["bytes_in"] / body["bytes_out"])
@@ -49,7 +49,7 @@ async def test_nested_lists_are_float32(client):
     assert r.status_code == 200, r.text
     packed = Quantizer("2d", 64, 3).quantize(x)
     assert unb64(r.json()["codes"]).numpy().tobytes() == packed.codes.numpy().tobytes()
-    assert r.json()["bytes_in"] == 5 * 64 * 4
+    assert r.json()["bytes_in"] == 5 * 64 * 4 and r.json()["dtype"] == "float32"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -118,7 +118,8 @@ async def test_dequantize_of_quantize_safetensors_response(client, dtype):
         headers={"content-type": SAFETENSORS},
     )
     assert r.status_code == 200
-    # The /quantize container is a /dequantize request once the output dtype is added to its metadata.
+    # The /quantize container records its input's dtype; a dtype in the metadata asks for another.
+    assert _metadata(r.content)["dtype"] == "bfloat16"
     tensors, meta = st_load(r.content), {**_metadata(r.content), "dtype": dtype}
     d = await client.post("/dequantize", content=st_save(tensors, metadata=meta), headers={"content-type": SAFETENSORS})
     assert d.status_code == 200, d.text[:300]
@@ -226,7 +227,7 @@ async def test_info_and_docs(client):
     info = (await client.get("/info")).json()
     assert info["device"] == "cpu" and info["backend"] == "torch" and info["ready"] is True
     assert info["variants"] == ["full", "fast", "2d", "dense", "hadamard", "identity", "kronecker"]
-    assert info["dtypes"] == ["float16", "bfloat16", "float32"] and 128 in info["dims"] and info["bits"][0] == 1
+    assert info["dtypes"] == ["float16", "bfloat16", "float32"] and info["dims"] == "2-4096" and info["bits"][0] == 1
     assert info["warm_set"] == {
         "variants": ["full", "fast", "2d"],
         "dims": [64, 128],
@@ -288,7 +289,95 @@ async def test_openapi_describes_every_answer_and_the_served_values(client):
     components = schema["components"]["schemas"]
     assert components["QuantizeRequest"]["properties"]["variant"]["enum"] == info["variants"]
     assert components["QuantizeRequest"]["properties"]["bits"]["enum"] == info["bits"]
-    assert components["Descriptor"]["properties"]["dim"]["enum"] == info["dims"]
     query = {p["name"]: p["schema"] for p in schema["paths"]["/quantizer"]["get"]["parameters"]}
-    assert query["variant"]["enum"] == info["variants"] and query["dim"]["enum"] == info["dims"]
-    assert query["bits"]["enum"] == info["bits"]
+    assert query["variant"]["enum"] == info["variants"] and query["bits"]["enum"] == info["bits"]
+    # info["dims"] is "2-4096"; the schema's dim constraint is checked by the test below.
+    assert "dtype" in components["QuantizeResponse"]["properties"]
+    assert "mean_cosine_similarity" in components["Distortion"]["properties"]
+
+
+def test_served_constraints_use_a_range_for_contiguous_dims():
+    from service.schemas import served_constraints
+
+    wide = served_constraints(settings())
+    assert wide["dim"] == {"minimum": 2, "maximum": 4096} and wide["bits"] == {"enum": list(range(1, 9))}
+    assert served_constraints(settings(dims="64-128", warm_dims=[64, 128]))["dim"] == {"minimum": 64, "maximum": 128}
+    assert served_constraints(settings(dims=[64, 128], warm_dims=[64]))["dim"] == {"enum": [64, 128]}
+    assert wide["variant"] == {"enum": ["full", "fast", "2d", "dense", "hadamard", "identity", "kronecker"]}
+
+
+async def test_openapi_dim_is_a_range_not_an_enum_of_4095_values(client):
+    schema = (await client.get("/openapi.json")).json()
+    dim = schema["components"]["schemas"]["Descriptor"]["properties"]["dim"]  # (a request's dim is its shape)
+    assert "enum" not in dim and (dim["minimum"], dim["maximum"]) == (2, 4096)
+    query = {p["name"]: p["schema"] for p in schema["paths"]["/quantizer"]["get"]["parameters"]}
+    assert "enum" not in query["dim"] and (query["dim"]["minimum"], query["dim"]["maximum"]) == (2, 4096)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+async def test_codes_restore_their_dtype_when_posted_back(client, dtype):
+    """The codes remember the input's dtype: the /quantize answer posted back as it is (JSON or safetensors)
+    answers in it, not in float32 at twice the size of float16."""
+    x = _vectors(16, 768, dtype, seed=8)  # an embedding size, served by default
+    q = Quantizer("full", 768, 3)
+    expected = q.dequantize(q.quantize(x), dtype)
+    j = await client.post("/quantize", json={"vectors": b64(x), "variant": "full", "bits": 3})
+    assert j.status_code == 200, j.text
+    d = await client.post("/dequantize", content=j.content, headers={"content-type": "application/json"})
+    assert d.status_code == 200, d.text
+    name = str(dtype).removeprefix("torch.")
+    assert d.json()["vectors"]["dtype"] == name and torch.equal(unb64(d.json()["vectors"]), expected)
+    b = await client.post("/quantize", content=st_save({"vectors": x}), headers={"content-type": SAFETENSORS})
+    d = await client.post("/dequantize", content=b.content, headers={"content-type": SAFETENSORS})
+    assert d.status_code == 200, d.text
+    assert torch.equal(st_load(d.content)["vectors"], expected)
+    assert _metadata(d.content)["dtype"] == str(dtype).removeprefix("torch.")
+
+
+async def test_codes_without_a_dtype_decode_as_float32(client):
+    """A container written before the dtype was recorded (or a JSON request without it) answers float32."""
+    x = _vectors(4, 64, torch.float16)
+    r = await client.post("/quantize", content=st_save({"vectors": x}), headers={"content-type": SAFETENSORS})
+    meta = {k: v for k, v in _metadata(r.content).items() if k != "dtype"}
+    d = await client.post(
+        "/dequantize", content=st_save(st_load(r.content), metadata=meta), headers={"content-type": SAFETENSORS}
+    )
+    assert d.status_code == 200 and st_load(d.content)["vectors"].dtype == torch.float32
+    body = (await client.post("/quantize", json={"vectors": b64(x)})).json()
+    del body["dtype"]
+    d = await client.post("/dequantize", json=body)
+    assert d.status_code == 200 and d.json()["vectors"]["dtype"] == "float32"
+
+
+async def test_cosine_similarity_in_the_distortion(client):
+    x = _vectors(50, 384, torch.float32, seed=12)
+    x[3] = 0  # both zero: cosine 1 by definition
+    r = await client.post("/quantize", json={"vectors": b64(x), "variant": "full", "bits": 4,
+                                             "return_reconstruction": True, "return_distortion": True})
+    body = r.json()
+    x_hat = unb64(body["reconstruction"]).double()
+    cos = torch.nn.functional.cosine_similarity(x.double(), x_hat, dim=-1)
+    cos[3] = 1.0
+    assert body["distortion"]["mean_cosine_similarity"] == pytest.approx(float(cos.mean()), rel=1e-9)
+    assert body["distortion"]["min_cosine_similarity"] == pytest.approx(float(cos.min()), rel=1e-9)
+    assert 0.99 < body["distortion"]["mean_cosine_similarity"] < 1.0  # 4 bits: ~0.995 on random vectors
+
+
+@pytest.mark.parametrize("dim", [2, 384, 768, 1000, 1536, 4096])
+async def test_every_dim_the_library_supports_is_served(client, dim):
+    """Embedding sizes once refused by default (384, 768, 1536), odd sizes, and the ends of the range; quantizers
+    of dims outside the warm set are built on first use."""
+    x = _vectors(3, dim, torch.float16, seed=dim)
+    r = await client.post("/quantize", json={"vectors": b64(x), "variant": "fast", "bits": 3})
+    assert r.status_code == 200, r.text
+    q = Quantizer("fast", dim, 3)
+    assert unb64(r.json()["codes"]).numpy().tobytes() == q.quantize(x).codes.numpy().tobytes()
+
+
+async def test_root_points_to_the_docs_and_health(client):
+    r = await client.get("/")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["docs"] == "/docs" and body["health"] == {"live": "/health/live", "ready": "/health/ready"}
+    for path in (body["docs"], body["openapi"], body["health"]["live"], body["health"]["ready"], body["metrics"]):
+        assert (await client.get(path)).status_code == 200, path

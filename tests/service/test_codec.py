@@ -164,3 +164,16 @@ def test_parse_safetensors_refuses_deep_nesting_and_non_string_dtypes():
     assert info.value.field == "vectors" and "F16" not in info.value.message and "float16" in info.value.message
     with pytest.raises(MalformedBody):
         codec.parse_json(b"[" * 60000)
+
+
+@pytest.mark.parametrize("shape", [[0, 768], [0, 4096], [2, 0, 1536], [0]])
+def test_parse_safetensors_takes_an_empty_batch_of_any_dim(shape):
+    """A tensor without elements takes no bytes, so a small body may hold a [0, 768] batch: it parses (and the
+    route answers 422 "no vectors"), where the body's size once bounded every dimension (a 400)."""
+    body = codec.dump_safetensors({"vectors": torch.zeros(shape)}, {"variant": "full"})
+    assert len(body) < 768
+    tensors, meta = codec.parse_safetensors(body)
+    assert list(tensors["vectors"].shape) == shape and meta == {"variant": "full"}
+    header = json.dumps({"vectors": {"dtype": "F32", "shape": [0, (1 << 32) + 1], "data_offsets": [0, 0]}}).encode()
+    with pytest.raises(MalformedBody, match="without elements"):  # still bounded: 2^32 at most
+        codec.parse_safetensors(struct.pack("<Q", len(header)) + header)

@@ -11,6 +11,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save as st_save
 
+from service.metrics import COMMON_DIMS, dim_label
 from tests.service.conftest import SAFETENSORS, b64
 
 pytestmark = pytest.mark.anyio
@@ -32,6 +33,10 @@ async def exposition(app) -> str:
         headers={"content-type": SAFETENSORS},
     )
     assert r.status_code == 200
+    # Dims outside the common sizes and the warm set: their label is a power-of-two bucket.
+    for dim in (100, 300, 768, 4096):
+        r = await client.post("/quantize", json={"vectors": b64(torch.randn(3, dim)), "variant": "fast", "bits": 2})
+        assert r.status_code == 200, r.text
     # Refused requests must not create label values outside the allowlist.
     assert (await client.post("/quantize", json={"vectors": b64(x), "variant": "rotor<script>"})).status_code == 422
     assert (await client.get("/no/such/route")).status_code == 404
@@ -63,7 +68,8 @@ async def test_kernel_histogram_labels_and_buckets(exposition):
     }
     assert ("quantize", "full", "128", "3", "float16") in series
     assert ("roundtrip", "full", "128", "3", "float16") in series
-    assert ("dequantize", "full", "128", "3", "float32") in series
+    # The /quantize answer posted back carries its input's dtype: the dequantize ran in float16.
+    assert ("dequantize", "full", "128", "3", "float16") in series
     assert ("quantize", "2d", "64", "3", "float32") in series
     bounds = sorted({float(s.labels["le"]) for s in buckets})
     assert bounds[0] == 1e-6 and bounds[-2] == 1.0 and bounds[-1] == float("inf")
@@ -91,7 +97,7 @@ async def test_counters_and_gauges(exposition):
     assert value("isoquant_vectors", op="quantize", variant="full", dim="128", bits="3") >= 100
     assert value("isoquant_vectors", op="dequantize", variant="full", dim="128", bits="3") >= 100
     assert value("isoquant_payload_bytes", op="quantize", direction="in") >= 100 * 128 * 2 + 7 * 64 * 4
-    assert value("isoquant_payload_bytes", op="dequantize", direction="out") >= 100 * 128 * 4
+    assert value("isoquant_payload_bytes", op="dequantize", direction="out") >= 100 * 128 * 2  # float16 restored
     assert f["isoquant_batch_size_vectors"].type == "histogram"
     assert f["isoquant_reconstruction_relative_error"].type == "histogram"
     assert value("isoquant_reconstruction_relative_error", variant="full", dim="128", bits="3") >= 1
@@ -112,7 +118,8 @@ async def test_label_values_stay_on_the_allowlist(exposition):
     assert "rotor" not in exposition and "/no/such/route" not in exposition
     allowed = {
         "variant": {"full", "fast", "2d", "dense", "hadamard", "identity"},
-        "dim": {"32", "64", "96", "128", "256", "512", "1024"},
+        # Every dim 2-4096 is served; the label is the dim for the common sizes and the warm set, else a bucket.
+        "dim": {str(d) for d in COMMON_DIMS} | {f"le_{1 << k}" for k in range(1, 13)},
         "bits": {str(b) for b in range(1, 9)},
         "dtype": {"float16", "bfloat16", "float32"},
         "op": {"quantize", "dequantize", "roundtrip"},
@@ -122,3 +129,32 @@ async def test_label_values_stay_on_the_allowlist(exposition):
             for key, values in allowed.items():
                 if key in sample.labels:
                     assert sample.labels[key] in values, (sample.name, sample.labels)
+
+
+async def test_dim_label_is_the_dim_or_its_power_of_two_bucket(exposition):
+    samples = _samples(exposition)["isoquant_vectors"].samples
+    dims = {s.labels["dim"] for s in samples if s.labels.get("op") == "quantize"}
+    # 100 -> (64, 128], 300 -> (256, 512]; 768 and 4096 are common sizes; 128 and 64 are warm (and common).
+    assert {"le_128", "le_512", "768", "4096", "128", "64"} <= dims
+    assert not {"100", "300"} & dims
+
+
+def test_dim_label_bounds():
+    exact = frozenset({64, 128, 768})
+    assert [dim_label(d, exact) for d in (2, 3, 4, 5, 64, 65, 100, 128, 129, 768, 769, 4095, 4096)] == [
+        "le_2", "le_4", "le_4", "le_8", "64", "le_128", "le_128", "128", "le_256", "768", "le_1024", "le_4096",
+        "le_4096"]  # fmt: skip
+    # Every served dim maps into at most len(exact) + 12 values, whatever clients send.
+    labels = {dim_label(d, exact) for d in range(2, 4097)}
+    assert len(labels) == len(exact) + 12
+
+
+def test_a_short_served_list_labels_each_dim_exactly():
+    from service.metrics import Metrics
+    from tests.service.conftest import settings
+
+    m = Metrics(settings(dims=[64, 100, 128, 300], warm_dims=[64]), "test")
+    assert [m.label("dim", d) for d in (64, 100, 300, 128)] == ["64", "100", "300", "128"]
+    assert m.label("dim", 5000) == "other" and m.label("dim", "100") == "other" and m.label("dim", 101) == "other"
+    wide = Metrics(settings(), "test")  # the default: 2-4096, bucketed outside the common sizes and warm set
+    assert [wide.label("dim", d) for d in (100, 128, 384, 385)] == ["le_128", "128", "384", "le_512"]

@@ -1,0 +1,74 @@
+"""Dynamic batching (the model: Triton Inference Server's dynamic batcher): concurrent small requests of the
+same kind (same quantizer, op and dtype) that arrive within ``ISOQUANT_BATCH_DELAY_MS`` of the first are
+joined into one device job, one kernel launch, and the results are split back by rows.
+
+Why: a small request costs the device a few microseconds but the host a kernel launch, a synchronize and a
+copy each (~100 us on a GPU host: docs/BENCHMARKS.md), so with many concurrent clients of 1-128 vectors the
+launches, not the device, bound the throughput. Off by default (delay 0): a request then waits for nobody.
+
+The ``Coalescer`` only groups and times: it lives on the event loop (no locks), and hands each formed group
+to a ``launch`` callback (``Engine._launch_group``), which runs it on a device worker and resolves every
+member's future with its own result or its own error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.admission import Ticket
+
+
+@dataclass
+class Member:
+    """One request in a group: its job arguments, its row count, its queue ticket and the future its
+    handler awaits (resolved on the event loop)."""
+
+    args: tuple
+    rows: int
+    ticket: Ticket
+    future: asyncio.Future = field(repr=False)
+
+
+class Coalescer:
+    """Groups members by key; a group is launched ``delay_s`` after its first member arrived, or at once when
+    its rows reach ``max_rows``. Event-loop only."""
+
+    def __init__(self, delay_s: float, max_rows: int, launch: Callable[[Hashable, list[Member]], None]) -> None:
+        self.delay_s = delay_s
+        self.max_rows = max_rows
+        self._launch = launch
+        self._open: dict[Hashable, list[Member]] = {}
+        self._rows: dict[Hashable, int] = {}
+
+    def join(self, key: Hashable, args: tuple, rows: int, ticket: Ticket) -> asyncio.Future:
+        """Add a request to the open group of ``key`` (opening one, with its timer, if there is none); the
+        returned future gets the request's result or exception."""
+        loop = asyncio.get_running_loop()
+        member = Member(args, rows, ticket, loop.create_future())
+        group = self._open.get(key)
+        if group is None:
+            group = self._open[key] = []
+            self._rows[key] = 0
+            loop.call_later(self.delay_s, self._close, key, group)
+        group.append(member)
+        self._rows[key] += rows
+        if self._rows[key] >= self.max_rows:
+            self._close(key, group)
+        return member.future
+
+    def open_groups(self) -> int:
+        return len(self._open)
+
+    def _close(self, key: Hashable, group: list[Member]) -> None:
+        if self._open.get(key) is not group:  # launched already (full before its timer fired)
+            return
+        del self._open[key], self._rows[key]
+        self._launch(key, group)
+
+
+def split_rows(total: Any, counts: list[int]) -> list[Any]:
+    """A tensor [sum(counts), ...] -> views [counts[i], ...] along the first axis, in order."""
+    return list(total.split(counts)) if counts else []

@@ -1,0 +1,290 @@
+"""uvicorn's httptools protocol with bounds on what a client can send before the app sees a request.
+
+uvicorn's httptools protocol reads a request line and headers without any limit (h11 has
+``h11_max_incomplete_event_size``; httptools none): measured before this class, four requests with 128 MiB
+headers were answered 200 and left 558 MiB resident; 300 half-written requests were still open after 62 s;
+a request line sent one byte at a time over 90 s was served. All of that happens before authentication.
+``LimitedHttpToolsProtocol`` (``protocol_class(settings)``) adds, for every connection, in one process or
+under the supervisor:
+
+- a size bound on the request line and headers (``max_header_bytes``), counted on the raw bytes before the
+  parser sees them: httptools concatenates a header's fragments in its own buffer and calls ``on_header``
+  only once the header is complete, so counting there would come after the memory is spent. Over it:
+  431 and the connection closes;
+- a bound on their number (``max_headers``): 431;
+- a deadline for the request line and headers (``header_timeout_s``), from the connection's start or a
+  request's first byte until the end of its headers: 408 and the connection closes. A connection that
+  sends nothing gets it too (uvicorn's own keep-alive timer covers only idle connections that have had a
+  request);
+- the one error shape (``{"error": {"type", "message", "field"}}``, JSON) for these answers and for
+  requests httptools cannot parse (uvicorn answers those in plain text).
+
+After such an answer the connection stops parsing and discards what still arrives for at most
+``LINGER_S``, then closes: closing a socket with unread data makes the kernel send a reset, and a client
+still writing its 128 MiB header then loses the 431 instead of reading it (nginx's "lingering close").
+"""
+
+from __future__ import annotations
+
+import http
+import json
+import logging
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+# After a refusal, what the client still sends is read and dropped for at most this long, so that it can
+# finish writing and read the answer; then the connection closes whatever it does.
+LINGER_S = 2.0
+# Shutdown: how long after uvicorn stops accepting a request may still take beyond ISOQUANT_JOB_TIMEOUT_S
+# (its device job answers or times out within that; this covers the parse before it and the encoding after).
+SHUTDOWN_MARGIN_S = 2.0
+
+
+def graceful_shutdown_s(settings: Settings) -> float:
+    """uvicorn's timeout_graceful_shutdown: after it, requests still open are answered 503 (or cut, if their
+    answer had started) and their tasks cancelled."""
+    return settings.job_timeout_s + SHUTDOWN_MARGIN_S
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing: the request is answered with ``status``."""
+
+    def __init__(self, status: int, type_: str, message: str, field: str | None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.message, self.field = status, type_, message, field
+
+
+def error_response(status: int, type_: str, message: str, field: str | None, default_headers=()) -> bytes:
+    """A complete HTTP/1.1 response with the one error body that closes the connection."""
+    body = json.dumps({"error": {"type": type_, "message": message, "field": field}}).encode()
+    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode()]
+    lines += [name + b": " + value for name, value in default_headers]
+    lines += [b"content-type: application/json", b"content-length: %d" % len(body), b"connection: close"]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol with the header size, count and time bounds above (class attributes, set by
+    ``protocol_class``)."""
+
+    max_header_bytes = 64 << 10
+    max_headers = 100
+    header_timeout_s = 10.0
+    shutdown_grace_s = 62.0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # In the head phase (request line and headers still to come) from the connection's start and from
+        # the end of each request's body, until its headers are complete.
+        self._in_head = True
+        self._head_bytes = 0  # raw bytes received in this head phase (chunks that began in it)
+        self._parsed_bytes = 0  # URL and header bytes the parser reported for the current request
+        self._header_count = 0
+        self._head_timer = None
+        self._refused = False  # an error answer was written: drop what arrives, close soon
+
+    # -- connection ---------------------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # lingering: read and drop
+        if not self._in_head:
+            self._feed(data)
+            return
+        self._arm_head_timer()  # a keep-alive connection's next request starts with these bytes
+        room = self.max_header_bytes - self._head_bytes
+        if len(data) <= room:
+            self._head_bytes += len(data)
+            self._feed(data)
+            return
+        # The headers must end within the room left; what follows them (a body) goes to the parser after.
+        view = memoryview(data)
+        self._head_bytes += room
+        self._feed(view[:room])
+        if self._refused or self.transport.is_closing():
+            return
+        if self._in_head:
+            self._refuse(
+                431, "headers_too_large",
+                f"the request line and headers exceed {self.max_header_bytes} bytes", "headers",
+            )
+            return
+        self._feed(view[room:])
+
+    def _feed(self, data) -> None:
+        """uvicorn's ``data_received``, except that a refusal raised in a parser callback answers its own
+        status (httptools wraps it in HttpParserCallbackError, which uvicorn would answer with 400)."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            refused = exc.__context__
+            if isinstance(refused, _Refused):
+                self._refuse(refused.status, refused.type, refused.message, refused.field)
+            else:
+                self._refuse(400, "bad_request", f"not a valid HTTP/1.1 request: {exc}", None)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+
+    # -- parser callbacks ---------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._parsed_bytes = 0
+        self._header_count = 0
+        self._arm_head_timer()
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        # The raw count above covers every chunk that began in the head phase; a pipelined request whose
+        # head starts inside the previous request's last chunk is bounded here, by what the parser reports.
+        self._parsed_bytes += len(url)
+        if self._parsed_bytes > self.max_header_bytes:
+            raise _Refused(431, "headers_too_large", f"the request line exceeds {self.max_header_bytes} bytes", "url")
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._parsed_bytes += len(name) + len(value) + 4
+        if self._header_count > self.max_headers:
+            raise _Refused(431, "headers_too_large", f"more than {self.max_headers} headers", "headers")
+        if self._parsed_bytes > self.max_header_bytes:
+            raise _Refused(
+                431, "headers_too_large", f"the request line and headers exceed {self.max_header_bytes} bytes",
+                "headers",
+            )
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # The next bytes on this connection are the next request's head.
+        self._in_head = True
+        self._head_bytes = 0
+
+    # -- shutdown -----------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown begins (after the drain): idle connections close (uvicorn), a request
+        whose body is still arriving is answered 503 now rather than waited for, and a request still open
+        just before uvicorn's own deadline is answered 503 then: uvicorn cancels its task at the deadline
+        and would answer a plain-text 500."""
+        cycle = self.cycle
+        if self._refused or cycle is None or cycle.response_complete:
+            super().shutdown()
+            return
+        if cycle.more_body and not cycle.response_started:
+            self._answer_shutdown()
+            return
+        super().shutdown()
+        self.loop.call_later(max(self.shutdown_grace_s - 0.25, 0.0), self._shutdown_deadline)
+
+    def _shutdown_deadline(self) -> None:
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or self.transport.is_closing():
+            return
+        if cycle.response_started:
+            # Half an answer, unread by the client: abort (close would wait to flush it), so that the task
+            # blocked writing it ends now rather than be cancelled by uvicorn with a traceback in the log.
+            self.transport.abort()
+        else:
+            self._answer_shutdown()
+
+    def _answer_shutdown(self) -> None:
+        """503 shutting_down for the request in progress; the app's receive sees a disconnect and its own
+        answer, if any, is dropped."""
+        self.cycle.disconnected = True
+        self.cycle.message_event.set()
+        self._refuse(
+            503, "shutting_down", "the service is shutting down; retry on another instance", None, current=True
+        )
+
+    # -- answers of the protocol itself -------------------------------------------------------------
+
+    def _refuse(self, status: int, type_: str, message: str, field: str | None, current: bool = False) -> None:
+        """Answer ``status`` and close: the parser is not fed again; what the client still sends is read and
+        dropped for at most ``LINGER_S`` so that it can read this answer. ``current``: the answer is for the
+        request in progress (shutdown), not for a head being read."""
+        if self._refused or self.transport.is_closing():
+            return
+        self._refused = True
+        self._cancel_head_timer()
+        log.info("%s: %d %s: %s", self._peer(), status, type_, message)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and (cycle.response_started or not current):
+            # A response is being written, or this refuses a pipelined request's head while the request
+            # before it has no answer yet (the client would take this one for that one's): just close.
+            self.transport.close()
+            return
+        self.transport.write(error_response(status, type_, message, field, self.server_state.default_headers))
+        self.flow.resume_reading()  # read and drop, even if uvicorn had paused reading
+        try:
+            self.transport.write_eof()  # the client sees the end of the answer at once
+        except (NotImplementedError, AttributeError, RuntimeError, OSError):
+            pass
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+    def _peer(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "client"
+
+    # -- the head deadline --------------------------------------------------------------------------
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None and not self._refused:
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self._refused or self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # Still answering the previous request (reading is paused while a pipelined request waits):
+            # the client is not the slow one. Look again later.
+            self._arm_head_timer()
+            return
+        self._refuse(
+            408, "request_timeout", f"the request line and headers did not arrive within {self.header_timeout_s} s",
+            "headers",
+        )
+
+
+def protocol_class(settings: Settings) -> type[LimitedHttpToolsProtocol]:
+    """The protocol class for uvicorn.Config(http=...), with this process's limits."""
+    return type(
+        "LimitedHttpToolsProtocol",
+        (LimitedHttpToolsProtocol,),
+        {
+            "max_header_bytes": settings.max_header_bytes,
+            "max_headers": settings.max_headers,
+            "header_timeout_s": settings.header_timeout_s,
+            "shutdown_grace_s": graceful_shutdown_s(settings),
+        },
+    )
+
+
