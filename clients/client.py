@@ -4,8 +4,9 @@ numpy in, numpy out, over httpx; torch tensors are accepted by duck typing (``.d
 and torch is never imported. Bodies are safetensors containers by default (``format="json"`` sends the
 JSON/base64 API instead). Batches larger than the server's limits (GET /info: ``max_vectors``,
 ``max_request_bytes``) are split into requests that fit and reassembled in order; since every vector is
-coded on its own, the result is byte-identical to one call. 429 and 503 answers are retried with
-exponential backoff, never sooner than the server's Retry-After, at most ``max_retries`` times; every
+coded on its own, the result is byte-identical to one call. 429 and 503 answers, and connections closed
+before any answer (a stopping server), are retried with exponential backoff, never sooner than the server's
+Retry-After, at most ``max_retries`` times; every
 other failure raises an :mod:`clients.errors` exception carrying the server's type, message and field.
 
     >>> from clients import IsoQuantClient
@@ -125,6 +126,16 @@ class _Core:
             return None
         delay = min(self.max_backoff, self.backoff * (2**attempt)) * random.uniform(0.5, 1.0)
         return max(delay, retry_after or 0.0)
+
+    def dropped_retry_delay(self, attempt: int, exc: httpx.TransportError) -> float | None:
+        """Seconds to wait before retrying a request whose connection closed before any answer arrived, or None
+        to raise. That is what a client sees from a server process or pod that is stopping (no load balancer
+        in front, or one that has not noticed yet); every route is a pure function of its body, so sending it
+        again gets the answer the first would have had. Timeouts and refused connections are not retried: the
+        work may still be running, or nothing is listening."""
+        if attempt >= self.max_retries or not isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
+            return None
+        return min(self.max_backoff, self.backoff * (2**attempt)) * random.uniform(0.5, 1.0)
 
     @staticmethod
     def check(response: httpx.Response, attempts: int) -> httpx.Response:
@@ -352,7 +363,8 @@ class IsoQuantClient:
         api_key: sent as ``Authorization: Bearer <key>`` (default: $ISOQUANT_API_KEY, if set).
         timeout: seconds for connecting and for each read/write of one request.
         format: ``"safetensors"`` (binary, default) or ``"json"`` (base64 arrays).
-        max_retries: retries of a request answered 429 or 503 (0 disables retries).
+        max_retries: retries of a request answered 429 or 503, or whose connection closed before any answer
+            (0 disables retries).
         backoff, max_backoff: the exponential backoff, in seconds: ``backoff * 2**attempt`` up to ``max_backoff``.
         max_retry_wait: give up at once when the server's Retry-After asks for more seconds than this.
         max_batch_vectors: split batches into requests of at most this many vectors (besides /info's limits).
@@ -395,7 +407,14 @@ class IsoQuantClient:
                 response = self._http.request(method, self._core.base_url + path, content=content,
                                               headers=headers or self._core.headers(), params=params)
             except httpx.TransportError as exc:  # timeouts included
-                raise self._core.transport_error(method, path, exc, attempt + 1) from None
+                delay = self._core.dropped_retry_delay(attempt, exc)
+                if delay is None:
+                    raise self._core.transport_error(method, path, exc, attempt + 1) from None
+                with self._lock:
+                    self.retries += 1
+                time.sleep(delay)
+                attempt += 1
+                continue
             if response.status_code in (429, 503):
                 delay = self._core.retry_delay(attempt, response)
                 if delay is not None:
@@ -537,7 +556,13 @@ class AsyncIsoQuantClient:
                 response = await self._http.request(method, self._core.base_url + path, content=content,
                                                     headers=headers or self._core.headers(), params=params)
             except httpx.TransportError as exc:  # timeouts included
-                raise self._core.transport_error(method, path, exc, attempt + 1) from None
+                delay = self._core.dropped_retry_delay(attempt, exc)
+                if delay is None:
+                    raise self._core.transport_error(method, path, exc, attempt + 1) from None
+                self.retries += 1
+                await asyncio.sleep(delay)
+                attempt += 1
+                continue
             if response.status_code in (429, 503):
                 delay = self._core.retry_delay(attempt, response)
                 if delay is not None:

@@ -197,3 +197,74 @@ def test_not_ready_503_is_retried_until_warm(vectors):
             assert packed.codes.shape == (3, 50, 24)
     finally:
         stop_server(server)
+
+
+class _DroppingProxy:
+    """A TCP proxy in front of a real server that, for its first ``drops`` connections, reads the request and
+    closes without an answer (what a client sees from a server process that is stopping), then forwards."""
+
+    def __init__(self, target_port: int, drops: int):
+        import socket
+
+        self.target_port, self.drops, self.dropped = target_port, drops, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        import socket
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.dropped < self.drops:
+                self.dropped += 1
+                conn.recv(65536)
+                conn.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(2)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_connection_closed_before_the_answer_is_retried(server, vectors):
+    from clients.errors import TransportError
+
+    with IsoQuantClient(server.url, api_key=API_KEY) as direct:
+        limits = direct.info()
+        want = direct.quantize(vectors, bits=3)
+    proxy = _DroppingProxy(server.port, drops=2)
+    try:
+        with IsoQuantClient(f"http://127.0.0.1:{proxy.port}", api_key=API_KEY, backoff=0.01) as client:
+            client._core.set_limits(limits)  # so that the dropped connections are the /quantize request's own
+            got = client.quantize(vectors, bits=3)
+            assert proxy.dropped == 2 and client.retries == 2
+            assert np.array_equal(got.codes, want.codes) and np.array_equal(got.norms, want.norms)
+        # With no retries left the drop is an error naming the transport failure, never a wrong answer.
+        proxy.dropped, proxy.drops = 0, 1
+        with IsoQuantClient(f"http://127.0.0.1:{proxy.port}", api_key=API_KEY, max_retries=0) as client:
+            client._core.set_limits(limits)
+            with pytest.raises(TransportError) as info:
+                client.quantize(vectors, bits=3)
+            assert info.value.type == "connect_error" and proxy.dropped == 1
+    finally:
+        proxy.close()
