@@ -565,6 +565,16 @@ def _closed_folders(paths: list[Path]) -> dict[Path, set[Path]]:
     return out
 
 
+def _outermost(paths: list[Path]) -> list[Path]:
+    """The real paths among these that no other one contains (a tree bound once covers what is inside it)."""
+    real = sorted({Path(os.path.realpath(p)) for p in paths}, key=lambda p: len(p.parts))
+    out: list[Path] = []
+    for path in real:
+        if not any(path == o or o in path.parents for o in out):
+            out.append(path)
+    return out
+
+
 def _container_script(mount_paths: list[str], uid: int, gid: int, port: int, staging: Path, reach: list[Path]) -> str:
     """Shell run by `unshare --mount`: the root filesystem read-only, a fresh writable tmpfs on each of the
     pod's volume mounts (an emptyDir is 0777), then the service as the pod's user. Mounts made here stay in
@@ -588,8 +598,24 @@ def _container_script(mount_paths: list[str], uid: int, gid: int, port: int, sta
             while not parent.exists():
                 parent = parent.parent
             lines += [f"mount -t tmpfs -o size=1m tmpfs {parent}", f"mkdir -p {path}", f"mount -o remount,ro {parent}"]
+    # What the pod's user must reach and a volume would cover (a checkout under /tmp, as a CI clone may be):
+    # bound aside before the volume's tmpfs covers it, moved back in after (/dev/shm: not a pod volume).
+    covered = {path: [r for r in _outermost(reach) if Path(path) in Path(os.path.realpath(r)).parents]
+               for path in mount_paths}
+    aside = Path("/dev/shm") / f"isoquant-pod-{port}"
+    for i, item in enumerate(item for items in covered.values() for item in items):
+        lines += [f"mkdir -p {aside}/{i}", f"mount --bind {os.path.realpath(item)} {aside}/{i}"]
     lines.append("mount -o remount,bind,ro /")
-    lines += [f"mount -t tmpfs -o mode=0777,size=2g tmpfs {path}" for path in mount_paths]
+    i = 0
+    for path in mount_paths:
+        lines.append(f"mount -t tmpfs -o mode=0777,size=2g tmpfs {path}")
+        for item in covered[path]:
+            real = os.path.realpath(item)
+            # -n: mount(8) would record the move in /run/mount, on the now read-only root, and fail after it
+            lines += [f"mkdir -p {real}", f"mount -n --move {aside}/{i} {real}", f"rmdir {aside}/{i}"]
+            i += 1
+    if i:
+        lines.append(f"rmdir {aside}")  # /dev/shm is the host's: leave nothing there
     lines.append(
         f'exec setpriv --reuid={uid} --regid={gid} --clear-groups --no-new-privs "$@" '
         f"--host 127.0.0.1 --port {port}"
