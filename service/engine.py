@@ -336,6 +336,9 @@ class Engine:
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.settings.job_timeout_s)
         except asyncio.TimeoutError:
+            # Nobody awaits the share any more: retrieve its outcome when it comes, so that an error there
+            # is not logged as "never retrieved".
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())
             self.metrics.rejected.labels("timeout").inc()
             raise Unavailable(
                 f"the device did not finish within {self.settings.job_timeout_s} s", type="timeout"

@@ -116,3 +116,26 @@ def test_a_group_launches_on_its_timer_or_when_full_and_never_mixes_keys():
 
     asyncio.run(scenario())
     assert launched == [("a", [4, 6]), ("b", [3]), ("a", [1])]
+
+
+def test_requests_that_time_out_waiting_for_their_group_get_503_and_give_their_places_back():
+    # The group's delay (200 ms) is longer than the job timeout (50 ms): every member times out waiting.
+    server = start_server({**BATCHED, "ISOQUANT_BATCH_DELAY_MS": "200", "ISOQUANT_JOB_TIMEOUT_S": "0.05"})
+    try:
+        rng = np.random.default_rng(5)
+        with IsoQuantClient(server.url, max_retries=0) as client:
+            results = _at_once(lambda x: client.quantize(x, variant="full", bits=3),
+                               [rng.standard_normal((2, 64)).astype(np.float32) for _ in range(4)])
+        assert all(isinstance(r, IsoQuantError) and r.status == 503 and r.type == "timeout" for r in results)
+        import time
+
+        time.sleep(0.5)  # the group still runs after its members stopped waiting, then releases their places
+        text = server.metrics_text()
+        assert re.search(r"^isoquant_queue_depth 0\.0$", text, re.M) and re.search(r"^isoquant_jobs_running 0\.0$",
+                                                                                   text, re.M)
+        _, requests = _coalesced(server, "quantize")
+        assert requests == 4
+    finally:
+        log = server.log_text()
+        stop_server(server)
+    assert "never retrieved" not in log and "Traceback" not in log, log[-2000:]
