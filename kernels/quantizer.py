@@ -128,7 +128,7 @@ class Quantizer:
         # any torch.compile trace (cached_property takes a lock that the compiler cannot trace in 3.11).
         self._op_tensors = self.plan.op_tensors()
         self.plan.symmetric  # noqa: B018
-        self._descriptor = _descriptor(self)  # every Packed carries it; built once (it builds the fingerprint)
+        self._descriptor_fields = _descriptor(self)  # every Packed carries it; built once (it builds the fingerprint)
 
     def _resolve_backend(self, backend: str) -> str:
         if backend == "torch":
@@ -174,7 +174,7 @@ class Quantizer:
 
     def descriptor(self) -> dict:
         """variant, dim, bits, seed, fingerprint, format_version (the fields of ``Packed`` that name it)."""
-        return dict(self._descriptor)
+        return dict(self._descriptor_fields)
 
     def __repr__(self) -> str:
         return (
@@ -208,7 +208,7 @@ class Quantizer:
                 self._refuse_bad_rows(norms, rows, "x")
         if len(lead) != 1:  # rows in, rows out: no reshape (~5 us of host time each)
             codes, norms = codes.reshape(*lead, self.code_bytes), norms.reshape(lead)
-        return Packed(codes=codes, norms=norms, **self._descriptor)
+        return Packed(codes=codes, norms=norms, **self._descriptor_fields)
 
     def dequantize(self, packed: Packed, dtype: torch.dtype = torch.float32, *, check: bool = True) -> torch.Tensor:
         """Packed codes -> reconstruction [..., dim] in ``dtype`` (float16 | bfloat16 | float32). Non-finite

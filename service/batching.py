@@ -16,19 +16,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
-
-from service.admission import Ticket
 
 
 @dataclass
 class Member:
-    """One request in a group: its job arguments, its row count, its queue ticket and the future its
-    handler awaits (resolved on the event loop)."""
+    """One request in a group: its job arguments, its row count and the future its handler awaits (resolved
+    on the event loop). Its queue place is the engine's business (``Engine._joined``)."""
 
     args: tuple
     rows: int
-    ticket: Ticket
     future: asyncio.Future = field(repr=False)
 
 
@@ -43,11 +39,11 @@ class Coalescer:
         self._open: dict[Hashable, list[Member]] = {}
         self._rows: dict[Hashable, int] = {}
 
-    def join(self, key: Hashable, args: tuple, rows: int, ticket: Ticket) -> asyncio.Future:
+    def join(self, key: Hashable, args: tuple, rows: int) -> asyncio.Future:
         """Add a request to the open group of ``key`` (opening one, with its timer, if there is none); the
         returned future gets the request's result or exception."""
         loop = asyncio.get_running_loop()
-        member = Member(args, rows, ticket, loop.create_future())
+        member = Member(args, rows, loop.create_future())
         group = self._open.get(key)
         if group is None:
             group = self._open[key] = []
@@ -68,7 +64,3 @@ class Coalescer:
         del self._open[key], self._rows[key]
         self._launch(key, group)
 
-
-def split_rows(total: Any, counts: list[int]) -> list[Any]:
-    """A tensor [sum(counts), ...] -> views [counts[i], ...] along the first axis, in order."""
-    return list(total.split(counts)) if counts else []

@@ -25,7 +25,7 @@ import torch
 
 from kernels import FORMAT_VERSION, INPUT_DTYPES, Packed, Quantizer, QuantizerError
 from service.admission import Admission, Ticket
-from service.batching import Coalescer, Member, split_rows
+from service.batching import Coalescer, Member
 from service.errors import ApiError, InvalidInput, Unavailable
 from service.host_buffers import HostBuffers
 from service.metrics import Metrics
@@ -332,7 +332,7 @@ class Engine:
         if not self.accepting:
             raise Unavailable("the service is shutting down", type="shutting_down")
         ticket.handed_off = True  # the group's job (or _launch_group, if it cannot start) releases the place
-        future = self.coalescer.join(key, args, rows, ticket)
+        future = self.coalescer.join(key, args, rows)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.settings.job_timeout_s)
         except asyncio.TimeoutError:
@@ -411,14 +411,12 @@ class Engine:
         descriptor = q.descriptor()
         return [
             QuantizeResult(c.reshape(*x.shape[:-1], q.code_bytes), n.reshape(x.shape[:-1]), descriptor, None, None)
-            for x, c, n in zip(xs, split_rows(codes, counts), split_rows(norms, counts), strict=True)
+            for x, c, n in zip(xs, codes.split(counts), norms.split(counts), strict=True)
         ]
 
     def _dequantize_group(self, members: list[Member]) -> list[DequantizeResult]:
         descriptor, _, _, _, dtype = members[0].args
         q = self.quantizer(descriptor["variant"], descriptor["dim"], descriptor["bits"], descriptor["seed"])
-        if descriptor["format_version"] != FORMAT_VERSION:
-            raise InvalidInput("format_version is not served", "quantizer.format_version", type="format_mismatch")
         counts = [m.rows for m in members]
         codes = torch.cat([m.args[1].reshape(-1, q.code_bytes) for m in members]).to(self.device, non_blocking=True)
         norms = torch.cat([m.args[2].reshape(-1) for m in members]).to(self.device, non_blocking=True)
@@ -428,7 +426,7 @@ class Engine:
         (vectors,) = self._to_host(out)
         return [
             DequantizeResult(v.reshape(*m.args[2].shape, q.dim), None)
-            for m, v in zip(members, split_rows(vectors, counts), strict=True)
+            for m, v in zip(members, vectors.split(counts), strict=True)
         ]
 
     def _job(self, fn: Callable[..., T], args: tuple) -> T:

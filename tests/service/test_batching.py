@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from clients import IsoQuantClient
 from clients.errors import IsoQuantError
-from kernels import Quantizer
+from kernels import Packed, Quantizer
 from service.batching import Coalescer
 from tests.live_service import SMALL_CPU_ENV, start_server, stop_server
 
@@ -77,8 +78,6 @@ def test_concurrent_requests_share_launches_and_get_their_own_bytes(server):
 
 
 def _packed(library: Quantizer, p):
-    from kernels import Packed
-
     return Packed(codes=torch.from_numpy(np.asarray(p.codes)), norms=torch.from_numpy(np.asarray(p.norms)),
                   **library.descriptor())
 
@@ -106,11 +105,11 @@ def test_a_group_launches_on_its_timer_or_when_full_and_never_mixes_keys():
 
     async def scenario():
         coalescer = Coalescer(0.05, 10, lambda key, members: launched.append((key, [m.rows for m in members])))
-        a = coalescer.join("a", (), 4, ticket=None)
-        b = coalescer.join("b", (), 3, ticket=None)
-        coalescer.join("a", (), 6, ticket=None)  # a reaches 10 rows: launched at once
+        a = coalescer.join("a", (), 4)
+        b = coalescer.join("b", (), 3)
+        coalescer.join("a", (), 6)  # a reaches 10 rows: launched at once
         assert [key for key, _ in launched] == ["a"] and coalescer.open_groups() == 1
-        coalescer.join("a", (), 1, ticket=None)  # a new group of a, on its own timer
+        coalescer.join("a", (), 1)  # a new group of a, on its own timer
         await asyncio.sleep(0.15)
         assert not a.done() and not b.done()  # nobody resolved them: the launch callback owns that
 
@@ -127,8 +126,6 @@ def test_requests_that_time_out_waiting_for_their_group_get_503_and_give_their_p
             results = _at_once(lambda x: client.quantize(x, variant="full", bits=3),
                                [rng.standard_normal((2, 64)).astype(np.float32) for _ in range(4)])
         assert all(isinstance(r, IsoQuantError) and r.status == 503 and r.type == "timeout" for r in results)
-        import time
-
         time.sleep(0.5)  # the group still runs after its members stopped waiting, then releases their places
         text = server.metrics_text()
         assert re.search(r"^isoquant_queue_depth 0\.0$", text, re.M) and re.search(r"^isoquant_jobs_running 0\.0$",
