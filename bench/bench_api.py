@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.bench_kernels import DTYPES, bench_median_us, copy_us_of, graph_per_call_us, precompile  # noqa: E402
+from bench.host import cpu_name  # noqa: E402
 from kernels import Quantizer  # noqa: E402
 
 VARIANTS = ("full", "fast", "2d", "identity")
@@ -135,7 +136,7 @@ def main() -> None:
     say(
         f"# bench_api  card: {props.name} ({props.multi_processor_count} SMs)  "
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  torch {torch.__version__}  "
-        f"CPU: {_cpu_name()}"
+        f"CPU: {cpu_name()}"
     )
     dims = (128,) if args.quick else tuple(int(d) for d in args.dims.split(","))
     dtypes = ("fp16",) if args.quick else tuple(DTYPES)
@@ -220,17 +221,6 @@ def main() -> None:
         writer.writerows(rows)
     with open(os.path.join(args.out, "bench_api.log"), "w") as f:
         f.write(log.getvalue())
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

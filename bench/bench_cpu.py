@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
+import os
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
 
-from kernels import VARIANTS, Quantizer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.host import cpu_name  # noqa: E402
+from kernels import VARIANTS, Quantizer  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -29,16 +33,6 @@ def median_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ import argparse
 import base64
 import json
 import os
-import platform
 import random
 import re
 import struct
@@ -50,6 +49,10 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: bench.host from the checkout
+
+from bench.host import cpu_name  # noqa: E402
+
 JSON = "application/json"
 SAFETENSORS = "application/x-safetensors"
 DIMS = (64, 128)
@@ -497,16 +500,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def report(results: list[dict], args) -> None:
