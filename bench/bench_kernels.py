@@ -256,6 +256,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time other tile sizes / warps (fp16, dim 128)")
     parser.add_argument("--targets", action="store_true", help="only what the targets name (fused, see above)")
     parser.add_argument("--small-sweep", action="store_true", help="warps sweep at N = 8192 (back to back)")
+    parser.add_argument("--variants", default="", help="comma-separated variants (default: all the run covers)")
     parser.add_argument("--baseline", default="", help="directory holding an earlier copy of the kernels (kbase)")
     parser.add_argument("--compile-only", action="store_true", help="fill Triton's cache and exit")
     parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
@@ -282,6 +283,9 @@ def main() -> None:
         f"  commit: {commit or 'unknown'}  torch {torch.__version__}"
     )
     all_configs = list(configs(args.quick, tuple(int(d) for d in args.dims.split(",")), args.targets))
+    if args.variants:
+        wanted = set(args.variants.split(","))
+        all_configs = [c for c in all_configs if c[3] in wanted]
     say(f"# compiling {len(all_configs)} configs x 3 ops in {args.workers} processes ...")
     say(f"# compiled in {precompile(all_configs, args.workers):.0f} s")
     if args.compile_only:

@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 # PYTEST_ARGS: e.g. "-n 6" (pytest-xdist: the tests mostly compile; the summary of differing codes is then
 # per worker and not printed)
-( timeout "${TEST_TIMEOUT:-1800}" python3 -m pytest -m gpu tests/kernels/test_triton_ops.py -q -p no:cacheprovider \
+( timeout "${TEST_TIMEOUT:-1800}" python3 -m pytest -m gpu tests/kernels/test_triton_ops.py tests/kernels/test_gluon.py -q -p no:cacheprovider \
     ${PYTEST_ARGS:-} \
     > "$OUT/pytest_gpu.log" 2>&1;
   echo "pytest exit: $?" >> "$OUT/pytest_gpu.log" ) &

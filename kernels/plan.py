@@ -142,6 +142,17 @@ class Plan:
         raise ValueError(f"variant {self.variant!r} runs in the matrix kernels, not the fused ones")
 
     @cached_property
+    def lane_signs(self) -> torch.Tensor | None:
+        """The signs float32 [n_coded] of the hadamard Gluon kernels (``kernels.triton._gluon``), for the
+        rotations that are signs and one Walsh-Hadamard transform: "hadamard", and "kronecker" with a single
+        block (dim a power of two), whose 1 x 1 mix is +-1 and folds into the signs exactly. None otherwise."""
+        if self.kernel == "hadamard":
+            return self.params["signs"].contiguous()
+        if self.kernel == "kronecker" and self.params["mix"].numel() == 1:
+            return (self.params["signs"] * self.params["mix"].reshape(())).contiguous()
+        return None
+
+    @cached_property
     def mixing_matrix(self) -> torch.Tensor:
         """float32 [n_coded, dim] A with rotate(pad(x)) = x @ A^T on ``device`` (the matrix kernels)."""
         return self.rotation.mixing_matrix(self.params, self.dim, self.n_coded).to(self.device)

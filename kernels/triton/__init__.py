@@ -29,5 +29,6 @@ def prepare(plan) -> None:
     """Build the plan's derived forms that this plan's kernels read (before its ``op_tensors`` are taken)."""
     if fused(plan):
         plan.fused_params  # noqa: B018  (a cached property: building it is the point)
+        plan.lane_signs  # noqa: B018
     else:
         plan.mixing_matrix  # noqa: B018

@@ -303,8 +303,10 @@ def _code_search(y, bnd_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
                 s = (p0.to(tl.int32) << 2) | (p1.to(tl.int32) << 1) | p2.to(tl.int32)
             idx = s ^ tl.where(y > 0.0, HALF, HALF - 1)
     else:
-        idx = tl.zeros(y.shape, tl.int32)
-        for step in tl.static_range(BITS):
+        # The first step is written out (index 0 or 2^(bits-1)) rather than starting from tl.zeros, which
+        # needs a layout in the Gluon kernels that also call this.
+        idx = tl.where(y > tl.load(bnd_ptr + (1 << (BITS - 1)) - 1), 1 << (BITS - 1), 0)
+        for step in tl.static_range(1, BITS):
             cand = idx + (1 << (BITS - 1 - step))
             idx = tl.where(y > tl.load(bnd_ptr + cand - 1), cand, idx)
     return idx

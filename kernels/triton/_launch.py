@@ -20,6 +20,14 @@ FUSED_FAMILIES = {"blocks": 0, "pairs": 1, "none": 2, "hadamard": 3, "kronecker"
 # tiles beat 4096 on an H100 (N = 2^20, float16, dim 128, bits 4: quantize 173 against 208 us, round trip
 # 378 against 466 us with 16 elements a thread); smaller tiles also take fewer registers a thread.
 FUSED_TILES = {"quantize": (2048, 32), "dequantize": (2048, 32), "roundtrip": (2048, 16)}
+# The tiles of the hadamard Gluon kernels (``_gluon``; also kronecker at power-of-two dims): more columns of a
+# row in a thread means fewer lanes a row and fewer butterfly stages through warp shuffles. H200, N = 2^20,
+# time against full's, same run: the round trip with 32 elements a thread 1.12-1.19x at dim 128 (16:
+# 1.23-1.24x), 1.44-1.45x at dim 256 (1.59-1.63x); quantize at dims >= 256 with 64 a thread 0.83-0.96x (32:
+# 0.89-1.12x), at dim 64 worse (1.12-1.27x against 1.00-1.03x). Dequantize: 4096-element tiles; at dim 64 its
+# time is bimodal run to run (1.0x or 1.5x full's, in any tile tried).
+LANE_TILES = {"quantize": (2048, 32), "dequantize": (4096, 32), "roundtrip": (2048, 32)}
+LANE_WIDE_QUANTIZE = (256, 4096, 64)  # from this W on, quantize takes (elements, per thread) = (4096, 64)
 # Below SMALL_PROGRAMS programs every program is resident at once; quantize/dequantize then hold 8 elements
 # a thread (H200, 8,192 rows of 128: dequantize bits 2 0.81x the time of 2 warps). The round trip keeps 16
 # (more warps measured slower there).
@@ -79,22 +87,27 @@ def fused_tile(plan: Plan, n: int, op: str, tile: tuple[int, int] | None = None)
     """(W, BN, num_warps) of the fused kernel of ``op`` over n rows of this plan: ``_fused_tile`` of the plan's
     kernel family and coded width, memoised (a call is on every launch's path)."""
     chunked = plan.kernel in CHUNKED_FAMILIES and op in CHUNKED_OPS
-    return _fused_tile(plan.n_coded, n, op, tile, chunked)
+    return _fused_tile(plan.n_coded, n, op, tile, chunked, plan.lane_signs is not None)
 
 
 @functools.lru_cache(maxsize=4096)
-def _fused_tile(n_coded: int, n: int, op: str, tile: tuple[int, int] | None, chunked: bool) -> tuple[int, int, int]:
+def _fused_tile(
+    n_coded: int, n: int, op: str, tile: tuple[int, int] | None, chunked: bool, lanes: bool = False
+) -> tuple[int, int, int]:
     """(W, BN, num_warps) for the fused kernel of ``op`` over n rows: W columns >= n_coded (or a chunk of
     CHUNK_COLUMNS for wide "blocks" rows in CHUNKED_OPS: the kernels loop over the row's chunks), BN rows
     with W * BN ~ the op's tile (FUSED_TILES), warps so that a thread holds at most the op's elements.
     BN shrinks for small batches until there are >= MIN_PROGRAMS programs, so that all SMs have work and
     each program is short; below SMALL_PROGRAMS programs a thread holds SMALL_PER_THREAD elements.
-    ``tile``: (tile elements, warps) instead of the defaults (benchmark sweeps; warps 0 = derived)."""
-    elements, per_thread = FUSED_TILES[op]
+    ``tile``: (tile elements, warps) instead of the defaults (benchmark sweeps; warps 0 = derived).
+    ``lanes``: the defaults of the hadamard Gluon kernels (LANE_TILES; ``Plan.lane_signs``)."""
+    width = next_power_of_2(max(8, n_coded))
+    elements, per_thread = (LANE_TILES if lanes else FUSED_TILES)[op]
+    if lanes and op == "quantize" and width >= LANE_WIDE_QUANTIZE[0]:
+        elements, per_thread = LANE_WIDE_QUANTIZE[1:]
     warps = 0
     if tile is not None:
         elements, warps = tile
-    width = next_power_of_2(max(8, n_coded))
     if chunked:
         width = min(width, CHUNK_COLUMNS)
     rows = max(1, elements // width)

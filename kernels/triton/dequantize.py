@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.plan import Plan
+from kernels.triton import _gluon
 from kernels.triton._jit import (
     _centroid,
     _load_words,
@@ -222,6 +223,36 @@ def dequantize(
     if fused(plan):
         width, rows, warps = fused_tile(plan, n, "dequantize", tile)
         p0, p1 = plan.fused_params
+        lanes = _gluon.lane_layout(plan, codes.device, width, rows, warps, dtype)
+        if lanes is not None:
+            layout, v, lane_count = lanes
+            _gluon._dequantize_kernel[(cdiv(n, rows),)](
+                codes,
+                norms,
+                out,
+                plan.lane_signs,
+                plan.centroids,
+                n,
+                plan.dim,
+                plan.n_coded,
+                plan.code_bytes,
+                codes.stride(0),
+                codes.stride(1),
+                norms.stride(0),
+                out.stride(0),
+                out.stride(1),
+                BN=rows,
+                W=width,
+                BITS=plan.bits,
+                SYMMETRIC=plan.symmetric,
+                WORD=word_access(plan, codes),
+                V=v,
+                L=lane_count,
+                LAYOUT=layout,
+                WORDS=_gluon.words_layout(layout),
+                num_warps=warps,
+            )
+            return out
         _dequantize_fused_kernel[(cdiv(n, rows),)](
             codes,
             norms,

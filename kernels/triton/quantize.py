@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.plan import Plan
+from kernels.triton import _gluon
 from kernels.triton._jit import (
     EPS,
     _code_search,
@@ -230,6 +231,35 @@ def quantize(x: torch.Tensor, plan: Plan, tile: tuple[int, int] | None = None) -
     if fused(plan):
         width, rows, warps = fused_tile(plan, n, "quantize", tile)
         p0, p1 = plan.fused_params
+        lanes = _gluon.lane_layout(plan, x.device, width, rows, warps)
+        if lanes is not None:
+            layout, v, lane_count = lanes
+            _gluon._quantize_kernel[(cdiv(n, rows),)](
+                x,
+                codes,
+                norms,
+                plan.lane_signs,
+                plan.boundaries,
+                n,
+                plan.dim,
+                plan.n_coded,
+                plan.code_bytes,
+                x.stride(0),
+                x.stride(1),
+                codes.stride(0),
+                codes.stride(1),
+                BN=rows,
+                W=width,
+                BITS=plan.bits,
+                SYMMETRIC=sym,
+                WORD=word_access(plan, codes),
+                V=v,
+                L=lane_count,
+                LAYOUT=layout,
+                WORDS=_gluon.words_layout(layout),
+                num_warps=warps,
+            )
+            return codes, norms
         _quantize_fused_kernel[(cdiv(n, rows),)](
             x,
             codes,

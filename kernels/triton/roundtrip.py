@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.plan import Plan
+from kernels.triton import _gluon
 from kernels.triton._jit import (
     _rotate,
     _row_chunk,
@@ -149,6 +150,33 @@ def roundtrip(
     if fused(plan):
         width, rows, warps = fused_tile(plan, n, "roundtrip", tile)
         p0, p1 = plan.fused_params
+        lanes = _gluon.lane_layout(plan, x.device, width, rows, warps, dtype)
+        if lanes is not None:
+            layout, v, lane_count = lanes
+            _gluon._roundtrip_kernel[(cdiv(n, rows),)](
+                x,
+                out,
+                err,
+                plan.lane_signs,
+                plan.boundaries,
+                plan.centroids,
+                n,
+                plan.dim,
+                plan.n_coded,
+                x.stride(0),
+                x.stride(1),
+                out.stride(0),
+                out.stride(1),
+                BN=rows,
+                W=width,
+                BITS=plan.bits,
+                SYMMETRIC=plan.symmetric,
+                V=v,
+                L=lane_count,
+                LAYOUT=layout,
+                num_warps=warps,
+            )
+            return out, err
         _roundtrip_fused_kernel[(cdiv(n, rows),)](
             x,
             out,

@@ -50,6 +50,17 @@ def _rotated(x: torch.Tensor, plan) -> torch.Tensor:
     return rotate(direction, plan.params, plan.variant)
 
 
+def _near_boundary(y: torch.Tensor, plan) -> torch.Tensor:
+    """bool, shape of y: values within 1e-6 * max(|t|, 1/sqrt(n_coded)) of a codebook boundary t, where the
+    kernels and the reference may pick either neighbouring code."""
+    bounds = plan.boundaries.to(y.device).contiguous()
+    above = torch.searchsorted(bounds, y.contiguous()).clamp(1, len(bounds) - 1)  # nearest: above or above - 1
+    near = torch.zeros_like(y, dtype=torch.bool)
+    for t in (bounds[above - 1], bounds[above]):
+        near |= (y - t).abs() <= 1e-6 * torch.clamp(t.abs(), min=1.0 / math.sqrt(plan.n_coded))
+    return near
+
+
 def _rows_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
     err = (a.double() - b.double()).norm(dim=-1)
     scale = b.double().norm(dim=-1)
@@ -92,11 +103,7 @@ def check_ops(
     n_diff = int(differ.sum())
     CODE_DIFF_STATS.append((case, n_diff, idx.numel()))
     if n_diff:
-        y = _rotated(x, plan)[differ]
-        gap = (y[:, None] - plan.boundaries[None, :]).abs().min(dim=1)
-        nearest = plan.boundaries[gap.indices].abs()
-        allowed = 1e-6 * torch.clamp(nearest, min=1.0 / math.sqrt(plan.n_coded))
-        assert bool((gap.values <= allowed).all()), f"{case}: a code differs away from any boundary"
+        assert bool(_near_boundary(_rotated(x, plan)[differ], plan).all()), f"{case}: a code differs off a boundary"
         assert n_diff <= max(1, 1e-4 * idx.numel()), f"{case}: {n_diff} of {idx.numel()} codes differ"
     # Packing: the bytes are exactly the reference packing of the kernel's own indices.
     assert torch.equal(codes.cpu(), reference.pack_codes(idx.to(torch.uint8).cpu(), bits))
@@ -109,7 +116,11 @@ def check_ops(
 
     x_hat, sq_err = kt.roundtrip(x, plan)
     ref_hat, ref_err = reference.roundtrip(x, plan)
-    same = ~differ.any(dim=1)  # rows whose codes match (a flipped code changes that row's reconstruction)
+    # Rows whose codes match (a flipped code changes that row's reconstruction), less rows with a rotated
+    # value within the boundary tolerance: the round-trip kernel searches its own rotated values, and where
+    # its tile differs from quantize's (its norm sums in another order) such a code may fall the other way.
+    same = ~differ.any(dim=1) & ~_near_boundary(_rotated(x, plan), plan).any(dim=1)
+    assert int(same.sum()) >= n // 2, f"{case}: {n - int(same.sum())} rows sit on a boundary"  # not vacuous
     _rows_close(x_hat[same].cpu(), ref_hat[same].cpu())
     scale = x.float().square().sum(-1)
     assert bool(((sq_err - ref_err).abs()[same] <= 1e-5 * scale[same] + 1e-30).all())
@@ -176,7 +187,6 @@ def test_wider_tile_interpreter(variant):
     check_ops(variant, 77, 3, torch.float16, n=40, device="cpu", seed=3)
 
 
-
 # Walsh-Hadamard blocks of 64 columns and more (several butterfly stages across threads), hadamard padded
 # (100 -> 128) and kronecker with three blocks of 64 (the mix across blocks in the fused kernel).
 @pytest.mark.interpreter
@@ -187,6 +197,7 @@ def test_wider_tile_interpreter(variant):
 )
 def test_walsh_hadamard_blocks_interpreter(variant, dim, bits, dtype):
     check_ops(variant, dim, bits, DTYPES[dtype], n=18, device="cpu", seed=5)
+
 
 # full/fast rows wider than CHUNK_COLUMNS (128) go through the kernels in chunks of 128 columns: a last
 # chunk of mostly padding (130 -> n_coded 132), three chunks with a partial last one (300, odd code_bytes
@@ -330,6 +341,7 @@ def test_launch_batches_reach_every_tile(variant, dim):
         configs = {(fused_tile(plan, n, op), kind(n)) for n in sizes}
         wanted = {(c, k) for c, _ in configs for k in (False, True)} | {(fused_tile(plan, 1, op), "one")}
         assert configs == wanted, op
+
     def klass(n):
         return tuple(fused_tile(plan, n, op) for op in FUSED_TILES), kind(n)
 

@@ -1,0 +1,364 @@
+"""Gluon kernels of the hadamard rotation: quantize, dequantize and round trip with the tile's layout chosen
+explicitly, so that every Walsh-Hadamard butterfly stays in registers and inside one warp.
+
+The fused kernels of ``_jit`` run hadamard too, in plain Triton, where each butterfly stage moves the pair
+axis last with a permute and Triton's layout propagation turns every stage whose partners sit in other
+threads into a conversion through shared memory. The sm_90 compile of quantize (dim 128, float16, bits 4,
+a thread holding 32 elements): 1480 instructions, 144 shuffles, 47 shared-memory accesses and 23 barriers a
+thread; full has 944 instructions. Here the tile [BN, W] has one fixed layout: a thread holds R rows x V
+consecutive columns, L = W // V lanes span a row, warps stack rows. A stage of half-width H < V pairs
+registers of one thread (reshape/permute/split, asserted free at compile time); a stage with
+V <= H < V * L pairs the same register of lanes l and l ^ (H / V), one ``shfl.sync.bfly`` an element. The
+same compile: 1080 instructions, 66 shuffles (V = 32, L = 4), no shared memory, no barrier.
+
+Layout and word format are those of the plain kernels (docs/FORMAT.md): codes, norms and reconstructions
+are bit-identical to theirs (tests/kernels/test_gluon.py on the GPU). Gluon kernels do not run under
+TRITON_INTERPRET, so ``lane_layout`` only picks them for CUDA tensors; the CPU tests compile them for sm_90.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from kernels.triton._jit import _code_search, _norm_of, _search_centroid
+
+MAX_WIDTH = 32 * 32  # one warp spans a row with at most 32 elements a thread: wider rows keep the plain kernels
+
+
+@functools.lru_cache(maxsize=1024)
+def _lane_layout(width: int, rows: int, warps: int, vec: int) -> tuple[gl.BlockedLayout, int, int] | None:
+    per_thread = width * rows // (32 * warps)
+    per_row = min(per_thread, width)  # columns of one row a thread holds: fewer lanes a row, fewer shuffles
+    lanes = width // per_row
+    if width > MAX_WIDTH or per_row < 8 or per_row % 8 or per_thread % per_row or lanes > 32:
+        return None
+    if lanes == 1:
+        vec = 8  # a thread holds whole rows, so its pieces are whole groups of 8 anyway
+    layout = gl.BlockedLayout([per_thread // per_row, vec], [32 // lanes, lanes], [warps, 1], [1, 0])
+    return layout, vec, lanes
+
+
+def lane_layout(
+    plan, device: torch.device, width: int, rows: int, warps: int, stored: torch.dtype | None = None
+) -> tuple[gl.BlockedLayout, int, int] | None:
+    """(tile layout, V, L) of the Gluon kernels for a fused launch of (W, BN, num_warps) = (width, rows, warps),
+    or None where the plain kernels run instead: rotations other than signs and one Walsh-Hadamard transform
+    (``Plan.lane_signs``: hadamard, and kronecker at power-of-two dims), devices other than CUDA
+    (the interpreter cannot run Gluon), rows wider than one warp spans (W > 1024) and tiles of fewer than 8
+    elements a thread.
+
+    A thread holds its row's columns in pieces of V consecutive ones, lane l of the row's L lanes pieces
+    l, l + L, ..., so that adjacent lanes touch adjacent 16 bytes: V = 8 (a group of 8 codes, 16 bytes of
+    float16), or V = 4 where the kernel stores float32 (``stored``; a group's codes then sit in two lanes).
+    Pieces of 32 consecutive columns a thread (64-128 bytes a lane) left each warp store half-filling 32
+    sectors: float32 dequantize took 3.0-3.3x full's time, against 1.1-1.2x coalesced (H200, dims 64-256)."""
+    if device.type != "cuda" or plan.lane_signs is None:
+        return None
+    return _lane_layout(width, rows, warps, 4 if stored == torch.float32 else 8)
+
+
+@gluon.jit
+def _lane_exchange(t, MASK: gl.constexpr):
+    """float32 t (any shape): each element replaced by the same register of lane ^ MASK (shfl.sync.bfly; the
+    whole warp takes part, which Triton's straight-line code guarantees)."""
+    bits = t.to(gl.int32, bitcast=True)
+    got = gl.inline_asm_elementwise(
+        "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;",
+        "=r,r,r",
+        [bits, gl.full_like(bits, MASK)],
+        dtype=gl.int32,
+        is_pure=True,
+        pack=1,
+    )
+    return got.to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _butterfly_in_thread(t, BN: gl.constexpr, W: gl.constexpr, H: gl.constexpr):
+    """One butterfly stage of half-width H on float32 t [BN, W] whose partners (j, j + H) sit in one thread:
+    (a, b) -> (a + b, a - b). The reshapes and permutes only rename registers; the final conversion back
+    to the tile's layout is asserted trivial (no data movement)."""
+    u = gl.permute(gl.reshape(t, [BN, W // (2 * H), 2, H]), [0, 1, 3, 2])
+    a, b = gl.split(u)
+    u = gl.permute(gl.join(a + b, a - b), [0, 1, 3, 2])
+    return gl.convert_layout(gl.reshape(u, [BN, W]), t.type.layout, assert_trivial=True)
+
+
+@gluon.jit
+def _walsh_hadamard(
+    t, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr, V: gl.constexpr, L: gl.constexpr
+):
+    """Unscaled Walsh-Hadamard transform of the first N_CODED (a power of two) columns of float32 t [BN, W]
+    in the lane layout (columns beyond stay in butterfly blocks of their own). cols [W] are the column
+    indices in the layout's column slice."""
+    for stage in gl.static_range(12):  # N_CODED <= MAX_WIDTH = 2^10
+        if (1 << stage) < N_CODED:
+            if (1 << stage) >= V and (1 << stage) < V * L:
+                partner = _lane_exchange(t, (1 << stage) // V)
+                upper = ((cols & (1 << stage)) != 0)[None, :]
+                t = gl.where(upper, partner - t, t + partner)
+            else:
+                t = _butterfly_in_thread(t, BN, W, 1 << stage)
+    return t
+
+
+@gluon.jit
+def _load_tile(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc):
+    """float32 tile [BN, W] of rows ``rows`` and columns ``cols`` (zero beyond DIM and N)."""
+    return gl.load(
+        x_ptr + rows.to(gl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc,
+        mask=row_ok[:, None] & (cols < DIM)[None, :],
+        other=0.0,
+    ).to(gl.float32)
+
+
+@gluon.jit
+def _forward(
+    x, inv, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr, V: gl.constexpr, L: gl.constexpr
+):
+    """y = H (signs * x / rho) / sqrt(n_coded) of a float32 tile x [BN, W] (inv = 1 / rho [BN])."""
+    signs = gl.load(signs_ptr + cols, mask=cols < N_CODED, other=0.0)
+    t = _walsh_hadamard(x * inv[:, None] * signs[None, :], cols, BN, W, N_CODED, V, L)
+    return t * (1.0 / N_CODED**0.5)
+
+
+@gluon.jit
+def _inverse(
+    c, rho, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr, V: gl.constexpr, L: gl.constexpr
+):
+    """x = rho * signs * H c / sqrt(n_coded) of the centroids c [BN, W] (zero beyond n_coded)."""
+    signs = gl.load(signs_ptr + cols, mask=cols < N_CODED, other=0.0)
+    t = _walsh_hadamard(c, cols, BN, W, N_CODED, V, L) * (1.0 / N_CODED**0.5)
+    return t * signs[None, :] * rho[:, None]
+
+
+@gluon.jit
+def _group_view(t, WORDS: gl.constexpr, BN: gl.constexpr, W: gl.constexpr):
+    """t [BN, W] as [BN, W // 8, 8] groups of 8 codes in the layout WORDS is the slice of (a free view)."""
+    return gl.convert_layout(gl.reshape(t, [BN, W // 8, 8]), WORDS.parent, assert_trivial=True)
+
+
+@gluon.jit
+def _pack(codes, WORDS: gl.constexpr, BN: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr):
+    """int32 codes [BN, W] -> words [BN, W // 8] (layout WORDS; uint32 for bits <= 4, else uint64), code j of
+    group g in bits [j * BITS, (j + 1) * BITS) of word g (``_jit._pack_words``)."""
+    if BITS <= 4:
+        c3 = _group_view(codes, WORDS, BN, W).to(gl.uint32)
+        shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS.parent))).to(gl.uint32) * BITS
+    else:
+        c3 = _group_view(codes, WORDS, BN, W).to(gl.uint64)
+        shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS.parent))).to(gl.uint64) * BITS
+    return gl.sum(c3 << shifts[None, None, :], axis=2)  # disjoint bits: sum == or
+
+
+@gluon.jit
+def _code_words_2bit(y, bnd_ptr, WORDS: gl.constexpr, BN: gl.constexpr, W: gl.constexpr):
+    """Packed 2-bit codes of y [BN, W] for a symmetric codebook, from the two comparisons without a code per
+    element (``_jit._code_words``, whose docstring gives the bit algebra; every column is coded here)."""
+    y3 = _group_view(y, WORDS, BN, W)
+    j = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS.parent))).to(gl.uint32)
+    bit = (gl.full_like(j, 1) << (j * 2))[None, None, :]
+    e = gl.where(gl.abs(y3) > gl.load(bnd_ptr + 2), bit, 0) + gl.where(y3 > 0.0, bit << 1, 0)
+    word = gl.sum(e, axis=2)
+    return word ^ (((word ^ 0xFFFFFFFF) >> 1) & 0x5555)
+
+
+@gluon.jit
+def _word_rows(rows, WORDS: gl.constexpr):
+    return gl.convert_layout(rows, gl.SliceLayout(1, WORDS), assert_trivial=True)
+
+
+@gluon.jit
+def _store_words(
+    word,
+    codes_ptr,
+    rows,
+    row_ok,
+    stride_cr,
+    stride_cc,
+    WORDS: gl.constexpr,
+    NG: gl.constexpr,
+    CODE_BYTES: gl.constexpr,
+    BITS: gl.constexpr,
+    WORD: gl.constexpr,
+):
+    """Store words [BN, NG] (layout WORDS): group g -> bytes [g * BITS, (g + 1) * BITS) of the row, as one
+    1/2/4/8-byte store a group when WORD (``_launch.word_access``), else byte by byte (bits 3, odd strides)."""
+    g = gl.arange(0, NG, layout=gl.SliceLayout(0, WORDS))
+    wrows = _word_rows(rows, WORDS)
+    ok = _word_rows(row_ok, WORDS)[:, None] & (g * BITS < CODE_BYTES)[None, :]
+    if WORD and BITS != 3:
+        if BITS == 1:
+            word_ptr = codes_ptr
+        elif BITS == 2:
+            word_ptr = codes_ptr.to(gl.pointer_type(gl.uint16))
+        elif BITS == 4:
+            word_ptr = codes_ptr.to(gl.pointer_type(gl.uint32))
+        else:
+            word_ptr = codes_ptr.to(gl.pointer_type(gl.uint64))
+        offs = wrows.to(gl.int64)[:, None] * (stride_cr // BITS) + g[None, :]
+        gl.store(word_ptr + offs, word.to(word_ptr.dtype.element_ty), mask=ok)
+    else:
+        row_off = wrows.to(gl.int64)[:, None] * stride_cr
+        for j in gl.static_range(BITS):
+            byte = ((word >> (8 * j)) & 0xFF).to(gl.uint8)
+            gl.store(codes_ptr + row_off + (g * BITS + j)[None, :] * stride_cc, byte, mask=ok)
+
+
+@gluon.jit
+def _load_words(
+    codes_ptr,
+    rows,
+    row_ok,
+    stride_cr,
+    stride_cc,
+    WORDS: gl.constexpr,
+    NG: gl.constexpr,
+    CODE_BYTES: gl.constexpr,
+    BITS: gl.constexpr,
+    WORD: gl.constexpr,
+):
+    """The words of ``_store_words`` [BN, NG] (layout WORDS; uint32 for bits <= 4, else uint64)."""
+    g = gl.arange(0, NG, layout=gl.SliceLayout(0, WORDS))
+    wrows = _word_rows(rows, WORDS)
+    ok = _word_rows(row_ok, WORDS)[:, None] & (g * BITS < CODE_BYTES)[None, :]
+    if BITS <= 4:
+        word_type: gl.constexpr = gl.uint32
+    else:
+        word_type: gl.constexpr = gl.uint64
+    if WORD and BITS != 3:
+        if BITS == 1:
+            word_ptr = codes_ptr
+        elif BITS == 2:
+            word_ptr = codes_ptr.to(gl.pointer_type(gl.uint16))
+        elif BITS == 4:
+            word_ptr = codes_ptr.to(gl.pointer_type(gl.uint32))
+        else:
+            word_ptr = codes_ptr.to(gl.pointer_type(gl.uint64))
+        offs = wrows.to(gl.int64)[:, None] * (stride_cr // BITS) + g[None, :]
+        word = gl.load(word_ptr + offs, mask=ok, other=0).to(word_type)
+    else:
+        row_off = wrows.to(gl.int64)[:, None] * stride_cr
+        word = gl.load(codes_ptr + row_off + (g * BITS)[None, :] * stride_cc, mask=ok, other=0).to(word_type)
+        for j in gl.static_range(1, BITS):
+            byte = gl.load(codes_ptr + row_off + (g * BITS + j)[None, :] * stride_cc, mask=ok, other=0)
+            word = word | (byte.to(word_type) << (8 * j))
+    return word
+
+
+@gluon.jit
+def _centroids_of_words(
+    word,
+    cent_ptr,
+    LAYOUT: gl.constexpr,
+    WORDS: gl.constexpr,
+    BN: gl.constexpr,
+    W: gl.constexpr,
+    BITS: gl.constexpr,
+    SYMMETRIC: gl.constexpr,
+):
+    """float32 centroids [BN, W] (layout LAYOUT) of the codes in words [BN, W // 8]. Symmetric bits 1-2:
+    the sign and magnitude come straight from the bits (``_jit._word_centroids``); otherwise unpack and
+    gather the table (an L1 hit)."""
+    shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS.parent))).to(gl.uint32) * BITS
+    if SYMMETRIC and BITS <= 2:
+        w = word.to(gl.uint32)
+        flipped = w ^ 0xFFFFFFFF
+        sign = (flipped[:, :, None] << (32 - BITS - shifts[None, None, :])) & 0x80000000
+        if BITS == 1:
+            mag = gl.full_like(sign, 0) + gl.load(cent_ptr + 1).to(gl.uint32, bitcast=True)
+        else:
+            spread = (flipped >> 1) & 0x5555
+            low = ((w ^ spread)[:, :, None] & (gl.full_like(shifts, 1) << shifts)[None, None, :]) != 0
+            mag = gl.where(low, gl.load(cent_ptr + 3), gl.load(cent_ptr + 2)).to(gl.uint32, bitcast=True)
+        c3 = (mag | sign).to(gl.float32, bitcast=True)
+    else:
+        codes = (word[:, :, None] >> shifts[None, None, :].to(word.dtype)) & ((1 << BITS) - 1)
+        c3 = gl.load(cent_ptr + codes.to(gl.int32))
+    return gl.convert_layout(gl.reshape(c3, [BN, W]), LAYOUT, assert_trivial=True)
+
+
+@gluon.jit
+def _quantize_kernel(
+    x_ptr, codes_ptr, norms_ptr, signs_ptr, bnd_ptr, N,
+    DIM: gl.constexpr, N_CODED: gl.constexpr, CODE_BYTES: gl.constexpr,
+    stride_xr, stride_xc, stride_cr, stride_cc,
+    BN: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr, WORD: gl.constexpr,
+    V: gl.constexpr, L: gl.constexpr, LAYOUT: gl.constexpr, WORDS: gl.constexpr,
+):  # fmt: skip
+    rows = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LAYOUT))
+    row_ok = rows < N
+    cols = gl.arange(0, W, layout=gl.SliceLayout(0, LAYOUT))
+    x = _load_tile(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
+    rho, inv = _norm_of(gl.sum(x * x, axis=1))
+    gl.store(norms_ptr + rows, rho, mask=row_ok)
+    y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, V, L)
+    if SYMMETRIC and BITS == 2 and N_CODED == W:
+        word = _code_words_2bit(y, bnd_ptr, WORDS, BN, W)
+    else:
+        codes = gl.where((cols < N_CODED)[None, :], _code_search(y, bnd_ptr, BITS, SYMMETRIC), 0)
+        word = _pack(codes, WORDS, BN, W, BITS)
+    _store_words(word, codes_ptr, rows, row_ok, stride_cr, stride_cc, WORDS, W // 8, CODE_BYTES, BITS, WORD)
+
+
+@gluon.jit
+def _dequantize_kernel(
+    codes_ptr, norms_ptr, out_ptr, signs_ptr, cent_ptr, N,
+    DIM: gl.constexpr, N_CODED: gl.constexpr, CODE_BYTES: gl.constexpr,
+    stride_cr, stride_cc, stride_n, stride_or, stride_oc,
+    BN: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr, WORD: gl.constexpr,
+    V: gl.constexpr, L: gl.constexpr, LAYOUT: gl.constexpr, WORDS: gl.constexpr,
+):  # fmt: skip
+    rows = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LAYOUT))
+    row_ok = rows < N
+    cols = gl.arange(0, W, layout=gl.SliceLayout(0, LAYOUT))
+    rho = gl.load(norms_ptr + rows * stride_n, mask=row_ok, other=0.0)
+    word = _load_words(codes_ptr, rows, row_ok, stride_cr, stride_cc, WORDS, W // 8, CODE_BYTES, BITS, WORD)
+    c = _centroids_of_words(word, cent_ptr, LAYOUT, WORDS, BN, W, BITS, SYMMETRIC)
+    if N_CODED < W:  # padding columns hold code 0, whose centroid is not zero
+        c = gl.where((cols < N_CODED)[None, :], c, 0.0)
+    x = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, V, L)
+    gl.store(
+        out_ptr + rows.to(gl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
+        x.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (cols < DIM)[None, :],
+    )
+
+
+@gluon.jit
+def _roundtrip_kernel(
+    x_ptr, out_ptr, err_ptr, signs_ptr, bnd_ptr, cent_ptr, N,
+    DIM: gl.constexpr, N_CODED: gl.constexpr,
+    stride_xr, stride_xc, stride_or, stride_oc,
+    BN: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr,
+    V: gl.constexpr, L: gl.constexpr, LAYOUT: gl.constexpr,
+):  # fmt: skip
+    rows = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LAYOUT))
+    row_ok = rows < N
+    cols = gl.arange(0, W, layout=gl.SliceLayout(0, LAYOUT))
+    x = _load_tile(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
+    rho, inv = _norm_of(gl.sum(x * x, axis=1))
+    y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, V, L)
+    c = gl.where((cols < N_CODED)[None, :], _search_centroid(y, bnd_ptr, cent_ptr, BITS, SYMMETRIC), 0.0)
+    x_hat = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, V, L)
+    mask = row_ok[:, None] & (cols < DIM)[None, :]
+    gl.store(
+        out_ptr + rows.to(gl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
+        x_hat.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
+    diff = gl.where(mask, x - x_hat, 0.0)
+    gl.store(err_ptr + rows, gl.sum(diff * diff, axis=1), mask=row_ok)
+
+
+def words_layout(layout: gl.BlockedLayout) -> gl.SliceLayout:
+    """The layout of the packed words [BN, W // 8] that go with a lane tile layout, as the slice of the
+    groups view [BN, W // 8, 8]: a group's 8 codes in one thread (V = 8) or in two adjacent lanes that both
+    hold its word (V = 4)."""
+    (r, vec), (tr, tc), (wr, _) = layout.size_per_thread, layout.threads_per_warp, layout.warps_per_cta
+    split = 8 // vec  # lanes that share a group
+    return gl.SliceLayout(2, gl.BlockedLayout([r, 1, vec], [tr, tc // split, split], [wr, 1, 1], [2, 1, 0]))

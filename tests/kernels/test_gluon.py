@@ -1,0 +1,216 @@
+"""The Gluon kernels of the hadamard rotation (``kernels.triton._gluon``).
+
+Gluon cannot run under the interpreter. On the CPU the kernels are compiled for sm_90 (Triton ships ptxas)
+and the machine code is checked for what the design promises: no shared memory and no barrier, the
+Walsh-Hadamard butterflies staying in registers and warp shuffles. On the GPU (marker ``gpu``) the ops are
+checked against the torch reference with tests/kernels/test_triton_ops.py's ``check_ops``, for the shapes
+that route to these kernels (asserted), and against the plain Triton kernels byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels import Quantizer
+from tests.kernels.test_triton_ops import DTYPES, check_ops, needs_cuda
+
+kt = pytest.importorskip("kernels.triton")
+G = pytest.importorskip("kernels.triton._gluon")
+from kernels.triton._launch import fused_tile, word_access  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _plan(dim: int, bits: int):
+    return Quantizer("hadamard", dim, bits, seed=3, backend="torch").plan
+
+
+def test_lane_layout_covers_the_tile_exactly():
+    """A thread holds R rows x groups of 8 consecutive columns (whole packed words), L lanes span a row
+    (lane l holds groups l, l + L, ...: adjacent lanes read adjacent 16-byte pieces), and the layout's
+    threads cover the [BN, W] tile once: no element held twice, none missing."""
+    cuda = torch.device("cuda")
+    for dim in (2, 5, 64, 100, 128, 256, 512, 1000, 1024):
+        plan = _plan(dim, 4)
+        for op in ("quantize", "dequantize", "roundtrip"):
+            for n in (1, 7, 300, 5000, 1 << 20):
+                width, rows, warps = fused_tile(plan, n, op)
+                stored = torch.float32 if op != "quantize" and n % 2 else torch.float16
+                lane = G.lane_layout(plan, cuda, width, rows, warps, stored)
+                # Every tile up to dim 256 runs here; wider rows where their tile gives a thread enough
+                # columns for one warp to span the row (small batches, 8-16 elements a thread, keep the
+                # plain kernels there).
+                if dim <= 256 or (n == 1 << 20 and op != "roundtrip"):
+                    assert lane is not None, (dim, op, n)
+                if lane is None:
+                    continue
+                layout, v, lanes = lane
+                (r, v2), (tr, tl), (wr, wc) = layout.size_per_thread, layout.threads_per_warp, layout.warps_per_cta
+                assert v2 == v == (4 if stored == torch.float32 and lanes > 1 else 8)  # 16 bytes of what it stores
+                assert tl == lanes and width % (v * lanes) == 0 and tr * tl == 32 and wc == 1
+                assert r * tr * wr == rows and wr == warps, (dim, op, n)
+                assert r * v * (width // (v * lanes)) == width * rows // (32 * warps)  # the elements a thread
+
+
+def test_lane_layout_routes_only_hadamard_on_cuda():
+    plan = _plan(128, 4)
+    width, rows, warps = fused_tile(plan, 1 << 20, "quantize")
+    assert G.lane_layout(plan, torch.device("cpu"), width, rows, warps) is None  # the interpreter's device
+    full = Quantizer("full", 128, 4, backend="torch").plan
+    assert G.lane_layout(full, torch.device("cuda"), width, rows, warps) is None
+    for dim, routed in ((128, True), (64, True), (96, False), (384, False)):  # kronecker: one block, or m > 1
+        kron = Quantizer("kronecker", dim, 4, seed=2, backend="torch").plan
+        got = G.lane_layout(kron, torch.device("cuda"), *fused_tile(kron, 1 << 20, "quantize"))
+        assert (got is not None) == routed, dim
+    kron = Quantizer("kronecker", 128, 4, seed=2, backend="torch").plan  # its 1 x 1 mix folds into the signs
+    assert torch.equal(kron.lane_signs, kron.params["signs"] * float(kron.params["mix"]))
+    wide = _plan(2048, 4)  # a row wider than one warp spans keeps the plain kernels
+    assert G.lane_layout(wide, torch.device("cuda"), *fused_tile(wide, 1 << 20, "quantize")) is None
+
+
+# op:dim:bits:dtype:rows:access: padding (dims 2, 5, 100), the widest row (1024), the bits-2 and bits-1 word
+# tricks, bits 3 as bytes, bits 5-8 (binary search, gathers), small-batch tiles, strided codes (bytes).
+COMPILE_CASES = [
+    "quantize:128:4:float16:1048576:word",
+    "quantize:256:2:bfloat16:1048576:word",
+    "quantize:64:3:float32:1048576:word",
+    "quantize:5:7:float16:1048576:bytes",
+    "quantize:1024:1:float32:1048576:word",
+    "dequantize:128:2:float16:1048576:word",
+    "dequantize:100:3:bfloat16:300:bytes",
+    "dequantize:2:8:float32:1048576:word",
+    "dequantize:64:2:float32:1048576:word",
+    "dequantize:128:3:float32:1048576:bytes",
+    "dequantize:256:1:float16:7:word",
+    "roundtrip:128:4:bfloat16:1048576:word",
+    "roundtrip:64:6:float32:1048576:word",
+    "roundtrip:200:2:float16:1048576:word",
+]
+
+
+@pytest.fixture(scope="module")
+def sm90_counts():
+    """bench/sass.py's counts for COMPILE_CASES, compiled in one process without TRITON_INTERPRET (~20 s)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.sass", "--json", *COMPILE_CASES],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES)
+def test_compiles_for_sm90_without_shared_memory(case, sm90_counts):
+    """The point of the Gluon kernels, read from the sm_90 machine code: no shared memory, no barrier; the
+    butterflies that cross lanes are warp shuffles (one an element a stage, plus the norm's reduction)."""
+    op, dim, bits = case.split(":")[0], int(case.split(":")[1]), int(case.split(":")[2])
+    got = sm90_counts[case]
+    assert got["shared_bytes"] == 0 and got["shared_accesses"] == 0 and got["barriers"] == 0, got
+    (width, rows, warps), (v, lanes) = got["tile"], got["lanes"]
+    n_coded = _plan(dim, bits).n_coded
+    cross_stages = sum(1 for s in range(12) if v <= (1 << s) < min(v * lanes, n_coded))
+    per_thread = width * rows // (32 * warps)
+    passes = 2 if op == "roundtrip" else 1  # the round trip transforms forward and back
+    assert got["shuffles"] >= passes * cross_stages * per_thread, got
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU
+
+GPU_CASES = [
+    (dim, bits, dtype)
+    for dim, bits, dtype in [
+        (64, 2, "float16"),
+        (128, 3, "bfloat16"),
+        (256, 4, "float32"),
+        (2, 1, "float16"),
+        (5, 6, "bfloat16"),
+        (100, 8, "float32"),
+    ]
+]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dim,bits,dtype", GPU_CASES)
+@pytest.mark.parametrize("n", [4099, 300, 1])
+def test_ops_match_reference_gpu(dim, bits, dtype, n):
+    plan = _plan(dim, bits)  # dims <= 256: every op and batch size runs the Gluon kernels
+    for op in ("quantize", "dequantize", "roundtrip"):
+        assert G.lane_layout(plan, torch.device("cuda"), *fused_tile(plan, n, op)) is not None, op
+    check_ops("hadamard", dim, bits, DTYPES[dtype], n=n, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dim,bits,dtype", [(128, 3, "float16"), (64, 4, "float32"), (256, 2, "bfloat16")])
+def test_kronecker_one_block_gpu(dim, bits, dtype):
+    """kronecker at a power-of-two dim (one block: signs, one transform, a +-1 mix) runs these kernels."""
+    plan = Quantizer("kronecker", dim, bits, seed=11, backend="torch").plan
+    for op in ("quantize", "dequantize", "roundtrip"):
+        assert G.lane_layout(plan, torch.device("cuda"), *fused_tile(plan, 4099, op)) is not None, op
+    check_ops("kronecker", dim, bits, DTYPES[dtype], n=4099, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    "dim,bits,dtype", [(1000, 2, "bfloat16"), (1024, 5, "float16"), (512, 3, "float32"), (300, 4, "bfloat16")]
+)
+def test_wide_rows_gpu(dim, bits, dtype):
+    """Rows of 512-1024 coded columns: the Gluon kernels at large batches (asserted), the plain ones below."""
+    plan = _plan(dim, bits)
+    assert G.lane_layout(plan, torch.device("cuda"), *fused_tile(plan, 1 << 20, "quantize")) is not None
+    check_ops("hadamard", dim, bits, DTYPES[dtype], n=1 << 16, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_strided_rows_and_codes_gpu(bits):
+    """Strided input rows, and codes with an odd row stride (byte access): the same bytes and outputs as
+    contiguous tensors."""
+    check_ops("hadamard", 128, bits, torch.float16, n=1000, device="cuda", strided=True)
+    plan = Quantizer("hadamard", 96, bits, seed=1, device="cuda", backend="torch").plan
+    x = torch.randn(777, 96, device="cuda")
+    codes, norms = kt.quantize(x, plan)
+    wide = torch.zeros(777, plan.code_bytes + 3, dtype=torch.uint8, device="cuda")[:, 1 : plan.code_bytes + 1]
+    wide.copy_(codes)
+    assert not word_access(plan, wide) and word_access(plan, codes)
+    for dtype in DTYPES.values():
+        assert torch.equal(kt.dequantize(wide, norms, plan, dtype), kt.dequantize(codes, norms, plan, dtype))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dim,bits", [(128, 4), (256, 2), (64, 3), (100, 7)])
+def test_same_bytes_as_the_plain_kernels_gpu(dim, bits, monkeypatch):
+    """The Gluon and the plain Triton kernels compute the same float32 operations in the same order, apart
+    from the norm's sum: codes equal but for values on a boundary, reconstructions within an ulp."""
+    plan = Quantizer("hadamard", dim, bits, seed=5, device="cuda", backend="torch").plan
+    x = torch.randn(4099, dim, device="cuda", dtype=torch.float16)
+    fast_codes, fast_norms = kt.quantize(x, plan)
+    fast_hat, fast_err = kt.roundtrip(x, plan)
+    fast_out = kt.dequantize(fast_codes, fast_norms, plan, torch.float32)
+    monkeypatch.setattr(G, "lane_layout", lambda *args: None)
+    plain_codes, plain_norms = kt.quantize(x, plan)
+    torch.testing.assert_close(fast_norms, plain_norms, rtol=4e-7, atol=0)  # two ulps: the sum's order
+    assert (fast_codes != plain_codes).sum() <= 4
+    torch.testing.assert_close(
+        fast_out, kt.dequantize(fast_codes, fast_norms, plan, torch.float32), rtol=1e-6, atol=1e-7
+    )
+    plain_hat, plain_err = kt.roundtrip(x, plan)
+    same = (fast_codes == plain_codes).all(dim=1)
+    torch.testing.assert_close(fast_hat[same], plain_hat[same], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast_err[same], plain_err[same], rtol=1e-5, atol=1e-6)
