@@ -58,8 +58,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 # PyPI's Linux torch wheel is the CUDA build; it depends on the exact triton release it was built with,
-# so pip installs the matching Triton here (the server extra's triton>=3.2 is then already met). The
-# CUDA runtime libraries come with the wheel; the host needs only an NVIDIA driver recent enough for it
+# so pip installs the matching Triton here (the server extra's triton>=3.6, which the Gluon kernels need,
+# is then already met). The CUDA runtime libraries come with the wheel; the host needs only an NVIDIA driver recent enough for it
 # and the NVIDIA container toolkit. Another CUDA build: --build-arg TORCH_INDEX_URL=<PyTorch wheel index>.
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 RUN python3 -m venv /opt/venv \

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from kernels import Quantizer
-from tests.kernels.test_triton_ops import DTYPES, check_ops, needs_cuda
+from tests.kernels.test_triton_ops import DTYPES, _near_boundary, _rotated, check_ops, needs_cuda
 
 kt = pytest.importorskip("kernels.triton")
 G = pytest.importorskip("kernels.triton._gluon")
@@ -211,6 +211,8 @@ def test_same_bytes_as_the_plain_kernels_gpu(dim, bits, monkeypatch):
         fast_out, kt.dequantize(fast_codes, fast_norms, plan, torch.float32), rtol=1e-6, atol=1e-7
     )
     plain_hat, plain_err = kt.roundtrip(x, plan)
-    same = (fast_codes == plain_codes).all(dim=1)
+    # Rows with a rotated value on a boundary may take the other code in either round trip (their norms
+    # differ in the last ulp), as in check_ops.
+    same = (fast_codes == plain_codes).all(dim=1) & ~_near_boundary(_rotated(x, plan), plan).any(dim=1)
     torch.testing.assert_close(fast_hat[same], plain_hat[same], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast_err[same], plain_err[same], rtol=1e-5, atol=1e-6)
