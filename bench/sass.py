@@ -24,7 +24,7 @@ TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 
 
 def compile_sm90(op: str, dim: int, bits: int, dtype: torch.dtype, rows: int = 1 << 20, word: bool = True):
-    """(compiled kernel, (W, BN, warps), (V, L)) of the op's Gluon kernel for a hadamard quantizer of (dim,
+    """(compiled kernel, (W, BN, warps), ``_gluon.LanePlan``) of the op's Gluon kernel for a hadamard quantizer of (dim,
     bits) launched on ``rows`` rows of ``dtype``: contiguous, 16-byte aligned tensors."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -37,24 +37,22 @@ def compile_sm90(op: str, dim: int, bits: int, dtype: torch.dtype, rows: int = 1
     plan = Quantizer("hadamard", dim, bits, seed=0, backend="torch").plan
     width, block_rows, warps = fused_tile(plan, rows, op)
     stored = None if op == "quantize" else dtype  # what the kernel stores as floats picks the piece width
-    lane = _gluon.lane_layout(plan, torch.device("cuda"), width, block_rows, warps, stored)
+    lane = _gluon.lane_layout(plan, torch.device("cuda"), width, block_rows, warps, stored, op != "quantize")
     if lane is None:
         raise ValueError(f"{op} dim {dim} over {rows} rows runs the plain kernels, not Gluon")
-    layout, v, lanes = lane
     const = dict(DIM=dim, N_CODED=plan.n_coded, BN=block_rows, W=width, BITS=bits, SYMMETRIC=plan.symmetric)
-    const.update(V=v, L=lanes, LAYOUT=layout)
+    const.update(LANES=lane)
     t = TRITON_TYPES[dtype]
     if op == "quantize":
         fn = _gluon._quantize_kernel
         pointers = dict(x_ptr=t, codes_ptr="u8", norms_ptr="fp32", signs_ptr="fp32", bnd_ptr="fp32")
         scalars = ["N", "stride_xr", "stride_cr"]
-        const.update(CODE_BYTES=plan.code_bytes, stride_xc=1, stride_cc=1, WORD=word, WORDS=_gluon.words_layout(layout))
+        const.update(CODE_BYTES=plan.code_bytes, stride_xc=1, stride_cc=1, WORD=word)
     elif op == "dequantize":
         fn = _gluon._dequantize_kernel
         pointers = dict(codes_ptr="u8", norms_ptr="fp32", out_ptr=t, signs_ptr="fp32", cent_ptr="fp32")
         scalars = ["N", "stride_cr", "stride_or"]
         const.update(CODE_BYTES=plan.code_bytes, stride_cc=1, stride_n=1, stride_oc=1, WORD=word)
-        const.update(WORDS=_gluon.words_layout(layout))
     elif op == "roundtrip":
         fn = _gluon._roundtrip_kernel
         pointers = dict(x_ptr=t, out_ptr=t, err_ptr="fp32", signs_ptr="fp32", bnd_ptr="fp32", cent_ptr="fp32")
@@ -69,7 +67,7 @@ def compile_sm90(op: str, dim: int, bits: int, dtype: torch.dtype, rows: int = 1
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     src = GluonASTSource(fn, {name: types[name] for name in order}, const, attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    return kernel, (width, block_rows, warps), (v, lanes)
+    return kernel, (width, block_rows, warps), lane
 
 
 def counts(kernel) -> dict[str, int]:
@@ -101,21 +99,22 @@ def parse_case(text: str) -> tuple[str, int, int, torch.dtype, int, bool]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cases", nargs="+", help="op:dim:bits:dtype[:rows[:word|bytes]]")
-    parser.add_argument("--json", action="store_true", help="one JSON object: case -> counts, tile, lanes")
+    parser.add_argument("--json", action="store_true", help="one JSON object: case -> counts, tile, stages")
     args = parser.parse_args(argv)
     results = {}
     for case in args.cases:
         kernel, tile, lanes = compile_sm90(*parse_case(case))
-        results[case] = counts(kernel) | {"tile": tile, "lanes": lanes}
+        stages = {k: bin(getattr(lanes, k)) for k in ("memory_stages", "compute_stages", "lane_stages")}
+        results[case] = counts(kernel) | {"tile": tile, "piece": lanes.compute.size_per_thread[1]} | stages
     if args.json:
         json.dump(results, sys.stdout)
         return
-    print("| case | W, BN, warps | V, L | instructions | shuffles | shared accesses | barriers |")
+    print("| case | W, BN, warps | columns a thread | stages across lanes | instructions | shuffles | shared |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for case, r in results.items():
         print(
-            f"| {case} | {r['tile']} | {r['lanes']} | {r['instructions']} | {r['shuffles']} | "
-            f"{r['shared_accesses']} | {r['barriers']} |"
+            f"| {case} | {r['tile']} | {r['piece']} | {r['lane_stages']} | {r['instructions']} | {r['shuffles']} | "
+            f"{r['shared_accesses']} |"
         )
 
 

@@ -1,24 +1,29 @@
-"""Gluon kernels of the hadamard rotation: quantize, dequantize and round trip with the tile's layout chosen
-explicitly, so that every Walsh-Hadamard butterfly stays in registers and inside one warp.
+"""Gluon kernels of the hadamard rotation (and kronecker with one block): quantize, dequantize and round trip
+with the tile's layouts chosen explicitly, so that every Walsh-Hadamard butterfly stays in registers and
+inside one warp.
 
-The fused kernels of ``_jit`` run hadamard too, in plain Triton, where each butterfly stage moves the pair
-axis last with a permute and Triton's layout propagation turns every stage whose partners sit in other
+The fused kernels of ``_jit`` can run hadamard too, in plain Triton, where each butterfly stage moves the
+pair axis last with a permute and Triton's layout propagation turns every stage whose partners sit in other
 threads into a conversion through shared memory. The sm_90 compile of quantize (dim 128, float16, bits 4,
-a thread holding 32 elements): 1480 instructions, 144 shuffles, 47 shared-memory accesses and 23 barriers a
-thread; full has 944 instructions. Here the tile [BN, W] has one fixed layout: a thread holds R rows x V
-consecutive columns, L = W // V lanes span a row, warps stack rows. A stage of half-width H < V pairs
-registers of one thread (reshape/permute/split, asserted free at compile time); a stage with
-V <= H < V * L pairs the same register of lanes l and l ^ (H / V), one ``shfl.sync.bfly`` an element. The
-same compile: 1080 instructions, 66 shuffles (V = 32, L = 4), no shared memory, no barrier.
+32 elements a thread): 1480 instructions, 144 shuffles, 47 shared-memory accesses and 23 barriers a thread;
+full has 944 instructions. Here (``lane_layout``): a memory layout for loads and stores (pieces of 4-8
+consecutive columns, adjacent lanes on adjacent pieces) and, for dequantize and the round trip, a compute
+layout (a thread's columns of a row consecutive), with one warp-local exchange between them. A stage whose
+pair sits in one thread only renames registers (asserted free at compile time); a stage whose pair sits in
+lanes l and l ^ m is one ``shfl.sync.bfly`` an element. Quantize dim 128: 1040 instructions, 66 shuffles,
+no shared memory; round trip dim 256: no stage through shuffles, two exchanges (16 shared accesses a thread).
 
-Layout and word format are those of the plain kernels (docs/FORMAT.md): codes, norms and reconstructions
-are bit-identical to theirs (tests/kernels/test_gluon.py on the GPU). Gluon kernels do not run under
-TRITON_INTERPRET, so ``lane_layout`` only picks them for CUDA tensors; the CPU tests compile them for sm_90.
+The word format is that of the plain kernels (docs/FORMAT.md). The stages run in another order and the norm
+sums in another order, so results agree with the plain kernels and the reference within float32 rounding
+(codes but for values on a boundary; tests/kernels/test_gluon.py on the GPU). Gluon kernels do not run under
+TRITON_INTERPRET, so ``lane_layout`` only picks them for CUDA tensors; the CPU tests compile them for sm_90
+(``bench/sass.py``) and read the machine code.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from triton.experimental import gluon
@@ -29,36 +34,84 @@ from kernels.triton._jit import _code_search, _norm_of, _search_centroid
 MAX_WIDTH = 32 * 32  # one warp spans a row with at most 32 elements a thread: wider rows keep the plain kernels
 
 
+class LanePlan(NamedTuple):
+    """How a Gluon launch lays out its tile [BN, W] (see ``lane_layout``): the layouts and which butterfly
+    stages run where. Stage s pairs columns j and j + 2^s; the three masks (bit s = stage s) partition the
+    stages of a W-column transform."""
+
+    memory: gl.BlockedLayout  # loads and stores: pieces of V consecutive columns, adjacent lanes adjacent
+    compute: gl.BlockedLayout  # the stages on the memory layout's lane bits, the code search and packing
+    words: gl.SliceLayout  # packed words [BN, W // 8] of ``compute``: a thread's groups consecutive
+    store_words: gl.DistributedLayout  # the words as quantize stores them: adjacent lanes adjacent words
+    memory_stages: int  # in-thread in ``memory``
+    compute_stages: int  # in-thread in ``compute``
+    lane_stages: int  # across lanes: shfl.sync.bfly with lane ^ (2^s / lane_unit) in ``compute``
+    lane_unit: int  # the columns a lane's piece spans in ``compute``
+
+
 @functools.lru_cache(maxsize=1024)
-def _lane_layout(width: int, rows: int, warps: int, vec: int) -> tuple[gl.BlockedLayout, int, int] | None:
+def _lane_plan(width: int, rows: int, warps: int, vec: int, exchange: bool) -> LanePlan | None:
     per_thread = width * rows // (32 * warps)
-    per_row = min(per_thread, width)  # columns of one row a thread holds: fewer lanes a row, fewer shuffles
-    lanes = width // per_row
-    if width > MAX_WIDTH or per_row < 8 or per_row % 8 or per_thread % per_row or lanes > 32:
+    piece = min(per_thread, width)  # columns of one row a thread holds
+    lanes = width // piece
+    if width > MAX_WIDTH or piece < 8 or piece % 8 or per_thread % piece or lanes > 32:
         return None
-    if lanes == 1:
-        vec = 8  # a thread holds whole rows, so its pieces are whole groups of 8 anyway
-    layout = gl.BlockedLayout([per_thread // per_row, vec], [32 // lanes, lanes], [warps, 1], [1, 0])
-    return layout, vec, lanes
+    if lanes == 1 or not exchange:
+        vec = 8  # whole rows in a thread, or packing in the memory layout: whole groups of 8 a piece
+    else:
+        # Narrower memory pieces move the memory layout's lane bits down, clear of the compute layout's
+        # (the top column bits): with vec * lanes <= piece no stage needs a shuffle. 8-byte accesses cost
+        # more instructions than 16-byte ones but stay coalesced; below 4 columns a shuffle stage is cheaper.
+        vec = max(4, min(vec, width // lanes**2))
+    r, tr = per_thread // piece, 32 // lanes
+    memory = gl.BlockedLayout([r, vec], [tr, lanes], [warps, 1], [1, 0])
+    stages = (1 << (width.bit_length() - 1)) - 1  # bits 0 .. log2(W) - 1
+    memory_lanes = stages & (vec * lanes - 1) & ~(vec - 1)  # column bits log2(V) .. log2(V L) - 1
+    if not exchange:
+        words = gl.SliceLayout(2, gl.BlockedLayout([r, 1, 8], [tr, lanes, 1], [warps, 1, 1], [2, 1, 0]))
+        return LanePlan(memory, memory, words, words, stages & ~memory_lanes, 0, memory_lanes, vec)
+    compute = gl.BlockedLayout([r, piece], [tr, lanes], [warps, 1], [1, 0])
+    words = gl.SliceLayout(2, gl.BlockedLayout([r, piece // 8, 8], [tr, lanes, 1], [warps, 1, 1], [2, 1, 0]))
+    store_words = gl.BlockedLayout([r, 1], [tr, lanes], [warps, 1], [1, 0])
+    compute_lanes = stages & ~(piece - 1)  # column bits log2(piece) ..
+    memory_stages = stages & ~memory_lanes
+    lane_stages = memory_lanes & compute_lanes
+    compute_stages = stages & ~memory_stages & ~lane_stages
+    return LanePlan(memory, compute, words, store_words, memory_stages, compute_stages, lane_stages, piece)
 
 
 def lane_layout(
-    plan, device: torch.device, width: int, rows: int, warps: int, stored: torch.dtype | None = None
-) -> tuple[gl.BlockedLayout, int, int] | None:
-    """(tile layout, V, L) of the Gluon kernels for a fused launch of (W, BN, num_warps) = (width, rows, warps),
+    plan,
+    device: torch.device,
+    width: int,
+    rows: int,
+    warps: int,
+    stored: torch.dtype | None = None,
+    exchange: bool = True,
+) -> LanePlan | None:
+    """The ``LanePlan`` of the Gluon kernels for a fused launch of (W, BN, num_warps) = (width, rows, warps),
     or None where the plain kernels run instead: rotations other than signs and one Walsh-Hadamard transform
     (``Plan.lane_signs``: hadamard, and kronecker at power-of-two dims), devices other than CUDA
     (the interpreter cannot run Gluon), rows wider than one warp spans (W > 1024) and tiles of fewer than 8
     elements a thread.
 
-    A thread holds its row's columns in pieces of V consecutive ones, lane l of the row's L lanes pieces
-    l, l + L, ..., so that adjacent lanes touch adjacent 16 bytes: V = 8 (a group of 8 codes, 16 bytes of
-    float16), or V = 4 where the kernel stores float32 (``stored``; a group's codes then sit in two lanes).
-    Pieces of 32 consecutive columns a thread (64-128 bytes a lane) left each warp store half-filling 32
-    sectors: float32 dequantize took 3.0-3.3x full's time, against 1.1-1.2x coalesced (H200, dims 64-256)."""
+    Two layouts, each thread holding the same number of columns of a row (``piece``), on the same lanes:
+    - ``memory``: pieces of V consecutive columns, lane l of the row's L lanes pieces l, l + L, ..., so that
+      adjacent lanes touch adjacent 16 bytes: V = 8 (16 bytes of float16), or 4 where the kernel stores
+      float32 (``stored``). A layout of consecutive columns only (64-128 bytes a lane) left each warp store
+      half-filling 32 sectors: float32 dequantize took 3.0-3.3x full's time, 1.1-1.2x in this one (H200).
+    - ``compute``: a thread's columns consecutive. The stages on the column bits that ``memory`` spreads over
+      lanes run here inside a thread; one conversion between the two is a warp-local exchange (4 STS.128 +
+      4 LDS.128 a thread of 32 elements at W = 128, sm_90) instead of one shuffle an element a stage. Bits on
+      lanes in both (W > 128 at 32 columns a thread) are shuffle stages. Codes are packed and moved in
+      ``compute``: a thread's words are consecutive bytes.
+    ``exchange=False`` (quantize) keeps everything in ``memory`` (V = 8), the stages on its lane bits
+    through shuffles: at dim 128 bits 3-4 quantize took 1.26-1.32x full's time with the exchange and
+    1.06-1.14x without; at dim 256 both 0.73-1.15x (H200). The inverse ops gain from it: the dim-256 round
+    trip 1.15-1.40x against 1.17-1.58x."""
     if device.type != "cuda" or plan.lane_signs is None:
         return None
-    return _lane_layout(width, rows, warps, 4 if stored == torch.float32 else 8)
+    return _lane_plan(width, rows, warps, 4 if stored == torch.float32 else 8, exchange)
 
 
 @gluon.jit
@@ -89,20 +142,19 @@ def _butterfly_in_thread(t, BN: gl.constexpr, W: gl.constexpr, H: gl.constexpr):
 
 
 @gluon.jit
-def _walsh_hadamard(
-    t, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr, V: gl.constexpr, L: gl.constexpr
-):
-    """Unscaled Walsh-Hadamard transform of the first N_CODED (a power of two) columns of float32 t [BN, W]
-    in the lane layout (columns beyond stay in butterfly blocks of their own). cols [W] are the column
-    indices in the layout's column slice."""
-    for stage in gl.static_range(12):  # N_CODED <= MAX_WIDTH = 2^10
+def _stages(t, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr, IN_THREAD: gl.constexpr,
+            ACROSS: gl.constexpr, PIECE: gl.constexpr):  # fmt: skip
+    """The butterfly stages s of IN_THREAD (pairs inside a thread) and ACROSS (pairs in lanes l and
+    l ^ (2^s / PIECE)) of the Walsh-Hadamard transform of the first N_CODED (a power of two) columns of
+    float32 t [BN, W] (columns beyond stay in butterfly blocks of their own); cols [W]: the column indices
+    in t's layout. The stages commute: the transform is their product in any order."""
+    for stage in gl.static_range(10):  # W <= MAX_WIDTH = 2^10
         if (1 << stage) < N_CODED:
-            if (1 << stage) >= V and (1 << stage) < V * L:
-                partner = _lane_exchange(t, (1 << stage) // V)
-                upper = ((cols & (1 << stage)) != 0)[None, :]
-                t = gl.where(upper, partner - t, t + partner)
-            else:
+            if (IN_THREAD >> stage) & 1:
                 t = _butterfly_in_thread(t, BN, W, 1 << stage)
+            elif (ACROSS >> stage) & 1:
+                partner = _lane_exchange(t, (1 << stage) // PIECE)
+                t = gl.where(((cols & (1 << stage)) != 0)[None, :], partner - t, t + partner)
     return t
 
 
@@ -117,22 +169,31 @@ def _load_tile(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc):
 
 
 @gluon.jit
-def _forward(
-    x, inv, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr, V: gl.constexpr, L: gl.constexpr
-):
-    """y = H (signs * x / rho) / sqrt(n_coded) of a float32 tile x [BN, W] (inv = 1 / rho [BN])."""
+def _forward(x, inv, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr,
+             LANES: gl.constexpr):  # fmt: skip
+    """y = H (signs * x / rho) / sqrt(n_coded) of a float32 tile x [BN, W] in ``LANES.memory`` (cols its
+    column indices; inv = 1 / rho [BN]) -> y in ``LANES.compute``."""
+    COMPUTE: gl.constexpr = LANES.compute
     signs = gl.load(signs_ptr + cols, mask=cols < N_CODED, other=0.0)
-    t = _walsh_hadamard(x * inv[:, None] * signs[None, :], cols, BN, W, N_CODED, V, L)
+    t = _stages(x * inv[:, None] * signs[None, :], cols, BN, W, N_CODED, LANES.memory_stages, 0, 1)
+    t = gl.convert_layout(t, COMPUTE)
+    cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
+    t = _stages(t, cols_c, BN, W, N_CODED, LANES.compute_stages, LANES.lane_stages, LANES.lane_unit)
     return t * (1.0 / N_CODED**0.5)
 
 
 @gluon.jit
-def _inverse(
-    c, rho, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr, V: gl.constexpr, L: gl.constexpr
-):
-    """x = rho * signs * H c / sqrt(n_coded) of the centroids c [BN, W] (zero beyond n_coded)."""
+def _inverse(c, rho, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr,
+             LANES: gl.constexpr):  # fmt: skip
+    """x = rho * signs * H c / sqrt(n_coded) of the centroids c [BN, W] in ``LANES.compute`` (zero beyond
+    n_coded) -> x in ``LANES.memory`` (cols its column indices, rho [BN] its rows)."""
+    COMPUTE: gl.constexpr = LANES.compute
+    MEMORY: gl.constexpr = LANES.memory
+    cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
+    t = _stages(c, cols_c, BN, W, N_CODED, LANES.compute_stages, LANES.lane_stages, LANES.lane_unit)
+    t = gl.convert_layout(t, MEMORY)
+    t = _stages(t, cols, BN, W, N_CODED, LANES.memory_stages, 0, 1) * (1.0 / N_CODED**0.5)
     signs = gl.load(signs_ptr + cols, mask=cols < N_CODED, other=0.0)
-    t = _walsh_hadamard(c, cols, BN, W, N_CODED, V, L) * (1.0 / N_CODED**0.5)
     return t * signs[None, :] * rho[:, None]
 
 
@@ -288,21 +349,29 @@ def _quantize_kernel(
     DIM: gl.constexpr, N_CODED: gl.constexpr, CODE_BYTES: gl.constexpr,
     stride_xr, stride_xc, stride_cr, stride_cc,
     BN: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr, WORD: gl.constexpr,
-    V: gl.constexpr, L: gl.constexpr, LAYOUT: gl.constexpr, WORDS: gl.constexpr,
+    LANES: gl.constexpr,
 ):  # fmt: skip
-    rows = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LAYOUT))
+    MEMORY: gl.constexpr = LANES.memory
+    COMPUTE: gl.constexpr = LANES.compute
+    WORDS: gl.constexpr = LANES.words
+    rows = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MEMORY))
     row_ok = rows < N
-    cols = gl.arange(0, W, layout=gl.SliceLayout(0, LAYOUT))
+    cols = gl.arange(0, W, layout=gl.SliceLayout(0, MEMORY))
     x = _load_tile(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
     rho, inv = _norm_of(gl.sum(x * x, axis=1))
     gl.store(norms_ptr + rows, rho, mask=row_ok)
-    y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, V, L)
+    y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES)  # in LANES.compute
     if SYMMETRIC and BITS == 2 and N_CODED == W:
         word = _code_words_2bit(y, bnd_ptr, WORDS, BN, W)
     else:
-        codes = gl.where((cols < N_CODED)[None, :], _code_search(y, bnd_ptr, BITS, SYMMETRIC), 0)
+        cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
+        codes = gl.where((cols_c < N_CODED)[None, :], _code_search(y, bnd_ptr, BITS, SYMMETRIC), 0)
         word = _pack(codes, WORDS, BN, W, BITS)
-    _store_words(word, codes_ptr, rows, row_ok, stride_cr, stride_cc, WORDS, W // 8, CODE_BYTES, BITS, WORD)
+    # Stored from a thread's consecutive words, each warp store half-filled its sectors: quantize at dim 128
+    # bits 3-4 took 1.29-1.38x full's time against 1.06-1.14x so (H200).
+    STORE_WORDS: gl.constexpr = LANES.store_words
+    word = gl.convert_layout(word, STORE_WORDS)
+    _store_words(word, codes_ptr, rows, row_ok, stride_cr, stride_cc, STORE_WORDS, W // 8, CODE_BYTES, BITS, WORD)
 
 
 @gluon.jit
@@ -311,17 +380,21 @@ def _dequantize_kernel(
     DIM: gl.constexpr, N_CODED: gl.constexpr, CODE_BYTES: gl.constexpr,
     stride_cr, stride_cc, stride_n, stride_or, stride_oc,
     BN: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr, WORD: gl.constexpr,
-    V: gl.constexpr, L: gl.constexpr, LAYOUT: gl.constexpr, WORDS: gl.constexpr,
+    LANES: gl.constexpr,
 ):  # fmt: skip
-    rows = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LAYOUT))
+    MEMORY: gl.constexpr = LANES.memory
+    COMPUTE: gl.constexpr = LANES.compute
+    WORDS: gl.constexpr = LANES.words
+    rows = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MEMORY))
     row_ok = rows < N
-    cols = gl.arange(0, W, layout=gl.SliceLayout(0, LAYOUT))
+    cols = gl.arange(0, W, layout=gl.SliceLayout(0, MEMORY))
     rho = gl.load(norms_ptr + rows * stride_n, mask=row_ok, other=0.0)
     word = _load_words(codes_ptr, rows, row_ok, stride_cr, stride_cc, WORDS, W // 8, CODE_BYTES, BITS, WORD)
-    c = _centroids_of_words(word, cent_ptr, LAYOUT, WORDS, BN, W, BITS, SYMMETRIC)
+    c = _centroids_of_words(word, cent_ptr, COMPUTE, WORDS, BN, W, BITS, SYMMETRIC)
     if N_CODED < W:  # padding columns hold code 0, whose centroid is not zero
-        c = gl.where((cols < N_CODED)[None, :], c, 0.0)
-    x = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, V, L)
+        cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
+        c = gl.where((cols_c < N_CODED)[None, :], c, 0.0)
+    x = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES)
     gl.store(
         out_ptr + rows.to(gl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
         x.to(out_ptr.dtype.element_ty),
@@ -335,16 +408,19 @@ def _roundtrip_kernel(
     DIM: gl.constexpr, N_CODED: gl.constexpr,
     stride_xr, stride_xc, stride_or, stride_oc,
     BN: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr,
-    V: gl.constexpr, L: gl.constexpr, LAYOUT: gl.constexpr,
+    LANES: gl.constexpr,
 ):  # fmt: skip
-    rows = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LAYOUT))
+    MEMORY: gl.constexpr = LANES.memory
+    COMPUTE: gl.constexpr = LANES.compute
+    rows = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MEMORY))
     row_ok = rows < N
-    cols = gl.arange(0, W, layout=gl.SliceLayout(0, LAYOUT))
+    cols = gl.arange(0, W, layout=gl.SliceLayout(0, MEMORY))
     x = _load_tile(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
     rho, inv = _norm_of(gl.sum(x * x, axis=1))
-    y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, V, L)
-    c = gl.where((cols < N_CODED)[None, :], _search_centroid(y, bnd_ptr, cent_ptr, BITS, SYMMETRIC), 0.0)
-    x_hat = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, V, L)
+    y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES)
+    cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
+    c = gl.where((cols_c < N_CODED)[None, :], _search_centroid(y, bnd_ptr, cent_ptr, BITS, SYMMETRIC), 0.0)
+    x_hat = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES)
     mask = row_ok[:, None] & (cols < DIM)[None, :]
     gl.store(
         out_ptr + rows.to(gl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
@@ -353,12 +429,3 @@ def _roundtrip_kernel(
     )
     diff = gl.where(mask, x - x_hat, 0.0)
     gl.store(err_ptr + rows, gl.sum(diff * diff, axis=1), mask=row_ok)
-
-
-def words_layout(layout: gl.BlockedLayout) -> gl.SliceLayout:
-    """The layout of the packed words [BN, W // 8] that go with a lane tile layout, as the slice of the
-    groups view [BN, W // 8, 8]: a group's 8 codes in one thread (V = 8) or in two adjacent lanes that both
-    hold its word (V = 4)."""
-    (r, vec), (tr, tc), (wr, _) = layout.size_per_thread, layout.threads_per_warp, layout.warps_per_cta
-    split = 8 // vec  # lanes that share a group
-    return gl.SliceLayout(2, gl.BlockedLayout([r, 1, vec], [tr, tc // split, split], [wr, 1, 1], [2, 1, 0]))

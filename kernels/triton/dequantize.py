@@ -225,7 +225,6 @@ def dequantize(
         p0, p1 = plan.fused_params
         lanes = _gluon.lane_layout(plan, codes.device, width, rows, warps, dtype)
         if lanes is not None:
-            layout, v, lane_count = lanes
             _gluon._dequantize_kernel[(cdiv(n, rows),)](
                 codes,
                 norms,
@@ -246,10 +245,7 @@ def dequantize(
                 BITS=plan.bits,
                 SYMMETRIC=plan.symmetric,
                 WORD=word_access(plan, codes),
-                V=v,
-                L=lane_count,
-                LAYOUT=layout,
-                WORDS=_gluon.words_layout(layout),
+                LANES=lanes,
                 num_warps=warps,
             )
             return out

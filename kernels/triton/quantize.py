@@ -231,9 +231,8 @@ def quantize(x: torch.Tensor, plan: Plan, tile: tuple[int, int] | None = None) -
     if fused(plan):
         width, rows, warps = fused_tile(plan, n, "quantize", tile)
         p0, p1 = plan.fused_params
-        lanes = _gluon.lane_layout(plan, x.device, width, rows, warps)
+        lanes = _gluon.lane_layout(plan, x.device, width, rows, warps, exchange=False)
         if lanes is not None:
-            layout, v, lane_count = lanes
             _gluon._quantize_kernel[(cdiv(n, rows),)](
                 x,
                 codes,
@@ -253,10 +252,7 @@ def quantize(x: torch.Tensor, plan: Plan, tile: tuple[int, int] | None = None) -
                 BITS=plan.bits,
                 SYMMETRIC=sym,
                 WORD=word_access(plan, codes),
-                V=v,
-                L=lane_count,
-                LAYOUT=layout,
-                WORDS=_gluon.words_layout(layout),
+                LANES=lanes,
                 num_warps=warps,
             )
             return codes, norms

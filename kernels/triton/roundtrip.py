@@ -152,7 +152,6 @@ def roundtrip(
         p0, p1 = plan.fused_params
         lanes = _gluon.lane_layout(plan, x.device, width, rows, warps, dtype)
         if lanes is not None:
-            layout, v, lane_count = lanes
             _gluon._roundtrip_kernel[(cdiv(n, rows),)](
                 x,
                 out,
@@ -171,9 +170,7 @@ def roundtrip(
                 W=width,
                 BITS=plan.bits,
                 SYMMETRIC=plan.symmetric,
-                V=v,
-                L=lane_count,
-                LAYOUT=layout,
+                LANES=lanes,
                 num_warps=warps,
             )
             return out, err
