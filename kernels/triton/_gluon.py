@@ -29,7 +29,8 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from kernels.triton._jit import _code_search, _norm_of, _search_centroid
+# Triton helpers that take no layout of their own compile inside Gluon kernels too (in Gluon's semantics).
+from kernels.triton._jit import _code_search, _load_rows, _norm_of, _search_centroid, _word_pointer
 
 MAX_WIDTH = 32 * 32  # one warp spans a row with at most 32 elements a thread: wider rows keep the plain kernels
 
@@ -159,16 +160,6 @@ def _stages(t, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr, I
 
 
 @gluon.jit
-def _load_tile(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc):
-    """float32 tile [BN, W] of rows ``rows`` and columns ``cols`` (zero beyond DIM and N)."""
-    return gl.load(
-        x_ptr + rows.to(gl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc,
-        mask=row_ok[:, None] & (cols < DIM)[None, :],
-        other=0.0,
-    ).to(gl.float32)
-
-
-@gluon.jit
 def _forward(x, inv, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr,
              LANES: gl.constexpr):  # fmt: skip
     """y = H (signs * x / rho) / sqrt(n_coded) of a float32 tile x [BN, W] in ``LANES.memory`` (cols its
@@ -234,6 +225,15 @@ def _word_rows(rows, WORDS: gl.constexpr):
 
 
 @gluon.jit
+def _word_places(rows, row_ok, WORDS: gl.constexpr, NG: gl.constexpr, CODE_BYTES: gl.constexpr, BITS: gl.constexpr):
+    """(group index g [NG], rows [BN], mask [BN, NG]) of the packed words in layout WORDS: the groups that
+    start inside the row's CODE_BYTES, on rows < N."""
+    g = gl.arange(0, NG, layout=gl.SliceLayout(0, WORDS))
+    ok = _word_rows(row_ok, WORDS)[:, None] & (g * BITS < CODE_BYTES)[None, :]
+    return g, _word_rows(rows, WORDS), ok
+
+
+@gluon.jit
 def _store_words(
     word,
     codes_ptr,
@@ -249,18 +249,9 @@ def _store_words(
 ):
     """Store words [BN, NG] (layout WORDS): group g -> bytes [g * BITS, (g + 1) * BITS) of the row, as one
     1/2/4/8-byte store a group when WORD (``_launch.word_access``), else byte by byte (bits 3, odd strides)."""
-    g = gl.arange(0, NG, layout=gl.SliceLayout(0, WORDS))
-    wrows = _word_rows(rows, WORDS)
-    ok = _word_rows(row_ok, WORDS)[:, None] & (g * BITS < CODE_BYTES)[None, :]
+    g, wrows, ok = _word_places(rows, row_ok, WORDS, NG, CODE_BYTES, BITS)
     if WORD and BITS != 3:
-        if BITS == 1:
-            word_ptr = codes_ptr
-        elif BITS == 2:
-            word_ptr = codes_ptr.to(gl.pointer_type(gl.uint16))
-        elif BITS == 4:
-            word_ptr = codes_ptr.to(gl.pointer_type(gl.uint32))
-        else:
-            word_ptr = codes_ptr.to(gl.pointer_type(gl.uint64))
+        word_ptr = _word_pointer(codes_ptr, BITS)
         offs = wrows.to(gl.int64)[:, None] * (stride_cr // BITS) + g[None, :]
         gl.store(word_ptr + offs, word.to(word_ptr.dtype.element_ty), mask=ok)
     else:
@@ -284,22 +275,13 @@ def _load_words(
     WORD: gl.constexpr,
 ):
     """The words of ``_store_words`` [BN, NG] (layout WORDS; uint32 for bits <= 4, else uint64)."""
-    g = gl.arange(0, NG, layout=gl.SliceLayout(0, WORDS))
-    wrows = _word_rows(rows, WORDS)
-    ok = _word_rows(row_ok, WORDS)[:, None] & (g * BITS < CODE_BYTES)[None, :]
+    g, wrows, ok = _word_places(rows, row_ok, WORDS, NG, CODE_BYTES, BITS)
     if BITS <= 4:
         word_type: gl.constexpr = gl.uint32
     else:
         word_type: gl.constexpr = gl.uint64
     if WORD and BITS != 3:
-        if BITS == 1:
-            word_ptr = codes_ptr
-        elif BITS == 2:
-            word_ptr = codes_ptr.to(gl.pointer_type(gl.uint16))
-        elif BITS == 4:
-            word_ptr = codes_ptr.to(gl.pointer_type(gl.uint32))
-        else:
-            word_ptr = codes_ptr.to(gl.pointer_type(gl.uint64))
+        word_ptr = _word_pointer(codes_ptr, BITS)
         offs = wrows.to(gl.int64)[:, None] * (stride_cr // BITS) + g[None, :]
         word = gl.load(word_ptr + offs, mask=ok, other=0).to(word_type)
     else:
@@ -357,7 +339,7 @@ def _quantize_kernel(
     rows = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MEMORY))
     row_ok = rows < N
     cols = gl.arange(0, W, layout=gl.SliceLayout(0, MEMORY))
-    x = _load_tile(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
+    x = _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
     rho, inv = _norm_of(gl.sum(x * x, axis=1))
     gl.store(norms_ptr + rows, rho, mask=row_ok)
     y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES)  # in LANES.compute
@@ -415,7 +397,7 @@ def _roundtrip_kernel(
     rows = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MEMORY))
     row_ok = rows < N
     cols = gl.arange(0, W, layout=gl.SliceLayout(0, MEMORY))
-    x = _load_tile(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
+    x = _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
     rho, inv = _norm_of(gl.sum(x * x, axis=1))
     y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES)
     cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))

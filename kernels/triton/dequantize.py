@@ -224,55 +224,18 @@ def dequantize(
         width, rows, warps = fused_tile(plan, n, "dequantize", tile)
         p0, p1 = plan.fused_params
         lanes = _gluon.lane_layout(plan, codes.device, width, rows, warps, dtype)
+        grid = (cdiv(n, rows),)
+        sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, codes.stride(0), codes.stride(1), norms.stride(0))
+        sizes += (out.stride(0), out.stride(1))
+        meta = dict(BN=rows, W=width, BITS=plan.bits, WORD=word_access(plan, codes), SYMMETRIC=plan.symmetric)
         if lanes is not None:
-            _gluon._dequantize_kernel[(cdiv(n, rows),)](
-                codes,
-                norms,
-                out,
-                plan.lane_signs,
-                plan.centroids,
-                n,
-                plan.dim,
-                plan.n_coded,
-                plan.code_bytes,
-                codes.stride(0),
-                codes.stride(1),
-                norms.stride(0),
-                out.stride(0),
-                out.stride(1),
-                BN=rows,
-                W=width,
-                BITS=plan.bits,
-                SYMMETRIC=plan.symmetric,
-                WORD=word_access(plan, codes),
-                LANES=lanes,
-                num_warps=warps,
+            _gluon._dequantize_kernel[grid](
+                codes, norms, out, plan.lane_signs, plan.centroids, *sizes, LANES=lanes, **meta, num_warps=warps
             )
-            return out
-        _dequantize_fused_kernel[(cdiv(n, rows),)](
-            codes,
-            norms,
-            out,
-            p0,
-            p1,
-            plan.centroids,
-            n,
-            plan.dim,
-            plan.n_coded,
-            plan.code_bytes,
-            codes.stride(0),
-            codes.stride(1),
-            norms.stride(0),
-            out.stride(0),
-            out.stride(1),
-            BN=rows,
-            W=width,
-            BITS=plan.bits,
-            FAMILY=family_id(plan),
-            WORD=word_access(plan, codes),
-            SYMMETRIC=plan.symmetric,
-            num_warps=warps,
-        )
+        else:
+            _dequantize_fused_kernel[grid](
+                codes, norms, out, p0, p1, plan.centroids, *sizes, FAMILY=family_id(plan), **meta, num_warps=warps
+            )
     else:
         launch_matrix_dequantize(codes, norms, out, plan)
     return out

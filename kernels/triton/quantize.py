@@ -232,53 +232,15 @@ def quantize(x: torch.Tensor, plan: Plan, tile: tuple[int, int] | None = None) -
         width, rows, warps = fused_tile(plan, n, "quantize", tile)
         p0, p1 = plan.fused_params
         lanes = _gluon.lane_layout(plan, x.device, width, rows, warps, exchange=False)
+        grid = (cdiv(n, rows),)
+        sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1))
+        meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=sym, WORD=word_access(plan, codes), num_warps=warps)
         if lanes is not None:
-            _gluon._quantize_kernel[(cdiv(n, rows),)](
-                x,
-                codes,
-                norms,
-                plan.lane_signs,
-                plan.boundaries,
-                n,
-                plan.dim,
-                plan.n_coded,
-                plan.code_bytes,
-                x.stride(0),
-                x.stride(1),
-                codes.stride(0),
-                codes.stride(1),
-                BN=rows,
-                W=width,
-                BITS=plan.bits,
-                SYMMETRIC=sym,
-                WORD=word_access(plan, codes),
-                LANES=lanes,
-                num_warps=warps,
-            )
-            return codes, norms
-        _quantize_fused_kernel[(cdiv(n, rows),)](
-            x,
-            codes,
-            norms,
-            p0,
-            p1,
-            plan.boundaries,
-            n,
-            plan.dim,
-            plan.n_coded,
-            plan.code_bytes,
-            x.stride(0),
-            x.stride(1),
-            codes.stride(0),
-            codes.stride(1),
-            BN=rows,
-            W=width,
-            BITS=plan.bits,
-            FAMILY=family_id(plan),
-            SYMMETRIC=sym,
-            WORD=word_access(plan, codes),
-            num_warps=warps,
-        )
+            signs = plan.lane_signs
+            _gluon._quantize_kernel[grid](x, codes, norms, signs, plan.boundaries, *sizes, LANES=lanes, **meta)
+        else:
+            family = family_id(plan)
+            _quantize_fused_kernel[grid](x, codes, norms, p0, p1, plan.boundaries, *sizes, FAMILY=family, **meta)
     else:
         bn, bk, bo = matrix_tiles(plan)
         _quantize_matrix_kernel[(cdiv(n, bn),)](

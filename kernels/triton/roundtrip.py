@@ -151,51 +151,14 @@ def roundtrip(
         width, rows, warps = fused_tile(plan, n, "roundtrip", tile)
         p0, p1 = plan.fused_params
         lanes = _gluon.lane_layout(plan, x.device, width, rows, warps, dtype)
+        grid = (cdiv(n, rows),)
+        sizes = (n, plan.dim, plan.n_coded, x.stride(0), x.stride(1), out.stride(0), out.stride(1))
+        meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=plan.symmetric, num_warps=warps)
+        tables = (plan.boundaries, plan.centroids)
         if lanes is not None:
-            _gluon._roundtrip_kernel[(cdiv(n, rows),)](
-                x,
-                out,
-                err,
-                plan.lane_signs,
-                plan.boundaries,
-                plan.centroids,
-                n,
-                plan.dim,
-                plan.n_coded,
-                x.stride(0),
-                x.stride(1),
-                out.stride(0),
-                out.stride(1),
-                BN=rows,
-                W=width,
-                BITS=plan.bits,
-                SYMMETRIC=plan.symmetric,
-                LANES=lanes,
-                num_warps=warps,
-            )
-            return out, err
-        _roundtrip_fused_kernel[(cdiv(n, rows),)](
-            x,
-            out,
-            err,
-            p0,
-            p1,
-            plan.boundaries,
-            plan.centroids,
-            n,
-            plan.dim,
-            plan.n_coded,
-            x.stride(0),
-            x.stride(1),
-            out.stride(0),
-            out.stride(1),
-            BN=rows,
-            W=width,
-            BITS=plan.bits,
-            FAMILY=family_id(plan),
-            SYMMETRIC=plan.symmetric,
-            num_warps=warps,
-        )
+            _gluon._roundtrip_kernel[grid](x, out, err, plan.lane_signs, *tables, *sizes, LANES=lanes, **meta)
+        else:
+            _roundtrip_fused_kernel[grid](x, out, err, p0, p1, *tables, *sizes, FAMILY=family_id(plan), **meta)
     else:
         codes, norms = quantize(x, plan)
         launch_matrix_dequantize(codes, norms, out, plan, x=x, err=err)

@@ -238,3 +238,62 @@ def test_agrees_with_the_plain_kernels_gpu(dim, bits, monkeypatch):
     same = (fast_codes == plain_codes).all(dim=1) & ~_near_boundary(_rotated(x, plan), plan).any(dim=1)
     _rows_close(fast_hat[same], plain_hat[same], rel=1e-6)
     torch.testing.assert_close(fast_err[same], plain_err[same], rtol=1e-5, atol=1e-6)
+
+
+class _Recorder:
+    """Stands in for a Gluon kernel in the launcher: kernel[grid](*args, **kwargs) records the call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+@pytest.mark.parametrize("op", ["quantize", "dequantize", "roundtrip"])
+def test_launchers_bind_the_gluon_kernels(op, monkeypatch):
+    """The launchers' Gluon calls (which the CPU cannot run) bind every parameter of the kernel, by
+    position and name, with the tensors and sizes of the call: the kernel is replaced by a recorder and
+    the lane plan forced, on CPU tensors."""
+    import inspect
+
+    plan = Quantizer("hadamard", 100, 3, seed=4, backend="torch").plan
+    x = torch.randn(37, 100 + 3)[:, :100]  # strided rows
+    codes, norms = kt.quantize(x, plan)  # the plain kernels, for real inputs
+    kernel = {"quantize": "_quantize_kernel", "dequantize": "_dequantize_kernel", "roundtrip": "_roundtrip_kernel"}
+    signature = inspect.signature(getattr(G, kernel[op]).fn)
+    recorder = _Recorder()
+    monkeypatch.setattr(G, kernel[op], recorder)
+    forced = []
+
+    def lane_layout(plan, device, width, rows, warps, stored=None, exchange=True):
+        forced.append(G._lane_plan(width, rows, warps, 4 if stored == torch.float32 else 8, exchange))
+        return forced[-1]
+
+    monkeypatch.setattr(G, "lane_layout", lane_layout)
+    if op == "quantize":
+        kt.quantize(x, plan)
+    elif op == "dequantize":
+        kt.dequantize(codes, norms, plan, torch.float32)
+    else:
+        kt.roundtrip(x, plan, torch.bfloat16)
+    (grid, args, kwargs), = recorder.calls
+    width, rows, warps = fused_tile(plan, 37, op)
+    assert grid == (-(-37 // rows),) and kwargs.pop("num_warps") == warps
+    bound = signature.bind(*args, **kwargs).arguments
+    assert bound["N"] == 37 and bound["DIM"] == 100 and bound["N_CODED"] == 128 and bound["BITS"] == 3
+    assert bound["signs_ptr"] is plan.lane_signs and bound["LANES"] is forced[-1]
+    assert bound["BN"] == rows and bound["W"] == width and bound["SYMMETRIC"] == plan.symmetric
+    if op != "dequantize":
+        assert bound["x_ptr"] is x and (bound["stride_xr"], bound["stride_xc"]) == (103, 1)
+        assert bound["bnd_ptr"] is plan.boundaries
+    if op == "quantize":
+        assert bound["CODE_BYTES"] == 48 and bound["stride_cr"] == 48 and bound["stride_cc"] == 1
+        assert bound["codes_ptr"].shape == (37, 48) and bound["norms_ptr"].shape == (37,)
+        assert bound["LANES"].compute == bound["LANES"].memory  # quantize keeps to the memory layout
+    if op == "dequantize":
+        assert bound["codes_ptr"] is codes and bound["norms_ptr"] is norms and bound["cent_ptr"] is plan.centroids
+        assert bound["out_ptr"].dtype == torch.float32 and bound["stride_or"] == 100 and bound["stride_n"] == 1
+    if op == "roundtrip":
+        assert bound["out_ptr"].dtype == torch.bfloat16 and bound["err_ptr"].shape == (37,)
+        assert bound["cent_ptr"] is plan.centroids
