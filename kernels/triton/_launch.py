@@ -6,10 +6,26 @@ mutable, and a benchmark that wants another tile passes it explicitly (``tile=``
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
 from kernels.plan import Plan
+
+
+def _load_gluon():
+    """``kernels.triton._gluon`` (hadamard's Gluon kernels), or None where this Triton cannot build them:
+    Gluon is experimental, so a Triton without what they use (before 3.6), or whose API moved, must not take
+    the plain kernels down with it. The plain kernels then run hadamard too (slower: BENCHMARKS.md §9)."""
+    try:
+        from kernels.triton import _gluon
+    except Exception as exc:  # an experimental API can fail in more ways than ImportError
+        warnings.warn(f"hadamard's Gluon kernels are off ({exc}); the plain Triton kernels run it", stacklevel=2)
+        return None
+    return _gluon
+
+
+GLUON = _load_gluon()
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The fused kernels' rotation families and the constexpr FAMILY that selects each in _jit._rotate; the
@@ -71,6 +87,13 @@ def check_device(t: torch.Tensor, plan: Plan, name: str) -> None:
     want = torch.device(plan.device)
     if t.device.type != want.type or (want.index is not None and t.device.index != want.index):
         raise ValueError(f"{name} is on {t.device} but the plan lives on {plan.device}")
+
+
+def lane_plan(plan: Plan, device: torch.device, width: int, rows: int, warps: int, stored=None, exchange=True):
+    """``_gluon.lane_layout`` of this launch, or None (plain kernels) where Gluon is off or does not apply."""
+    if GLUON is None:
+        return None
+    return GLUON.lane_layout(plan, device, width, rows, warps, stored, exchange)
 
 
 def fused(plan: Plan) -> bool:

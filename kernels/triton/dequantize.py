@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 
 from kernels.plan import Plan
-from kernels.triton import _gluon
 from kernels.triton._jit import (
     _centroid,
     _load_words,
@@ -25,11 +24,13 @@ from kernels.triton._jit import (
 )
 from kernels.triton._launch import (
     FLOAT_DTYPES,
+    GLUON,
     cdiv,
     check_device,
     family_id,
     fused,
     fused_tile,
+    lane_plan,
     matrix_tiles,
     word_access,
 )
@@ -223,13 +224,13 @@ def dequantize(
     if fused(plan):
         width, rows, warps = fused_tile(plan, n, "dequantize", tile)
         p0, p1 = plan.fused_params
-        lanes = _gluon.lane_layout(plan, codes.device, width, rows, warps, dtype)
+        lanes = lane_plan(plan, codes.device, width, rows, warps, dtype)
         grid = (cdiv(n, rows),)
         sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, codes.stride(0), codes.stride(1), norms.stride(0))
         sizes += (out.stride(0), out.stride(1))
         meta = dict(BN=rows, W=width, BITS=plan.bits, WORD=word_access(plan, codes), SYMMETRIC=plan.symmetric)
         if lanes is not None:
-            _gluon._dequantize_kernel[grid](
+            GLUON._dequantize_kernel[grid](
                 codes, norms, out, plan.lane_signs, plan.centroids, *sizes, LANES=lanes, **meta, num_warps=warps
             )
         else:

@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from kernels.plan import Plan
-from kernels.triton import _gluon
 from kernels.triton._jit import (
     EPS,
     _code_search,
@@ -26,11 +25,13 @@ from kernels.triton._jit import (
     _store_words,
 )
 from kernels.triton._launch import (
+    GLUON,
     cdiv,
     check_rows,
     family_id,
     fused,
     fused_tile,
+    lane_plan,
     matrix_tiles,
     word_access,
 )
@@ -231,13 +232,13 @@ def quantize(x: torch.Tensor, plan: Plan, tile: tuple[int, int] | None = None) -
     if fused(plan):
         width, rows, warps = fused_tile(plan, n, "quantize", tile)
         p0, p1 = plan.fused_params
-        lanes = _gluon.lane_layout(plan, x.device, width, rows, warps, exchange=False)
+        lanes = lane_plan(plan, x.device, width, rows, warps, exchange=False)
         grid = (cdiv(n, rows),)
         sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1))
         meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=sym, WORD=word_access(plan, codes), num_warps=warps)
         if lanes is not None:
             signs = plan.lane_signs
-            _gluon._quantize_kernel[grid](x, codes, norms, signs, plan.boundaries, *sizes, LANES=lanes, **meta)
+            GLUON._quantize_kernel[grid](x, codes, norms, signs, plan.boundaries, *sizes, LANES=lanes, **meta)
         else:
             family = family_id(plan)
             _quantize_fused_kernel[grid](x, codes, norms, p0, p1, plan.boundaries, *sizes, FAMILY=family, **meta)

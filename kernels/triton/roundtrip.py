@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 
 from kernels.plan import Plan
-from kernels.triton import _gluon
 from kernels.triton._jit import (
     _rotate,
     _row_chunk,
@@ -24,11 +23,13 @@ from kernels.triton._jit import (
 )
 from kernels.triton._launch import (
     FLOAT_DTYPES,
+    GLUON,
     cdiv,
     check_rows,
     family_id,
     fused,
     fused_tile,
+    lane_plan,
 )
 from kernels.triton.dequantize import launch_matrix_dequantize
 from kernels.triton.quantize import quantize
@@ -150,13 +151,13 @@ def roundtrip(
     if fused(plan):
         width, rows, warps = fused_tile(plan, n, "roundtrip", tile)
         p0, p1 = plan.fused_params
-        lanes = _gluon.lane_layout(plan, x.device, width, rows, warps, dtype)
+        lanes = lane_plan(plan, x.device, width, rows, warps, dtype)
         grid = (cdiv(n, rows),)
         sizes = (n, plan.dim, plan.n_coded, x.stride(0), x.stride(1), out.stride(0), out.stride(1))
         meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=plan.symmetric, num_warps=warps)
         tables = (plan.boundaries, plan.centroids)
         if lanes is not None:
-            _gluon._roundtrip_kernel[grid](x, out, err, plan.lane_signs, *tables, *sizes, LANES=lanes, **meta)
+            GLUON._roundtrip_kernel[grid](x, out, err, plan.lane_signs, *tables, *sizes, LANES=lanes, **meta)
         else:
             _roundtrip_fused_kernel[grid](x, out, err, p0, p1, *tables, *sizes, FAMILY=family_id(plan), **meta)
     else:

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -297,3 +298,31 @@ def test_launchers_bind_the_gluon_kernels(op, monkeypatch):
     if op == "roundtrip":
         assert bound["out_ptr"].dtype == torch.bfloat16 and bound["err_ptr"].shape == (37,)
         assert bound["cent_ptr"] is plan.centroids
+
+
+def test_plain_kernels_run_hadamard_where_gluon_is_missing():
+    """A Triton whose Gluon cannot build the kernels (simulated: their module made unimportable) leaves
+    ``kernels.triton`` working: a warning, no Gluon plan, and hadamard through the plain kernels."""
+    code = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules["kernels.triton._gluon"] = None  # importing the Gluon kernels raises, as on such a Triton
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import kernels.triton as kt
+            from kernels.triton import _launch
+        import torch
+        from kernels import Quantizer, reference
+        assert _launch.GLUON is None
+        assert any("Gluon kernels are off" in str(w.message) for w in caught)
+        plan = Quantizer("hadamard", 64, 3, backend="torch").plan
+        assert _launch.lane_plan(plan, torch.device("cuda"), 64, 32, 2) is None
+        x = torch.randn(5, 64)
+        codes, norms = kt.quantize(x, plan)
+        assert torch.equal(codes, reference.quantize(x, plan)[0])
+        print("ok")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert out.stdout.strip() == "ok", out.stderr[-3000:]
