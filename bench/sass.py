@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in args.cases:
         kernel, tile, lanes = compile_sm90(*parse_case(case))
         stages = {k: bin(getattr(lanes, k)) for k in ("memory_stages", "compute_stages", "lane_stages")}
-        results[case] = counts(kernel) | {"tile": tile, "piece": lanes.compute.size_per_thread[1]} | stages
+        results[case] = counts(kernel) | {"tile": tile, "piece": tile[0] // lanes.memory.threads_per_warp[1]} | stages
     if args.json:
         json.dump(results, sys.stdout)
         return

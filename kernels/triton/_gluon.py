@@ -43,7 +43,6 @@ class LanePlan(NamedTuple):
     memory: gl.BlockedLayout  # loads and stores: pieces of V consecutive columns, adjacent lanes adjacent
     compute: gl.BlockedLayout  # the stages on the memory layout's lane bits, the code search and packing
     words: gl.SliceLayout  # packed words [BN, W // 8] of ``compute``: a thread's groups consecutive
-    store_words: gl.DistributedLayout  # the words as quantize stores them: adjacent lanes adjacent words
     memory_stages: int  # in-thread in ``memory``
     compute_stages: int  # in-thread in ``compute``
     lane_stages: int  # across lanes: shfl.sync.bfly with lane ^ (2^s / lane_unit) in ``compute``
@@ -70,15 +69,14 @@ def _lane_plan(width: int, rows: int, warps: int, vec: int, exchange: bool) -> L
     memory_lanes = stages & (vec * lanes - 1) & ~(vec - 1)  # column bits log2(V) .. log2(V L) - 1
     if not exchange:
         words = gl.SliceLayout(2, gl.BlockedLayout([r, 1, 8], [tr, lanes, 1], [warps, 1, 1], [2, 1, 0]))
-        return LanePlan(memory, memory, words, words, stages & ~memory_lanes, 0, memory_lanes, vec)
+        return LanePlan(memory, memory, words, stages & ~memory_lanes, 0, memory_lanes, vec)
     compute = gl.BlockedLayout([r, piece], [tr, lanes], [warps, 1], [1, 0])
     words = gl.SliceLayout(2, gl.BlockedLayout([r, piece // 8, 8], [tr, lanes, 1], [warps, 1, 1], [2, 1, 0]))
-    store_words = gl.BlockedLayout([r, 1], [tr, lanes], [warps, 1], [1, 0])
     compute_lanes = stages & ~(piece - 1)  # column bits log2(piece) ..
     memory_stages = stages & ~memory_lanes
     lane_stages = memory_lanes & compute_lanes
     compute_stages = stages & ~memory_stages & ~lane_stages
-    return LanePlan(memory, compute, words, store_words, memory_stages, compute_stages, lane_stages, piece)
+    return LanePlan(memory, compute, words, memory_stages, compute_stages, lane_stages, piece)
 
 
 def lane_layout(
@@ -104,13 +102,16 @@ def lane_layout(
     - ``compute``: a thread's columns consecutive. The stages on the column bits that ``memory`` spreads over
       lanes run here inside a thread; one conversion between the two is a warp-local exchange (4 STS.128 +
       4 LDS.128 a thread of 32 elements at W = 128, sm_90) instead of one shuffle an element a stage. Bits on
-      lanes in both (W > 128 at 32 columns a thread) are shuffle stages. Codes are packed and moved in
+      lanes in both (W > 256 at 32 columns a thread) are shuffle stages. Codes are packed and moved in
       ``compute``: a thread's words are consecutive bytes.
     ``exchange=False`` (quantize) keeps everything in ``memory`` (V = 8), the stages on its lane bits
     through shuffles: at dim 128 bits 3-4 quantize took 1.26-1.32x full's time with the exchange and
-    1.06-1.14x without; at dim 256 both 0.73-1.15x (H200). The inverse ops gain from it: the dim-256 round
-    trip 1.15-1.40x against 1.17-1.58x."""
-    if device.type != "cuda" or plan.lane_signs is None:
+    1.07-1.15x without (16-bit inputs); at dim 256 0.76-1.15x and 0.72-1.13x (H200). The inverse ops gain
+    from it: the dim-256 round trip 1.01-1.40x against 1.03-1.58x with shuffles only.
+
+    Also None where n_coded is not a multiple of 8 (dims below 8): the word masks assume whole groups of 8
+    codes (code_bytes a multiple of bits), and on ROCm (no 32-lane warps, no PTX)."""
+    if device.type != "cuda" or plan.lane_signs is None or plan.n_coded % 8 or torch.version.hip is not None:
         return None
     return _lane_plan(width, rows, warps, 4 if stored == torch.float32 else 8, exchange)
 
@@ -195,15 +196,22 @@ def _group_view(t, WORDS: gl.constexpr, BN: gl.constexpr, W: gl.constexpr):
 
 
 @gluon.jit
+def _group_shifts(WORDS: gl.constexpr, BITS: gl.constexpr, word_type: gl.constexpr):
+    """The bit offsets j * BITS [8] of the codes j of a group, in the groups view of WORDS."""
+    j = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS.parent))).to(word_type)
+    return j * BITS
+
+
+@gluon.jit
 def _pack(codes, WORDS: gl.constexpr, BN: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr):
     """int32 codes [BN, W] -> words [BN, W // 8] (layout WORDS; uint32 for bits <= 4, else uint64), code j of
     group g in bits [j * BITS, (j + 1) * BITS) of word g (``_jit._pack_words``)."""
     if BITS <= 4:
         c3 = _group_view(codes, WORDS, BN, W).to(gl.uint32)
-        shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS.parent))).to(gl.uint32) * BITS
+        shifts = _group_shifts(WORDS, BITS, gl.uint32)
     else:
         c3 = _group_view(codes, WORDS, BN, W).to(gl.uint64)
-        shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS.parent))).to(gl.uint64) * BITS
+        shifts = _group_shifts(WORDS, BITS, gl.uint64)
     return gl.sum(c3 << shifts[None, None, :], axis=2)  # disjoint bits: sum == or
 
 
@@ -212,8 +220,7 @@ def _code_words_2bit(y, bnd_ptr, WORDS: gl.constexpr, BN: gl.constexpr, W: gl.co
     """Packed 2-bit codes of y [BN, W] for a symmetric codebook, from the two comparisons without a code per
     element (``_jit._code_words``, whose docstring gives the bit algebra; every column is coded here)."""
     y3 = _group_view(y, WORDS, BN, W)
-    j = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS.parent))).to(gl.uint32)
-    bit = (gl.full_like(j, 1) << (j * 2))[None, None, :]
+    bit = (1 << _group_shifts(WORDS, 2, gl.uint32))[None, None, :]
     e = gl.where(gl.abs(y3) > gl.load(bnd_ptr + 2), bit, 0) + gl.where(y3 > 0.0, bit << 1, 0)
     word = gl.sum(e, axis=2)
     return word ^ (((word ^ 0xFFFFFFFF) >> 1) & 0x5555)
@@ -307,7 +314,7 @@ def _centroids_of_words(
     """float32 centroids [BN, W] (layout LAYOUT) of the codes in words [BN, W // 8]. Symmetric bits 1-2:
     the sign and magnitude come straight from the bits (``_jit._word_centroids``); otherwise unpack and
     gather the table (an L1 hit)."""
-    shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS.parent))).to(gl.uint32) * BITS
+    shifts = _group_shifts(WORDS, BITS, gl.uint32)
     if SYMMETRIC and BITS <= 2:
         w = word.to(gl.uint32)
         flipped = w ^ 0xFFFFFFFF
@@ -349,11 +356,7 @@ def _quantize_kernel(
         cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
         codes = gl.where((cols_c < N_CODED)[None, :], _code_search(y, bnd_ptr, BITS, SYMMETRIC), 0)
         word = _pack(codes, WORDS, BN, W, BITS)
-    # Stored from a thread's consecutive words, each warp store half-filled its sectors: quantize at dim 128
-    # bits 3-4 took 1.29-1.38x full's time against 1.06-1.14x so (H200).
-    STORE_WORDS: gl.constexpr = LANES.store_words
-    word = gl.convert_layout(word, STORE_WORDS)
-    _store_words(word, codes_ptr, rows, row_ok, stride_cr, stride_cc, STORE_WORDS, W // 8, CODE_BYTES, BITS, WORD)
+    _store_words(word, codes_ptr, rows, row_ok, stride_cr, stride_cc, WORDS, W // 8, CODE_BYTES, BITS, WORD)
 
 
 @gluon.jit

@@ -110,7 +110,7 @@ def fused_tile(plan: Plan, n: int, op: str, tile: tuple[int, int] | None = None)
     """(W, BN, num_warps) of the fused kernel of ``op`` over n rows of this plan: ``_fused_tile`` of the plan's
     kernel family and coded width, memoised (a call is on every launch's path)."""
     chunked = plan.kernel in CHUNKED_FAMILIES and op in CHUNKED_OPS
-    return _fused_tile(plan.n_coded, n, op, tile, chunked, plan.lane_signs is not None)
+    return _fused_tile(plan.n_coded, n, op, tile, chunked, GLUON is not None and plan.lane_signs is not None)
 
 
 @functools.lru_cache(maxsize=4096)
