@@ -9,6 +9,7 @@ import functools
 import warnings
 
 import torch
+from triton.compiler.errors import CompilationError
 
 from kernels.plan import Plan
 
@@ -89,11 +90,27 @@ def check_device(t: torch.Tensor, plan: Plan, name: str) -> None:
         raise ValueError(f"{name} is on {t.device} but the plan lives on {plan.device}")
 
 
+_gluon_failed: list[str] = []  # the first Gluon compile error of this process, once one happened
+
+
 def lane_plan(plan: Plan, device: torch.device, width: int, rows: int, warps: int, stored=None, exchange=True):
     """``_gluon.lane_layout`` of this launch, or None (plain kernels) where Gluon is off or does not apply."""
-    if GLUON is None:
+    if GLUON is None or _gluon_failed:
         return None
     return GLUON.lane_layout(plan, device, width, rows, warps, stored, exchange)
+
+
+def launch_gluon(kernel: str, grid: tuple[int], *args, **kwargs) -> bool:
+    """Launch the Gluon kernel ``_gluon.<kernel>``; False (and Gluon off for the rest of the process, with a
+    warning) where it fails to compile, so that the caller runs the plain kernel instead: Gluon is experimental,
+    and an API that moved may import fine and fail only when a kernel is built. Other errors propagate."""
+    try:
+        getattr(GLUON, kernel)[grid](*args, **kwargs)
+    except CompilationError as exc:
+        _gluon_failed.append(str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)
+        warnings.warn(f"hadamard's Gluon kernels are off ({_gluon_failed[0]}); the plain kernels run it", stacklevel=3)
+        return False
+    return True
 
 
 def fused(plan: Plan) -> bool:
@@ -110,7 +127,8 @@ def fused_tile(plan: Plan, n: int, op: str, tile: tuple[int, int] | None = None)
     """(W, BN, num_warps) of the fused kernel of ``op`` over n rows of this plan: ``_fused_tile`` of the plan's
     kernel family and coded width, memoised (a call is on every launch's path)."""
     chunked = plan.kernel in CHUNKED_FAMILIES and op in CHUNKED_OPS
-    return _fused_tile(plan.n_coded, n, op, tile, chunked, GLUON is not None and plan.lane_signs is not None)
+    lanes = GLUON is not None and not _gluon_failed and plan.lane_signs is not None
+    return _fused_tile(plan.n_coded, n, op, tile, chunked, lanes)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -24,13 +24,13 @@ from kernels.triton._jit import (
 )
 from kernels.triton._launch import (
     FLOAT_DTYPES,
-    GLUON,
     cdiv,
     check_device,
     family_id,
     fused,
     fused_tile,
     lane_plan,
+    launch_gluon,
     matrix_tiles,
     word_access,
 )
@@ -229,11 +229,10 @@ def dequantize(
         sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, codes.stride(0), codes.stride(1), norms.stride(0))
         sizes += (out.stride(0), out.stride(1))
         meta = dict(BN=rows, W=width, BITS=plan.bits, WORD=word_access(plan, codes), SYMMETRIC=plan.symmetric)
-        if lanes is not None:
-            GLUON._dequantize_kernel[grid](
-                codes, norms, out, plan.lane_signs, plan.centroids, *sizes, LANES=lanes, **meta, num_warps=warps
-            )
-        else:
+        gluon_args = (codes, norms, out, plan.lane_signs, plan.centroids, *sizes)
+        if lanes is None or not launch_gluon(
+            "_dequantize_kernel", grid, *gluon_args, LANES=lanes, **meta, num_warps=warps
+        ):
             _dequantize_fused_kernel[grid](
                 codes, norms, out, p0, p1, plan.centroids, *sizes, FAMILY=family_id(plan), **meta, num_warps=warps
             )

@@ -23,13 +23,13 @@ from kernels.triton._jit import (
 )
 from kernels.triton._launch import (
     FLOAT_DTYPES,
-    GLUON,
     cdiv,
     check_rows,
     family_id,
     fused,
     fused_tile,
     lane_plan,
+    launch_gluon,
 )
 from kernels.triton.dequantize import launch_matrix_dequantize
 from kernels.triton.quantize import quantize
@@ -156,9 +156,8 @@ def roundtrip(
         sizes = (n, plan.dim, plan.n_coded, x.stride(0), x.stride(1), out.stride(0), out.stride(1))
         meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=plan.symmetric, num_warps=warps)
         tables = (plan.boundaries, plan.centroids)
-        if lanes is not None:
-            GLUON._roundtrip_kernel[grid](x, out, err, plan.lane_signs, *tables, *sizes, LANES=lanes, **meta)
-        else:
+        gluon_args = (x, out, err, plan.lane_signs, *tables, *sizes)
+        if lanes is None or not launch_gluon("_roundtrip_kernel", grid, *gluon_args, LANES=lanes, **meta):
             _roundtrip_fused_kernel[grid](x, out, err, p0, p1, *tables, *sizes, FAMILY=family_id(plan), **meta)
     else:
         codes, norms = quantize(x, plan)

@@ -331,3 +331,31 @@ def test_plain_kernels_run_hadamard_where_gluon_is_missing():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_a_gluon_compile_error_falls_back_to_the_plain_kernels(monkeypatch):
+    """A Gluon kernel that fails to build (an experimental API that moved) turns Gluon off with a warning,
+    and the call, and every later one, runs the plain kernels with the same results."""
+    from triton.compiler.errors import CompilationError
+
+    from kernels import reference
+    from kernels.triton import _launch
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise CompilationError("src", None, "unsupported layout")
+
+            return launch
+
+    monkeypatch.setattr(_launch, "_gluon_failed", [])
+    monkeypatch.setattr(G, "_quantize_kernel", Broken())
+    monkeypatch.setattr(G, "lane_layout", lambda plan, device, w, r, warps, stored=None, exchange=True: object())
+    plan = Quantizer("hadamard", 64, 3, seed=1, backend="torch").plan
+    x = torch.randn(9, 64)
+    with pytest.warns(UserWarning, match="Gluon kernels are off"):
+        codes, norms = kt.quantize(x, plan)
+    assert torch.equal(codes, reference.quantize(x, plan)[0])
+    assert _launch._gluon_failed and _launch.lane_plan(plan, torch.device("cuda"), 64, 32, 2) is None
+    assert fused_tile(plan, 1 << 20, "roundtrip") == (64, 32, 4)  # the plain kernels' tile again (Gluon's: 2 warps)
+    assert torch.equal(kt.quantize(x, plan)[0], codes)  # later calls: no warning, plain kernels
