@@ -227,17 +227,13 @@ def _code_words_2bit(y, bnd_ptr, WORDS: gl.constexpr, BN: gl.constexpr, W: gl.co
 
 
 @gluon.jit
-def _word_rows(rows, WORDS: gl.constexpr):
-    return gl.convert_layout(rows, gl.SliceLayout(1, WORDS), assert_trivial=True)
-
-
-@gluon.jit
 def _word_places(rows, row_ok, WORDS: gl.constexpr, NG: gl.constexpr, CODE_BYTES: gl.constexpr, BITS: gl.constexpr):
     """(group index g [NG], rows [BN], mask [BN, NG]) of the packed words in layout WORDS: the groups that
     start inside the row's CODE_BYTES, on rows < N."""
     g = gl.arange(0, NG, layout=gl.SliceLayout(0, WORDS))
-    ok = _word_rows(row_ok, WORDS)[:, None] & (g * BITS < CODE_BYTES)[None, :]
-    return g, _word_rows(rows, WORDS), ok
+    word_rows: gl.constexpr = gl.SliceLayout(1, WORDS)  # the same rows as the tile's: a free conversion
+    ok = gl.convert_layout(row_ok, word_rows, assert_trivial=True)[:, None] & (g * BITS < CODE_BYTES)[None, :]
+    return g, gl.convert_layout(rows, word_rows, assert_trivial=True), ok
 
 
 @gluon.jit

@@ -44,7 +44,8 @@ FUSED_TILES = {"quantize": (2048, 32), "dequantize": (2048, 32), "roundtrip": (2
 # 0.89-1.12x), at dim 64 worse (1.12-1.27x against 1.00-1.03x). Dequantize: 4096-element tiles; at dim 64 its
 # time is bimodal run to run (1.0x or 1.5x full's, in any tile tried).
 LANE_TILES = {"quantize": (2048, 32), "dequantize": (4096, 32), "roundtrip": (2048, 32)}
-LANE_WIDE_QUANTIZE = (256, 4096, 64)  # from this W on, quantize takes (elements, per thread) = (4096, 64)
+LANE_WIDE_WIDTH = 256  # from this W on, hadamard's quantize takes LANE_WIDE_QUANTIZE
+LANE_WIDE_QUANTIZE = (4096, 64)  # (tile elements, elements a thread)
 # Below SMALL_PROGRAMS programs every program is resident at once; quantize/dequantize then hold 8 elements
 # a thread (H200, 8,192 rows of 128: dequantize bits 2 0.81x the time of 2 warps). The round trip keeps 16
 # (more warps measured slower there).
@@ -144,8 +145,8 @@ def _fused_tile(
     ``lanes``: the defaults of the hadamard Gluon kernels (LANE_TILES; ``Plan.lane_signs``)."""
     width = next_power_of_2(max(8, n_coded))
     elements, per_thread = (LANE_TILES if lanes else FUSED_TILES)[op]
-    if lanes and op == "quantize" and width >= LANE_WIDE_QUANTIZE[0]:
-        elements, per_thread = LANE_WIDE_QUANTIZE[1:]
+    if lanes and op == "quantize" and width >= LANE_WIDE_WIDTH:
+        elements, per_thread = LANE_WIDE_QUANTIZE
     warps = 0
     if tile is not None:
         elements, warps = tile

@@ -226,15 +226,15 @@ def dequantize(
         p0, p1 = plan.fused_params
         lanes = lane_plan(plan, codes.device, width, rows, warps, dtype)
         grid = (cdiv(n, rows),)
-        sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, codes.stride(0), codes.stride(1), norms.stride(0))
-        sizes += (out.stride(0), out.stride(1))
-        meta = dict(BN=rows, W=width, BITS=plan.bits, WORD=word_access(plan, codes), SYMMETRIC=plan.symmetric)
-        gluon_args = (codes, norms, out, plan.lane_signs, plan.centroids, *sizes)
+        sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, *codes.stride(), norms.stride(0), *out.stride())
+        meta = dict(
+            BN=rows, W=width, BITS=plan.bits, WORD=word_access(plan, codes), SYMMETRIC=plan.symmetric, num_warps=warps
+        )
         if lanes is None or not launch_gluon(
-            "_dequantize_kernel", grid, *gluon_args, LANES=lanes, **meta, num_warps=warps
+            "_dequantize_kernel", grid, codes, norms, out, plan.lane_signs, plan.centroids, *sizes, LANES=lanes, **meta
         ):
             _dequantize_fused_kernel[grid](
-                codes, norms, out, p0, p1, plan.centroids, *sizes, FAMILY=family_id(plan), **meta, num_warps=warps
+                codes, norms, out, p0, p1, plan.centroids, *sizes, FAMILY=family_id(plan), **meta
             )
     else:
         launch_matrix_dequantize(codes, norms, out, plan)

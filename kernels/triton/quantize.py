@@ -236,8 +236,9 @@ def quantize(x: torch.Tensor, plan: Plan, tile: tuple[int, int] | None = None) -
         grid = (cdiv(n, rows),)
         sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1))
         meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=sym, WORD=word_access(plan, codes), num_warps=warps)
-        gluon_args = (x, codes, norms, plan.lane_signs, plan.boundaries, *sizes)
-        if lanes is None or not launch_gluon("_quantize_kernel", grid, *gluon_args, LANES=lanes, **meta):
+        if lanes is None or not launch_gluon(
+            "_quantize_kernel", grid, x, codes, norms, plan.lane_signs, plan.boundaries, *sizes, LANES=lanes, **meta
+        ):
             family = family_id(plan)
             _quantize_fused_kernel[grid](x, codes, norms, p0, p1, plan.boundaries, *sizes, FAMILY=family, **meta)
     else:

@@ -156,8 +156,9 @@ def roundtrip(
         sizes = (n, plan.dim, plan.n_coded, x.stride(0), x.stride(1), out.stride(0), out.stride(1))
         meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=plan.symmetric, num_warps=warps)
         tables = (plan.boundaries, plan.centroids)
-        gluon_args = (x, out, err, plan.lane_signs, *tables, *sizes)
-        if lanes is None or not launch_gluon("_roundtrip_kernel", grid, *gluon_args, LANES=lanes, **meta):
+        if lanes is None or not launch_gluon(
+            "_roundtrip_kernel", grid, x, out, err, plan.lane_signs, *tables, *sizes, LANES=lanes, **meta
+        ):
             _roundtrip_fused_kernel[grid](x, out, err, p0, p1, *tables, *sizes, FAMILY=family_id(plan), **meta)
     else:
         codes, norms = quantize(x, plan)
