@@ -11,8 +11,10 @@ Four tables:
    against the raw launcher's graph and the copy's.
 3. Host cost of one eager call at N in {1, 256, 8192} (dim 128, float16, full, bits 3): wall time per call of
    a loop of calls, each followed by a synchronize, for a bare launch of the same Triton kernel with its
-   arguments built once (the floor: Triton's own launch), the raw launcher, the public call with
-   ``check=False`` and the default public call; and the enqueue time alone (no synchronize in the loop).
+   arguments built once (``kernel[grid](*args)``: Triton's own dispatch), the raw launcher, the public call
+   with ``check=False`` and the default public call; and the enqueue time alone (no synchronize in the loop).
+   Each twice: with the launchers' direct launch of compiled kernels (``_launch.DIRECT``, the default) and
+   through Triton's dispatch (DIRECT off), in the same run.
 4. Where the public call's host time goes: cProfile of the default public quantize at N = 256.
 Kernels are compiled first in worker processes (bench.bench_kernels.precompile). CSV and log go to --out.
 """
@@ -121,6 +123,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--dims", default="128,512")
     parser.add_argument("--quick", action="store_true", help="dim 128, float16 and bits 3 only in table 1")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="table 1's variants (comma-separated)")
     parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -141,7 +144,8 @@ def main() -> None:
     dims = (128,) if args.quick else tuple(int(d) for d in args.dims.split(","))
     dtypes = ("fp16",) if args.quick else tuple(DTYPES)
     bits_list = (3,) if args.quick else (2, 3, 4)
-    big = [(1 << 20, d, t, v, b) for d in dims for t in dtypes for v in VARIANTS for b in bits_list]
+    variants = tuple(args.variants.split(","))
+    big = [(1 << 20, d, t, v, b) for d in dims for t in dtypes for v in variants for b in bits_list]
     small = [(8192, 128, "fp16", v, b) for v in VARIANTS for b in (2, 3, 4)]
     say(f"# compiled in {precompile(big + small, args.workers):.0f} s")
 
@@ -187,8 +191,10 @@ def main() -> None:
     say(f"# graph public / raw: median {statistics.median(graph_rows):.3f}, max {max(graph_rows):.3f}")
 
     say("\n## 3. Host cost of one eager call: dim 128, float16, full, bits 3 quantize (us per call)")
-    say(f"{'N':>5} {'mode':>12} {'bare launch':>11} {'launcher':>9} {'no-check':>9} {'public':>8} "
-        f"{'public/bare':>11}")
+    say(f"{'N':>5} {'mode':>12} {'launches':>8} {'bare launch':>11} {'launcher':>9} {'no-check':>9} {'public':>8} "
+        f"{'public/bare':>11} {'nochk/bare':>10}")
+    from kernels.triton import _launch
+
     q = Quantizer("full", 128, 3, seed=0, device="cuda")
     for n in (1, 256, 8192):
         x = torch.randn(n, 128, device="cuda", dtype=torch.float16)
@@ -198,11 +204,17 @@ def main() -> None:
             lambda x=x: q.quantize(x, check=False),
             lambda x=x: q.quantize(x),
         )
-        for sync_each, mode in ((True, "sync each"), (False, "enqueue")):
-            t = [host_us(f, 200, sync_each) for f in fns]
-            rows.append(dict(n=n, dim=128, dtype="fp16", variant="full", bits=3, op=f"host_{mode.replace(' ', '_')}",
-                             raw_us=t[0], public_us=t[3], unchecked_us=t[2], copy_us=float("nan")))
-            say(f"{n:>5} {mode:>12} {t[0]:11.1f} {t[1]:9.1f} {t[2]:9.1f} {t[3]:8.1f} {t[3] / t[0]:11.2f}")
+        for direct in (False, True):
+            _launch.DIRECT = direct
+            q.plan.launches.clear()
+            dispatch = "direct" if direct else "triton"
+            for sync_each, mode in ((True, "sync each"), (False, "enqueue")):
+                t = [host_us(f, 200, sync_each) for f in fns]
+                op = f"host_{mode.replace(' ', '_')}_{dispatch}"
+                rows.append(dict(n=n, dim=128, dtype="fp16", variant="full", bits=3, op=op,
+                                 raw_us=t[0], public_us=t[3], unchecked_us=t[2], copy_us=float("nan")))
+                say(f"{n:>5} {mode:>12} {dispatch:>8} {t[0]:11.1f} {t[1]:9.1f} {t[2]:9.1f} {t[3]:8.1f} "
+                    f"{t[3] / t[0]:11.2f} {t[2] / t[0]:10.2f}")
 
     say("\n## 4. cProfile: 2000 default public quantize calls, N = 256 (top 18 by own time)")
     x = torch.randn(256, 128, device="cuda", dtype=torch.float16)

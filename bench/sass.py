@@ -60,6 +60,8 @@ def compile_sm90(op: str, dim: int, bits: int, dtype: torch.dtype, rows: int = 1
         const.update(stride_xc=1, stride_oc=1)
     else:
         raise ValueError(f"op must be quantize, dequantize or roundtrip, got {op!r}")
+    pointers["flag_ptr"] = "i32"  # the bad-row flag of a checked call (the default public path)
+    const["HAS_FLAG"] = True
     types = {name: "*" + ty for name, ty in pointers.items()} | dict.fromkeys(scalars, "i32")
     types |= dict.fromkeys(const, "constexpr")
     order = list(fn.arg_names)

@@ -153,6 +153,12 @@ class Plan:
         return None
 
     @cached_property
+    def launches(self) -> dict:
+        """The compiled Triton kernels of this plan's launches, by launch class (``kernels.triton._launch.launch``
+        fills it: a later launch of a known class skips Triton's dispatch)."""
+        return {}
+
+    @cached_property
     def mixing_matrix(self) -> torch.Tensor:
         """float32 [n_coded, dim] A with rotate(pad(x)) = x @ A^T on ``device`` (the matrix kernels)."""
         return self.rotation.mixing_matrix(self.params, self.dim, self.n_coded).to(self.device)

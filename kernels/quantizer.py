@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -129,6 +130,8 @@ class Quantizer:
         self._op_tensors = self.plan.op_tensors()
         self.plan.symmetric  # noqa: B018
         self._descriptor_fields = _descriptor(self)  # every Packed carries it; built once (it builds the fingerprint)
+        # Each calling thread's bad-row flag in pinned host memory (_HostFlag; the Triton backend only).
+        self._host_flags = threading.local() if self.backend == "triton" else None
 
     def _resolve_backend(self, backend: str) -> str:
         if backend == "torch":
@@ -202,6 +205,11 @@ class Quantizer:
         rows, lead = self._rows(x, "x")
         if torch.compiler.is_compiling():  # one opaque op for the compiler; no host check (as check=False)
             codes, norms = torch.ops.isoquant.quantize(rows, *self._op_args())
+        elif check and self._host_flags is not None:  # the kernel flags bad rows; one sync, no extra launch
+            flag = self._host_flag()
+            codes, norms = self._ops.quantize(rows, self.plan, flag=flag.tensor)
+            if flag.raised():
+                self._refuse_bad_rows(norms, rows, "x")
         else:
             codes, norms = self._ops.quantize(rows, self.plan)
             if check:
@@ -250,6 +258,11 @@ class Quantizer:
             codes, norms = codes.reshape(-1, self.code_bytes), norms.reshape(-1)
         if torch.compiler.is_compiling():
             out = torch.ops.isoquant.dequantize(codes, norms, *self._op_args(), dtype)
+        elif check and self._host_flags is not None:  # the kernel flags non-finite norms, as in quantize
+            flag = self._host_flag()
+            out = self._ops.dequantize(codes, norms, self.plan, dtype, flag=flag.tensor)
+            if flag.raised():
+                self._check_finite(norms.reshape(-1, 1), "norms")
         else:
             if check:
                 self._check_finite(norms.reshape(-1, 1), "norms")
@@ -266,6 +279,11 @@ class Quantizer:
         rows, lead = self._rows(x, "x")
         if torch.compiler.is_compiling():
             x_hat, sq_err = torch.ops.isoquant.roundtrip(rows, *self._op_args(), dtype)
+        elif check and self._host_flags is not None:
+            flag = self._host_flag()
+            x_hat, sq_err = self._ops.roundtrip(rows, self.plan, dtype, flag=flag.tensor)
+            if flag.raised():
+                self._refuse_bad_rows(sq_err, rows, "x")
         else:
             x_hat, sq_err = self._ops.roundtrip(rows, self.plan, dtype)
             if check:
@@ -273,6 +291,14 @@ class Quantizer:
         if len(lead) != 1:
             x_hat, sq_err = x_hat.reshape(*lead, self.dim), sq_err.reshape(lead)
         return x_hat, sq_err
+
+    def _host_flag(self) -> _HostFlag:
+        """This thread's bad-row flag (Triton backend): a thread's calls are sequential, and each waits for its
+        kernel before it returns, so one flag a thread is never written by two calls at once."""
+        flag = getattr(self._host_flags, "flag", None)
+        if flag is None:
+            flag = self._host_flags.flag = _HostFlag(self.device)
+        return flag
 
     def _op_args(self) -> tuple:
         """(tensors, names, symmetric, variant, dim, bits, backend): the plan as kernels.ops' custom ops take it."""
@@ -343,6 +369,28 @@ class Quantizer:
     def _check_output_dtype(dtype: torch.dtype) -> None:
         if dtype not in INPUT_DTYPES.values():
             raise QuantizerError(f"dtype must be one of {_allowed_dtypes()}; got {dtype}", field="dtype", kind="dtype")
+
+
+class _HostFlag:
+    """An int32 in pinned host memory that the Triton kernels set to 1 when a row's norm is not finite (their
+    ``flag`` argument). ``raised`` waits for the current stream (the one sync of a checked call) and reads the
+    word in place: no reduction kernel and no device-to-host copy, which the check needed before (a float32 sum
+    and ``.item()``: BENCHMARKS.md §10)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"  # (else the Triton interpreter: ordinary memory, nothing to wait for)
+        self.device = device
+        self.tensor = torch.zeros(1, dtype=torch.int32, pin_memory=self.cuda)
+        self._word = self.tensor.numpy()  # the same memory: reading it costs no torch op
+
+    def raised(self) -> bool:
+        """Whether a kernel launched on the current stream since the last True set the flag (then cleared)."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        if not self._word[0]:
+            return False
+        self._word[0] = 0
+        return True
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -30,7 +30,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 # Triton helpers that take no layout of their own compile inside Gluon kernels too (in Gluon's semantics).
-from kernels.triton._jit import _code_search, _load_rows, _norm_of, _search_centroid, _word_pointer
+from kernels.triton._jit import _code_search, _flag_bad_rows, _load_rows, _norm_of, _search_centroid, _word_pointer
 
 MAX_WIDTH = 32 * 32  # one warp spans a row with at most 32 elements a thread: wider rows keep the plain kernels
 
@@ -335,11 +335,11 @@ def _centroids_of_words(
 
 @gluon.jit
 def _quantize_kernel(
-    x_ptr, codes_ptr, norms_ptr, signs_ptr, bnd_ptr, N,
+    x_ptr, codes_ptr, norms_ptr, flag_ptr, signs_ptr, bnd_ptr, N,
     DIM: gl.constexpr, N_CODED: gl.constexpr, CODE_BYTES: gl.constexpr,
     stride_xr, stride_xc, stride_cr, stride_cc,
     BN: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr, WORD: gl.constexpr,
-    LANES: gl.constexpr,
+    HAS_FLAG: gl.constexpr, LANES: gl.constexpr,
 ):  # fmt: skip
     MEMORY: gl.constexpr = LANES.memory
     COMPUTE: gl.constexpr = LANES.compute
@@ -350,6 +350,8 @@ def _quantize_kernel(
     x = _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
     rho, inv = _norm_of(gl.sum(x * x, axis=1))
     gl.store(norms_ptr + rows, rho, mask=row_ok)
+    if HAS_FLAG:
+        _flag_bad_rows(flag_ptr, rho, row_ok)
     y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES, False)  # in LANES.compute
     if SYMMETRIC and BITS == 2 and N_CODED == W:
         word = _code_words_2bit(y, bnd_ptr, WORDS, BN, W)
@@ -362,11 +364,11 @@ def _quantize_kernel(
 
 @gluon.jit
 def _dequantize_kernel(
-    codes_ptr, norms_ptr, out_ptr, signs_ptr, cent_ptr, N,
+    codes_ptr, norms_ptr, out_ptr, flag_ptr, signs_ptr, cent_ptr, N,
     DIM: gl.constexpr, N_CODED: gl.constexpr, CODE_BYTES: gl.constexpr,
     stride_cr, stride_cc, stride_n, stride_or, stride_oc,
     BN: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr, WORD: gl.constexpr,
-    LANES: gl.constexpr,
+    HAS_FLAG: gl.constexpr, LANES: gl.constexpr,
 ):  # fmt: skip
     MEMORY: gl.constexpr = LANES.memory
     COMPUTE: gl.constexpr = LANES.compute
@@ -375,6 +377,8 @@ def _dequantize_kernel(
     row_ok = rows < N
     cols = gl.arange(0, W, layout=gl.SliceLayout(0, MEMORY))
     rho = gl.load(norms_ptr + rows * stride_n, mask=row_ok, other=0.0)
+    if HAS_FLAG:
+        _flag_bad_rows(flag_ptr, rho, row_ok)
     word = _load_words(codes_ptr, rows, row_ok, stride_cr, stride_cc, WORDS, W // 8, CODE_BYTES, BITS, WORD)
     c = _centroids_of_words(word, cent_ptr, COMPUTE, WORDS, BN, W, BITS, SYMMETRIC)
     if N_CODED < W:  # padding columns hold code 0, whose centroid is not zero
@@ -390,11 +394,11 @@ def _dequantize_kernel(
 
 @gluon.jit
 def _roundtrip_kernel(
-    x_ptr, out_ptr, err_ptr, signs_ptr, bnd_ptr, cent_ptr, N,
+    x_ptr, out_ptr, err_ptr, flag_ptr, signs_ptr, bnd_ptr, cent_ptr, N,
     DIM: gl.constexpr, N_CODED: gl.constexpr,
     stride_xr, stride_xc, stride_or, stride_oc,
     BN: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr,
-    LANES: gl.constexpr,
+    HAS_FLAG: gl.constexpr, LANES: gl.constexpr,
 ):  # fmt: skip
     MEMORY: gl.constexpr = LANES.memory
     COMPUTE: gl.constexpr = LANES.compute
@@ -403,6 +407,8 @@ def _roundtrip_kernel(
     cols = gl.arange(0, W, layout=gl.SliceLayout(0, MEMORY))
     x = _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
     rho, inv = _norm_of(gl.sum(x * x, axis=1))
+    if HAS_FLAG:
+        _flag_bad_rows(flag_ptr, rho, row_ok)
     y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES)
     c = _search_centroid(y, bnd_ptr, cent_ptr, BITS, SYMMETRIC)
     if N_CODED < W:  # (an all-true mask still costs a select an element)

@@ -24,6 +24,16 @@ def _norm(x):
 
 
 @triton.jit
+def _flag_bad_rows(flag_ptr, rho, row_ok):
+    """Set the int32 at flag_ptr to 1 if the norm rho float32 [BN] of a row (row_ok [BN]) is NaN or Inf: NaN/Inf
+    in the row, or squares that overflow float32. The caller's whole check is then one word in pinned host
+    memory, read after the sync it makes anyway (``Quantizer``, check=True): no reduction, no copy."""
+    bad = row_ok & ((rho != rho) | (tl.abs(rho) > 3.4028234663852886e38))  # NaN, +-Inf (given norms)
+    one = bad.to(tl.int32)
+    tl.store(flag_ptr + one * 0, one, mask=bad)
+
+
+@triton.jit
 def _norm_of(ss):
     """(rho, inv) float32 [BN] from the row sums of squares ss [BN].
 

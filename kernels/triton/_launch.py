@@ -9,6 +9,8 @@ import functools
 import warnings
 
 import torch
+from triton import knobs
+from triton.compiler.compiler import CompiledKernel
 from triton.compiler.errors import CompilationError
 
 from kernels.plan import Plan
@@ -91,7 +93,77 @@ def check_device(t: torch.Tensor, plan: Plan, name: str) -> None:
         raise ValueError(f"{name} is on {t.device} but the plan lives on {plan.device}")
 
 
+def check_flag(flag: torch.Tensor | None, data: torch.Tensor) -> None:
+    """A bad-row flag: None, or int32 [1] on the device of the op's data, or in pinned host memory when that is
+    a CUDA device (a kernel writes it through its device mapping; the host reads it after a sync, no copy)."""
+    if flag is None:
+        return
+    if not isinstance(flag, torch.Tensor) or flag.dtype != torch.int32 or flag.numel() != 1:
+        raise ValueError(f"flag must be an int32 tensor of one element, got {flag!r}")
+    if flag.device != data.device and not (data.device.type == "cuda" and flag.is_pinned()):
+        raise ValueError(f"flag must be on {data.device} or in pinned host memory, got {flag.device}")
+
+
+def flag_non_finite(norms: torch.Tensor, flag: torch.Tensor) -> None:
+    """flag <- 1 if a norm float32 [N] is not finite, else 0, without a host sync (the matrix kernels, which
+    write no flag of their own)."""
+    flag.copy_((~torch.isfinite(norms)).any().reshape(1), non_blocking=True)
+
+
 _gluon_failed: list[str] = []  # the first Gluon compile error of this process, once one happened
+
+# Launching a compiled kernel without Triton's dispatch. ``kernel[grid](*args)`` binds and specializes every
+# argument, builds a cache key from the specializations and str(options), looks the compiled kernel up and
+# checks the kernel's globals, on every call: most of the ~30-45 us of host time a bare launch took on the
+# H200 host (BENCHMARKS.md §10). Which compiled kernel runs is decided by the constexprs (given by the plan
+# and the launch's tile) and by the specialization of the runtime arguments: each int's class (1, a multiple
+# of 16, 64-bit) and each tensor's dtype and 16-byte alignment. A launcher names those that vary between
+# calls as its launch class (``key``); the plan's fixed tensors and fresh outputs never vary. The first
+# launch of a class goes through Triton (which compiles or loads the kernel); later ones call the compiled
+# kernel's launcher directly, with the stream Triton would have used. Launch hooks (a profiler's) send every
+# launch back through Triton. DIRECT = False turns the shortcut off (benchmarks compare the two).
+DIRECT = True
+_RUNTIME_KNOBS = knobs.runtime
+
+
+def _idle(hook) -> bool:
+    """Whether a launch hook of Triton's knobs does nothing: None, or (triton 3.6) an empty HookChain."""
+    return not getattr(hook, "calls", hook)
+
+
+def int_class(value: int) -> int:
+    """Triton's specialization of an int argument, as a small int: 1 (a constant of its own: -1); otherwise
+    whether it is a multiple of 16 (+1) and whether it needs 64 bits (+2)."""
+    if value == 1:
+        return -1
+    return (value % 16 == 0) + 2 * (not -0x80000000 <= value < 0x80000000)
+
+
+def aligned(t: torch.Tensor) -> bool:
+    """Triton's specialization of a tensor argument besides its dtype: a 16-byte aligned address."""
+    return t.data_ptr() % 16 == 0
+
+
+def launch(cache: dict, key: tuple, kernel, grid: int, args: tuple, meta: dict) -> None:
+    """``kernel[(grid,)](*args, **meta)``; ``cache`` (``Plan.launches``) maps (key, device) to the compiled
+    kernel and the constexpr values after ``args`` in its signature, so that a later launch of the class skips
+    Triton's dispatch (see DIRECT above). ``key`` must tell apart every launch that Triton would specialize
+    differently: the kernel, the constexprs in ``meta`` that are not fixed by the plan, and the classes
+    (``int_class``, dtype, ``aligned``) of the arguments that vary between calls."""
+    if cache:  # (empty under the interpreter, which returns no compiled kernel: no CUDA query on the CPU)
+        device = torch.cuda.current_device()
+        entry = cache.get((key, device))
+        if entry is not None and _idle(_RUNTIME_KNOBS.launch_enter_hook) and _idle(_RUNTIME_KNOBS.launch_exit_hook):
+            compiled, tail = entry
+            stream = torch._C._cuda_getCurrentRawStream(device)  # what Triton's driver asks torch for
+            compiled.run(
+                grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail
+            )
+            return
+    compiled = kernel[(grid,)](*args, **meta)
+    if DIRECT and isinstance(compiled, CompiledKernel):
+        tail = tuple(meta[name] for name in kernel.arg_names[len(args) :])
+        cache[(key, torch.cuda.current_device())] = (compiled, tail)
 
 
 def lane_plan(plan: Plan, device: torch.device, width: int, rows: int, warps: int, stored=None, exchange=True):
@@ -101,12 +173,12 @@ def lane_plan(plan: Plan, device: torch.device, width: int, rows: int, warps: in
     return GLUON.lane_layout(plan, device, width, rows, warps, stored, exchange)
 
 
-def launch_gluon(kernel: str, grid: tuple[int], *args, **kwargs) -> bool:
-    """Launch the Gluon kernel ``_gluon.<kernel>``; False (and Gluon off for the rest of the process, with a
+def launch_gluon(cache: dict, key: tuple, kernel: str, grid: int, args: tuple, meta: dict) -> bool:
+    """``launch`` the Gluon kernel ``_gluon.<kernel>``; False (and Gluon off for the rest of the process, with a
     warning) where it fails to compile, so that the caller runs the plain kernel instead: Gluon is experimental,
     and an API that moved may import fine and fail only when a kernel is built. Other errors propagate."""
     try:
-        getattr(GLUON, kernel)[grid](*args, **kwargs)
+        launch(cache, key, getattr(GLUON, kernel), grid, args, meta)
     except CompilationError as exc:
         _gluon_failed.append(str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)
         warnings.warn(f"hadamard's Gluon kernels are off ({_gluon_failed[0]}); the plain kernels run it", stacklevel=3)

@@ -17,6 +17,7 @@ import triton.language as tl
 from kernels.plan import Plan
 from kernels.triton._jit import (
     _centroid,
+    _flag_bad_rows,
     _load_words,
     _rotate,
     _unpack_words,
@@ -24,12 +25,17 @@ from kernels.triton._jit import (
 )
 from kernels.triton._launch import (
     FLOAT_DTYPES,
+    aligned,
     cdiv,
     check_device,
+    check_flag,
     family_id,
+    flag_non_finite,
     fused,
     fused_tile,
+    int_class,
     lane_plan,
+    launch,
     launch_gluon,
     matrix_tiles,
     word_access,
@@ -41,6 +47,7 @@ def _dequantize_fused_kernel(
     codes_ptr,
     norms_ptr,
     out_ptr,
+    flag_ptr,
     p0_ptr,
     p1_ptr,
     cent_ptr,
@@ -59,12 +66,15 @@ def _dequantize_fused_kernel(
     FAMILY: tl.constexpr,
     WORD: tl.constexpr,
     SYMMETRIC: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     cols = tl.arange(0, W)
     rho = tl.load(norms_ptr + rows * stride_n, mask=row_ok, other=0.0)
+    if HAS_FLAG:
+        _flag_bad_rows(flag_ptr, rho, row_ok)
     # Rows wider than one tile go in chunks of W columns (see fused_tile); C0 a multiple of 8.
     for c0 in tl.static_range(0, N_CODED, W):
         first = (c0 // 8) * BITS  # the chunk's first byte
@@ -209,12 +219,20 @@ def launch_matrix_dequantize(codes, norms, out, plan, x=None, err=None) -> None:
 
 
 def dequantize(
-    codes: torch.Tensor, norms: torch.Tensor, plan: Plan, dtype: torch.dtype, tile: tuple[int, int] | None = None
+    codes: torch.Tensor,
+    norms: torch.Tensor,
+    plan: Plan,
+    dtype: torch.dtype,
+    tile: tuple[int, int] | None = None,
+    flag: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed codes uint8 [N, code_bytes] and norms float32 [N] -> reconstruction [N, dim] in ``dtype``
     (float16 | bfloat16 | float32); matches ``kernels.reference.dequantize`` within float32 rounding.
-    ``tile``: the fused kernel's (tile elements, warps) instead of ``_launch.fused_tile``'s (benchmarks)."""
+    ``tile``: the fused kernel's (tile elements, warps) instead of ``_launch.fused_tile``'s (benchmarks).
+    ``flag``: int32 [1] (on the device, or pinned host memory) set to 1 if a norm is not finite
+    (``_launch.check_flag``; it is not cleared)."""
     check_codes(codes, norms, plan)
+    check_flag(flag, norms)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     n = codes.shape[0]
@@ -225,17 +243,34 @@ def dequantize(
         width, rows, warps = fused_tile(plan, n, "dequantize", tile)
         p0, p1 = plan.fused_params
         lanes = lane_plan(plan, codes.device, width, rows, warps, dtype)
-        grid = (cdiv(n, rows),)
-        sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, *codes.stride(), norms.stride(0), *out.stride())
+        grid = cdiv(n, rows)
+        stride_cr, stride_cc = codes.stride()
+        stride_n = norms.stride(0)
+        sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, stride_cr, stride_cc, stride_n, *out.stride())
+        word = word_access(plan, codes)
+        has_flag = flag is not None
+        flag_arg = flag if has_flag else norms  # (not read without HAS_FLAG)
         meta = dict(
-            BN=rows, W=width, BITS=plan.bits, WORD=word_access(plan, codes), SYMMETRIC=plan.symmetric, num_warps=warps
+            BN=rows, W=width, BITS=plan.bits, WORD=word, SYMMETRIC=plan.symmetric, HAS_FLAG=has_flag, num_warps=warps
         )
+        # The launch class (_launch.launch): what varies between calls of this plan (out is fresh).
+        key = (
+            width, rows, warps, word, has_flag, aligned(flag_arg), dtype, aligned(codes), aligned(norms),
+            int_class(n), int_class(stride_cr), int_class(stride_cc), int_class(stride_n),
+        )  # fmt: skip
         if lanes is None or not launch_gluon(
-            "_dequantize_kernel", grid, codes, norms, out, plan.lane_signs, plan.centroids, *sizes, LANES=lanes, **meta
+            plan.launches,
+            ("gluon dequantize", *key),
+            "_dequantize_kernel",
+            grid,
+            (codes, norms, out, flag_arg, plan.lane_signs, plan.centroids, *sizes),
+            dict(meta, LANES=lanes),
         ):
-            _dequantize_fused_kernel[grid](
-                codes, norms, out, p0, p1, plan.centroids, *sizes, FAMILY=family_id(plan), **meta
-            )
+            meta["FAMILY"] = family_id(plan)
+            args = (codes, norms, out, flag_arg, p0, p1, plan.centroids, *sizes)
+            launch(plan.launches, ("dequantize", *key), _dequantize_fused_kernel, grid, args, meta)
     else:
         launch_matrix_dequantize(codes, norms, out, plan)
+        if flag is not None:
+            flag_non_finite(norms, flag)
     return out

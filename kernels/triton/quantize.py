@@ -18,6 +18,7 @@ from kernels.triton._jit import (
     EPS,
     _code_search,
     _code_words,
+    _flag_bad_rows,
     _pack_words,
     _rotate,
     _row_chunk,
@@ -25,12 +26,17 @@ from kernels.triton._jit import (
     _store_words,
 )
 from kernels.triton._launch import (
+    aligned,
     cdiv,
+    check_flag,
     check_rows,
     family_id,
+    flag_non_finite,
     fused,
     fused_tile,
+    int_class,
     lane_plan,
+    launch,
     launch_gluon,
     matrix_tiles,
     word_access,
@@ -42,6 +48,7 @@ def _quantize_fused_kernel(
     x_ptr,
     codes_ptr,
     norms_ptr,
+    flag_ptr,
     p0_ptr,
     p1_ptr,
     bnd_ptr,
@@ -59,6 +66,7 @@ def _quantize_fused_kernel(
     FAMILY: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     WORD: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BN + tl.arange(0, BN)
@@ -68,6 +76,8 @@ def _quantize_fused_kernel(
     # pass, then each chunk is loaded again in the loop.
     whole, rho, inv = _rows_norm(x_ptr, rows, row_ok, DIM, N_CODED, stride_xr, stride_xc, W)
     tl.store(norms_ptr + rows, rho, mask=row_ok)
+    if HAS_FLAG:
+        _flag_bad_rows(flag_ptr, rho, row_ok)
     for c0 in tl.static_range(0, N_CODED, W):  # one trip for a whole row
         x = _row_chunk(whole, x_ptr, rows, row_ok, c0 + cols, DIM, N_CODED, stride_xr, stride_xc, W)
         _quantize_tile(
@@ -218,11 +228,16 @@ def _quantize_matrix_kernel(
         )
 
 
-def quantize(x: torch.Tensor, plan: Plan, tile: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(
+    x: torch.Tensor, plan: Plan, tile: tuple[int, int] | None = None, flag: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows x [N, dim] -> (packed codes uint8 [N, code_bytes], norms float32 [N]); same results as
     ``kernels.reference.quantize`` (codes may differ only for values within ~1e-7 relative of a boundary).
-    ``tile``: the fused kernel's (tile elements, warps) instead of ``_launch.fused_tile``'s (benchmarks)."""
+    ``tile``: the fused kernel's (tile elements, warps) instead of ``_launch.fused_tile``'s (benchmarks).
+    ``flag``: int32 [1] (on the device, or pinned host memory) set to 1 if a row's norm is not finite
+    (``_launch.check_flag``; it is not cleared)."""
     check_rows(x, plan)
+    check_flag(flag, x)
     n = x.shape[0]
     codes = torch.empty(n, plan.code_bytes, dtype=torch.uint8, device=x.device)
     norms = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -233,14 +248,29 @@ def quantize(x: torch.Tensor, plan: Plan, tile: tuple[int, int] | None = None) -
         width, rows, warps = fused_tile(plan, n, "quantize", tile)
         p0, p1 = plan.fused_params
         lanes = lane_plan(plan, x.device, width, rows, warps, exchange=False)
-        grid = (cdiv(n, rows),)
-        sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1))
-        meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=sym, WORD=word_access(plan, codes), num_warps=warps)
+        grid = cdiv(n, rows)
+        stride_xr, stride_xc = x.stride()
+        sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, stride_xr, stride_xc, *codes.stride())
+        word = word_access(plan, codes)
+        has_flag = flag is not None
+        flag_arg = flag if has_flag else norms  # (not read without HAS_FLAG)
+        meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=sym, WORD=word, HAS_FLAG=has_flag, num_warps=warps)
+        # The launch class (_launch.launch): what varies between calls of this plan (codes and norms are fresh).
+        key = (
+            width, rows, warps, word, has_flag, aligned(flag_arg), x.dtype, aligned(x),
+            int_class(n), int_class(stride_xr), int_class(stride_xc),
+        )  # fmt: skip
         if lanes is None or not launch_gluon(
-            "_quantize_kernel", grid, x, codes, norms, plan.lane_signs, plan.boundaries, *sizes, LANES=lanes, **meta
+            plan.launches,
+            ("gluon quantize", *key),
+            "_quantize_kernel",
+            grid,
+            (x, codes, norms, flag_arg, plan.lane_signs, plan.boundaries, *sizes),
+            dict(meta, LANES=lanes),
         ):
-            family = family_id(plan)
-            _quantize_fused_kernel[grid](x, codes, norms, p0, p1, plan.boundaries, *sizes, FAMILY=family, **meta)
+            meta["FAMILY"] = family_id(plan)
+            args = (x, codes, norms, flag_arg, p0, p1, plan.boundaries, *sizes)
+            launch(plan.launches, ("quantize", *key), _quantize_fused_kernel, grid, args, meta)
     else:
         bn, bk, bo = matrix_tiles(plan)
         _quantize_matrix_kernel[(cdiv(n, bn),)](
@@ -264,4 +294,6 @@ def quantize(x: torch.Tensor, plan: Plan, tile: tuple[int, int] | None = None) -
             SYMMETRIC=sym,
             num_warps=4,
         )
+        if flag is not None:  # (the matrix kernels write no flag: three small launches and an async copy)
+            flag_non_finite(norms, flag)
     return codes, norms

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from kernels.plan import Plan
 from kernels.triton._jit import (
+    _flag_bad_rows,
     _rotate,
     _row_chunk,
     _rows_norm,
@@ -23,12 +24,16 @@ from kernels.triton._jit import (
 )
 from kernels.triton._launch import (
     FLOAT_DTYPES,
+    aligned,
     cdiv,
+    check_flag,
     check_rows,
     family_id,
     fused,
     fused_tile,
+    int_class,
     lane_plan,
+    launch,
     launch_gluon,
 )
 from kernels.triton.dequantize import launch_matrix_dequantize
@@ -40,6 +45,7 @@ def _roundtrip_fused_kernel(
     x_ptr,
     out_ptr,
     err_ptr,
+    flag_ptr,
     p0_ptr,
     p1_ptr,
     bnd_ptr,
@@ -56,6 +62,7 @@ def _roundtrip_fused_kernel(
     BITS: tl.constexpr,
     FAMILY: tl.constexpr,
     SYMMETRIC: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BN + tl.arange(0, BN)
@@ -64,6 +71,8 @@ def _roundtrip_fused_kernel(
     # A row in one tile is loaded once; wider rows (see fused_tile) go in chunks of W columns: a norm
     # pass, then each chunk is loaded again in the loop.
     whole, rho, inv = _rows_norm(x_ptr, rows, row_ok, DIM, N_CODED, stride_xr, stride_xc, W)
+    if HAS_FLAG:
+        _flag_bad_rows(flag_ptr, rho, row_ok)
     err = tl.zeros([BN], tl.float32)
     for c0 in tl.static_range(0, N_CODED, W):  # one trip for a whole row
         x = _row_chunk(whole, x_ptr, rows, row_ok, c0 + cols, DIM, N_CODED, stride_xr, stride_xc, W)
@@ -133,14 +142,20 @@ def _roundtrip_tile(
 
 
 def roundtrip(
-    x: torch.Tensor, plan: Plan, dtype: torch.dtype = torch.float32, tile: tuple[int, int] | None = None
+    x: torch.Tensor,
+    plan: Plan,
+    dtype: torch.dtype = torch.float32,
+    tile: tuple[int, int] | None = None,
+    flag: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows x [N, dim] -> (reconstruction [N, dim] in ``dtype`` (float16 | bfloat16 | float32), squared
     error float32 [N] of the float32 reconstruction); same results as ``kernels.reference.roundtrip``
     within float32 rounding (and the boundary rule of ``quantize``). A float16 output halves the bytes
     written at float16 input. ``tile``: the fused kernel's (tile elements, warps) instead of
-    ``_launch.fused_tile``'s (benchmarks)."""
+    ``_launch.fused_tile``'s (benchmarks). ``flag``: int32 [1] (on the device, or pinned host memory) set to 1
+    if a row's norm is not finite (``_launch.check_flag``; it is not cleared)."""
     check_rows(x, plan)
+    check_flag(flag, x)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     n = x.shape[0]
@@ -152,15 +167,30 @@ def roundtrip(
         width, rows, warps = fused_tile(plan, n, "roundtrip", tile)
         p0, p1 = plan.fused_params
         lanes = lane_plan(plan, x.device, width, rows, warps, dtype)
-        grid = (cdiv(n, rows),)
-        sizes = (n, plan.dim, plan.n_coded, x.stride(0), x.stride(1), out.stride(0), out.stride(1))
-        meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=plan.symmetric, num_warps=warps)
+        grid = cdiv(n, rows)
+        stride_xr, stride_xc = x.stride()
+        sizes = (n, plan.dim, plan.n_coded, stride_xr, stride_xc, *out.stride())
+        has_flag = flag is not None
+        flag_arg = flag if has_flag else err  # (not read without HAS_FLAG)
+        meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=plan.symmetric, HAS_FLAG=has_flag, num_warps=warps)
         tables = (plan.boundaries, plan.centroids)
+        # The launch class (_launch.launch): what varies between calls of this plan (out and err are fresh).
+        key = (
+            width, rows, warps, has_flag, aligned(flag_arg), x.dtype, dtype, aligned(x),
+            int_class(n), int_class(stride_xr), int_class(stride_xc),
+        )  # fmt: skip
         if lanes is None or not launch_gluon(
-            "_roundtrip_kernel", grid, x, out, err, plan.lane_signs, *tables, *sizes, LANES=lanes, **meta
+            plan.launches,
+            ("gluon roundtrip", *key),
+            "_roundtrip_kernel",
+            grid,
+            (x, out, err, flag_arg, plan.lane_signs, *tables, *sizes),
+            dict(meta, LANES=lanes),
         ):
-            _roundtrip_fused_kernel[grid](x, out, err, p0, p1, *tables, *sizes, FAMILY=family_id(plan), **meta)
+            meta["FAMILY"] = family_id(plan)
+            args = (x, out, err, flag_arg, p0, p1, *tables, *sizes)
+            launch(plan.launches, ("roundtrip", *key), _roundtrip_fused_kernel, grid, args, meta)
     else:
-        codes, norms = quantize(x, plan)
+        codes, norms = quantize(x, plan, flag=flag)
         launch_matrix_dequantize(codes, norms, out, plan, x=x, err=err)
     return out, err
