@@ -186,6 +186,25 @@ def launch_gluon(cache: dict, key: tuple, kernel: str, grid: int, args: tuple, m
     return True
 
 
+def launch_fused(plan: Plan, op: str, kernel, key: tuple, grid: int, lanes, head: tuple, tail: tuple, meta: dict):
+    """Launch ``op``'s fused kernel over ``grid`` programs: the Gluon kernel ``_gluon._<op>_kernel`` where
+    ``lanes`` is a lane plan (arguments: ``head``, the plan's lane signs, ``tail``; constexprs ``meta`` and
+    LANES), else (or where Gluon fails to compile) the plain ``kernel`` (``head``, the plan's two fused
+    parameter pointers, ``tail``; ``meta`` and FAMILY). ``key``: the launch's class (``launch``), without
+    the kernel, which is added here."""
+    if lanes is not None and launch_gluon(
+        plan.launches,
+        ("gluon", op, *key),
+        f"_{op}_kernel",
+        grid,
+        (*head, plan.lane_signs, *tail),
+        dict(meta, LANES=lanes),
+    ):
+        return
+    args = (*head, *plan.fused_params, *tail)
+    launch(plan.launches, (op, *key), kernel, grid, args, dict(meta, FAMILY=family_id(plan)))
+
+
 def fused(plan: Plan) -> bool:
     """Whether the plan's rotation runs in the fused kernels (else in the matrix kernels)."""
     return plan.kernel in FUSED_FAMILIES

@@ -29,14 +29,12 @@ from kernels.triton._launch import (
     cdiv,
     check_device,
     check_flag,
-    family_id,
     flag_non_finite,
     fused,
     fused_tile,
     int_class,
     lane_plan,
-    launch,
-    launch_gluon,
+    launch_fused,
     matrix_tiles,
     word_access,
 )
@@ -241,7 +239,6 @@ def dequantize(
         return out
     if fused(plan):
         width, rows, warps = fused_tile(plan, n, "dequantize", tile)
-        p0, p1 = plan.fused_params
         lanes = lane_plan(plan, codes.device, width, rows, warps, dtype)
         grid = cdiv(n, rows)
         stride_cr, stride_cc = codes.stride()
@@ -258,17 +255,8 @@ def dequantize(
             width, rows, warps, word, has_flag, aligned(flag_arg), dtype, aligned(codes), aligned(norms),
             int_class(n), int_class(stride_cr), int_class(stride_cc), int_class(stride_n),
         )  # fmt: skip
-        if lanes is None or not launch_gluon(
-            plan.launches,
-            ("gluon dequantize", *key),
-            "_dequantize_kernel",
-            grid,
-            (codes, norms, out, flag_arg, plan.lane_signs, plan.centroids, *sizes),
-            dict(meta, LANES=lanes),
-        ):
-            meta["FAMILY"] = family_id(plan)
-            args = (codes, norms, out, flag_arg, p0, p1, plan.centroids, *sizes)
-            launch(plan.launches, ("dequantize", *key), _dequantize_fused_kernel, grid, args, meta)
+        head, tail = (codes, norms, out, flag_arg), (plan.centroids, *sizes)
+        launch_fused(plan, "dequantize", _dequantize_fused_kernel, key, grid, lanes, head, tail, meta)
     else:
         launch_matrix_dequantize(codes, norms, out, plan)
         if flag is not None:

@@ -30,14 +30,12 @@ from kernels.triton._launch import (
     cdiv,
     check_flag,
     check_rows,
-    family_id,
     flag_non_finite,
     fused,
     fused_tile,
     int_class,
     lane_plan,
-    launch,
-    launch_gluon,
+    launch_fused,
     matrix_tiles,
     word_access,
 )
@@ -246,7 +244,6 @@ def quantize(
     sym = plan.symmetric
     if fused(plan):
         width, rows, warps = fused_tile(plan, n, "quantize", tile)
-        p0, p1 = plan.fused_params
         lanes = lane_plan(plan, x.device, width, rows, warps, exchange=False)
         grid = cdiv(n, rows)
         stride_xr, stride_xc = x.stride()
@@ -260,17 +257,8 @@ def quantize(
             width, rows, warps, word, has_flag, aligned(flag_arg), x.dtype, aligned(x),
             int_class(n), int_class(stride_xr), int_class(stride_xc),
         )  # fmt: skip
-        if lanes is None or not launch_gluon(
-            plan.launches,
-            ("gluon quantize", *key),
-            "_quantize_kernel",
-            grid,
-            (x, codes, norms, flag_arg, plan.lane_signs, plan.boundaries, *sizes),
-            dict(meta, LANES=lanes),
-        ):
-            meta["FAMILY"] = family_id(plan)
-            args = (x, codes, norms, flag_arg, p0, p1, plan.boundaries, *sizes)
-            launch(plan.launches, ("quantize", *key), _quantize_fused_kernel, grid, args, meta)
+        head, tail = (x, codes, norms, flag_arg), (plan.boundaries, *sizes)
+        launch_fused(plan, "quantize", _quantize_fused_kernel, key, grid, lanes, head, tail, meta)
     else:
         bn, bk, bo = matrix_tiles(plan)
         _quantize_matrix_kernel[(cdiv(n, bn),)](

@@ -28,13 +28,11 @@ from kernels.triton._launch import (
     cdiv,
     check_flag,
     check_rows,
-    family_id,
     fused,
     fused_tile,
     int_class,
     lane_plan,
-    launch,
-    launch_gluon,
+    launch_fused,
 )
 from kernels.triton.dequantize import launch_matrix_dequantize
 from kernels.triton.quantize import quantize
@@ -165,7 +163,6 @@ def roundtrip(
         return out, err
     if fused(plan):
         width, rows, warps = fused_tile(plan, n, "roundtrip", tile)
-        p0, p1 = plan.fused_params
         lanes = lane_plan(plan, x.device, width, rows, warps, dtype)
         grid = cdiv(n, rows)
         stride_xr, stride_xc = x.stride()
@@ -173,23 +170,13 @@ def roundtrip(
         has_flag = flag is not None
         flag_arg = flag if has_flag else err  # (not read without HAS_FLAG)
         meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=plan.symmetric, HAS_FLAG=has_flag, num_warps=warps)
-        tables = (plan.boundaries, plan.centroids)
         # The launch class (_launch.launch): what varies between calls of this plan (out and err are fresh).
         key = (
             width, rows, warps, has_flag, aligned(flag_arg), x.dtype, dtype, aligned(x),
             int_class(n), int_class(stride_xr), int_class(stride_xc),
         )  # fmt: skip
-        if lanes is None or not launch_gluon(
-            plan.launches,
-            ("gluon roundtrip", *key),
-            "_roundtrip_kernel",
-            grid,
-            (x, out, err, flag_arg, plan.lane_signs, *tables, *sizes),
-            dict(meta, LANES=lanes),
-        ):
-            meta["FAMILY"] = family_id(plan)
-            args = (x, out, err, flag_arg, p0, p1, *tables, *sizes)
-            launch(plan.launches, ("roundtrip", *key), _roundtrip_fused_kernel, grid, args, meta)
+        head, tail = (x, out, err, flag_arg), (plan.boundaries, plan.centroids, *sizes)
+        launch_fused(plan, "roundtrip", _roundtrip_fused_kernel, key, grid, lanes, head, tail, meta)
     else:
         codes, norms = quantize(x, plan, flag=flag)
         launch_matrix_dequantize(codes, norms, out, plan, x=x, err=err)
