@@ -414,12 +414,19 @@ def _roundtrip_kernel(
     if N_CODED < W:  # (an all-true mask still costs a select an element)
         cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
         c = gl.where((cols_c < N_CODED)[None, :], c, 0.0)
+    if DIM == W:
+        # Unpadded rows: ||x - x_hat|| = rho ||y - c|| (the signs and H / sqrt(n) are orthonormal), so the error
+        # is summed where the codes were chosen and x is dead after the forward transform. sm_90: 147-177 ->
+        # fewer registers a thread (bits 3-4 at dims 64-256), which is what limits the warps an SM holds.
+        d = y - c
+        err = gl.convert_layout(gl.sum(d * d, axis=1), gl.SliceLayout(1, MEMORY)) * (rho * rho)
     x_hat = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES)
     gl.store(
         out_ptr + rows.to(gl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
         x_hat.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None] & (cols < DIM)[None, :],
     )
-    # Rows past N load as zeros and have rho = 0, so x_hat = 0 there: only padding columns need a mask.
-    diff = x - x_hat if DIM == W else gl.where((cols < DIM)[None, :], x - x_hat, 0.0)
-    gl.store(err_ptr + rows, gl.sum(diff * diff, axis=1), mask=row_ok)
+    if DIM < W:  # padded rows: the error of the first DIM columns only
+        diff = gl.where((cols < DIM)[None, :], x - x_hat, 0.0)
+        err = gl.sum(diff * diff, axis=1)
+    gl.store(err_ptr + rows, err, mask=row_ok)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 
 import torch
 from triton import knobs
@@ -46,6 +47,10 @@ FUSED_TILES = {"quantize": (2048, 32), "dequantize": (2048, 32), "roundtrip": (2
 # 0.89-1.12x), at dim 64 worse (1.12-1.27x against 1.00-1.03x). Dequantize: 4096-element tiles; at dim 64 its
 # time is bimodal run to run (1.0x or 1.5x full's, in any tile tried).
 LANE_TILES = {"quantize": (2048, 32), "dequantize": (4096, 32), "roundtrip": (2048, 32)}
+# ptxas's register cap of the Gluon kernels, per op (None: its own choice). The round trip took 146-183
+# registers a thread at bits 3-4 (sm_90), so an SM held 10-12 of its 2-warp programs' warps; capped at 128 it
+# holds 16, for up to ~1 spilled word an element (L1). Dequantize (52-62) and quantize need no cap.
+LANE_MAXNREG = {"quantize": None, "dequantize": None, "roundtrip": 128}
 LANE_WIDE_WIDTH = 256  # from this W on, hadamard's quantize takes LANE_WIDE_QUANTIZE
 LANE_WIDE_QUANTIZE = (4096, 64)  # (tile elements, elements a thread)
 # Below SMALL_PROGRAMS programs every program is resident at once; quantize/dequantize then hold 8 elements
@@ -93,15 +98,27 @@ def check_device(t: torch.Tensor, plan: Plan, name: str) -> None:
         raise ValueError(f"{name} is on {t.device} but the plan lives on {plan.device}")
 
 
+# Flags already found in pinned memory (is_pinned is a CUDA query), by id, with a weak reference that tells a
+# live flag from a new object at a reused id. (Not a WeakSet: its lookup compares tensors with ==, a torch op.)
+_pinned_flags: dict[int, weakref.ref] = {}
+
+
 def check_flag(flag: torch.Tensor | None, data: torch.Tensor) -> None:
     """A bad-row flag: None, or int32 [1] on the device of the op's data, or in pinned host memory when that is
     a CUDA device (a kernel writes it through its device mapping; the host reads it after a sync, no copy)."""
     if flag is None:
         return
+    known = _pinned_flags.get(id(flag))
+    if known is not None and known() is flag:
+        return
     if not isinstance(flag, torch.Tensor) or flag.dtype != torch.int32 or flag.numel() != 1:
         raise ValueError(f"flag must be an int32 tensor of one element, got {flag!r}")
-    if flag.device != data.device and not (data.device.type == "cuda" and flag.is_pinned()):
+    if flag.device == data.device:
+        return
+    if not (data.device.type == "cuda" and flag.is_pinned()):
         raise ValueError(f"flag must be on {data.device} or in pinned host memory, got {flag.device}")
+    key = id(flag)
+    _pinned_flags[key] = weakref.ref(flag, lambda _: _pinned_flags.pop(key, None))
 
 
 def flag_non_finite(norms: torch.Tensor, flag: torch.Tensor) -> None:
@@ -198,7 +215,7 @@ def launch_fused(plan: Plan, op: str, kernel, key: tuple, grid: int, lanes, head
         f"_{op}_kernel",
         grid,
         (*head, plan.lane_signs, *tail),
-        dict(meta, LANES=lanes),
+        dict(meta, LANES=lanes, maxnreg=LANE_MAXNREG[op]),
     ):
         return
     args = (*head, *plan.fused_params, *tail)

@@ -23,7 +23,7 @@ from tests.kernels.test_triton_ops import DTYPES, _near_boundary, _rotated, _row
 
 kt = pytest.importorskip("kernels.triton")
 G = pytest.importorskip("kernels.triton._gluon")
-from kernels.triton._launch import fused_tile, word_access  # noqa: E402
+from kernels.triton._launch import LANE_MAXNREG, fused_tile, word_access  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -286,6 +286,7 @@ def test_launchers_bind_the_gluon_kernels(op, monkeypatch):
     (grid, args, kwargs), = recorder.calls
     width, rows, warps = fused_tile(plan, 37, op)
     assert grid == (-(-37 // rows),) and kwargs.pop("num_warps") == warps
+    assert kwargs.pop("maxnreg") == LANE_MAXNREG[op]
     bound = signature.bind(*args, **kwargs).arguments
     assert bound["N"] == 37 and bound["DIM"] == 100 and bound["N_CODED"] == 128 and bound["BITS"] == 3
     assert bound["signs_ptr"] is plan.lane_signs and bound["LANES"] is forced[-1]
