@@ -76,6 +76,9 @@ class _Recorder:
     def __init__(self, kernel):
         self.kernel, self.launch = kernel, None
 
+    def __getattr__(self, name):  # the kernel's other attributes (arg_names, for _launch.launch)
+        return getattr(self.kernel, name)
+
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             self.launch = (grid, args, kwargs)
@@ -91,6 +94,7 @@ def bare_quantize_launch(q: Quantizer, x: torch.Tensor):
     module = importlib.import_module("kernels.triton.quantize")
     recorder = _Recorder(module._quantize_fused_kernel)
     module._quantize_fused_kernel = recorder
+    q.plan.launches.clear()  # (a known launch class would go direct and never reach the recorder)
     try:
         module.quantize(x, q.plan)
     finally:
@@ -118,12 +122,77 @@ def host_us(fn, calls: int, sync_each: bool) -> float:
     return statistics.median(rounds)
 
 
+def table_graphs(kt, small: list, rows: list, say) -> None:
+    """Table 2: the calls captured 64 at a time in one CUDA graph, against the raw launcher's graph."""
+    say("\n## 2. N = 8192, dim 128, float16: per call, 64 calls in one CUDA graph (us)")
+    say(f"{'variant':>8} {'b':>2} {'op':>10} {'raw':>7} {'public':>7} {'copy':>7} {'pub/raw':>7}")
+    graph_rows = []
+    for n, dim, dtype_name, variant, bits in small:
+        dtype = DTYPES[dtype_name]
+        q = Quantizer(variant, dim, bits, seed=0, device="cuda")
+        x = torch.randn(n, dim, device="cuda", dtype=dtype)
+        copy_us = copy_us_of(x, back_to_back=True)
+        for op, (raw, _, unchecked) in calls(kt, q, x, dtype).items():
+            t_raw, t_pub = graph_per_call_us(raw), graph_per_call_us(unchecked)
+            graph_rows.append(t_pub / t_raw)
+            rows.append(dict(n=n, dim=dim, dtype=dtype_name, variant=variant, bits=bits, op=op + "_graph",
+                             raw_us=t_raw, public_us=t_pub, unchecked_us=t_pub, copy_us=copy_us))
+            say(f"{variant:>8} {bits:>2} {op:>10} {t_raw:7.2f} {t_pub:7.2f} {copy_us:7.2f} {t_pub / t_raw:7.3f}")
+    say(f"# graph public / raw: median {statistics.median(graph_rows):.3f}, max {max(graph_rows):.3f}")
+
+
+def table_host(kt, rows: list, say) -> None:
+    """Table 3: host time of one eager call, through Triton's dispatch and through the direct launch."""
+    from kernels.triton import _launch
+
+    say("\n## 3. Host cost of one eager call: dim 128, float16, full, bits 3 quantize (us per call)")
+    say(f"{'N':>5} {'mode':>12} {'launches':>8} {'bare launch':>11} {'launcher':>9} {'no-check':>9} {'public':>8} "
+        f"{'public/bare':>11} {'nochk/bare':>10}")
+    q = Quantizer("full", 128, 3, seed=0, device="cuda")
+    for n in (1, 256, 8192):
+        x = torch.randn(n, 128, device="cuda", dtype=torch.float16)
+        fns = (
+            bare_quantize_launch(q, x),
+            lambda x=x: kt.quantize(x, q.plan),
+            lambda x=x: q.quantize(x, check=False),
+            lambda x=x: q.quantize(x),
+        )
+        for direct in (False, True):
+            _launch.DIRECT = direct
+            q.plan.launches.clear()
+            dispatch = "direct" if direct else "triton"
+            for sync_each, mode in ((True, "sync each"), (False, "enqueue")):
+                t = [host_us(f, 200, sync_each) for f in fns]
+                op = f"host_{mode.replace(' ', '_')}_{dispatch}"
+                rows.append(dict(n=n, dim=128, dtype="fp16", variant="full", bits=3, op=op,
+                                 raw_us=t[0], public_us=t[3], unchecked_us=t[2], copy_us=float("nan")))
+                say(f"{n:>5} {mode:>12} {dispatch:>8} {t[0]:11.1f} {t[1]:9.1f} {t[2]:9.1f} {t[3]:8.1f} "
+                    f"{t[3] / t[0]:11.2f} {t[2] / t[0]:10.2f}")
+
+
+def table_profile(say) -> None:
+    """Table 4: where the default public call's host time goes (cProfile)."""
+    say("\n## 4. cProfile: 2000 default public quantize calls, N = 256 (top 18 by own time)")
+    q = Quantizer("full", 128, 3, seed=0, device="cuda")
+    x = torch.randn(256, 128, device="cuda", dtype=torch.float16)
+    q.quantize(x)
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(2000):
+        q.quantize(x)
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(18)
+    say(text.getvalue())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--dims", default="128,512")
     parser.add_argument("--quick", action="store_true", help="dim 128, float16 and bits 3 only in table 1")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="table 1's variants (comma-separated)")
+    parser.add_argument("--tables", default="1,2,3,4", help="which tables to run (comma-separated)")
     parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -141,12 +210,14 @@ def main() -> None:
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  torch {torch.__version__}  "
         f"CPU: {cpu_name()}"
     )
+    tables = {int(t) for t in args.tables.split(",")}
     dims = (128,) if args.quick else tuple(int(d) for d in args.dims.split(","))
     dtypes = ("fp16",) if args.quick else tuple(DTYPES)
     bits_list = (3,) if args.quick else (2, 3, 4)
     variants = tuple(args.variants.split(","))
     big = [(1 << 20, d, t, v, b) for d in dims for t in dtypes for v in variants for b in bits_list]
     small = [(8192, 128, "fp16", v, b) for v in VARIANTS for b in (2, 3, 4)]
+    big, small = (big if 1 in tables else []), (small if 2 in tables else [])
     say(f"# compiled in {precompile(big + small, args.workers):.0f} s")
 
     rows = []
@@ -174,58 +245,12 @@ def main() -> None:
         say(f"# check=False / raw: median {statistics.median(unc):.3f}, max {max(unc):.3f}, "
             f"cells <= 1.05: {sum(r <= 1.05 for r in unc)} of {len(unc)}")
 
-    say("\n## 2. N = 8192, dim 128, float16: per call, 64 calls in one CUDA graph (us)")
-    say(f"{'variant':>8} {'b':>2} {'op':>10} {'raw':>7} {'public':>7} {'copy':>7} {'pub/raw':>7}")
-    graph_rows = []
-    for n, dim, dtype_name, variant, bits in small:
-        dtype = DTYPES[dtype_name]
-        q = Quantizer(variant, dim, bits, seed=0, device="cuda")
-        x = torch.randn(n, dim, device="cuda", dtype=dtype)
-        copy_us = copy_us_of(x, back_to_back=True)
-        for op, (raw, _, unchecked) in calls(kt, q, x, dtype).items():
-            t_raw, t_pub = graph_per_call_us(raw), graph_per_call_us(unchecked)
-            graph_rows.append(t_pub / t_raw)
-            rows.append(dict(n=n, dim=dim, dtype=dtype_name, variant=variant, bits=bits, op=op + "_graph",
-                             raw_us=t_raw, public_us=t_pub, unchecked_us=t_pub, copy_us=copy_us))
-            say(f"{variant:>8} {bits:>2} {op:>10} {t_raw:7.2f} {t_pub:7.2f} {copy_us:7.2f} {t_pub / t_raw:7.3f}")
-    say(f"# graph public / raw: median {statistics.median(graph_rows):.3f}, max {max(graph_rows):.3f}")
-
-    say("\n## 3. Host cost of one eager call: dim 128, float16, full, bits 3 quantize (us per call)")
-    say(f"{'N':>5} {'mode':>12} {'launches':>8} {'bare launch':>11} {'launcher':>9} {'no-check':>9} {'public':>8} "
-        f"{'public/bare':>11} {'nochk/bare':>10}")
-    from kernels.triton import _launch
-
-    q = Quantizer("full", 128, 3, seed=0, device="cuda")
-    for n in (1, 256, 8192):
-        x = torch.randn(n, 128, device="cuda", dtype=torch.float16)
-        fns = (
-            bare_quantize_launch(q, x),
-            lambda x=x: kt.quantize(x, q.plan),
-            lambda x=x: q.quantize(x, check=False),
-            lambda x=x: q.quantize(x),
-        )
-        for direct in (False, True):
-            _launch.DIRECT = direct
-            q.plan.launches.clear()
-            dispatch = "direct" if direct else "triton"
-            for sync_each, mode in ((True, "sync each"), (False, "enqueue")):
-                t = [host_us(f, 200, sync_each) for f in fns]
-                op = f"host_{mode.replace(' ', '_')}_{dispatch}"
-                rows.append(dict(n=n, dim=128, dtype="fp16", variant="full", bits=3, op=op,
-                                 raw_us=t[0], public_us=t[3], unchecked_us=t[2], copy_us=float("nan")))
-                say(f"{n:>5} {mode:>12} {dispatch:>8} {t[0]:11.1f} {t[1]:9.1f} {t[2]:9.1f} {t[3]:8.1f} "
-                    f"{t[3] / t[0]:11.2f} {t[2] / t[0]:10.2f}")
-
-    say("\n## 4. cProfile: 2000 default public quantize calls, N = 256 (top 18 by own time)")
-    x = torch.randn(256, 128, device="cuda", dtype=torch.float16)
-    profile = cProfile.Profile()
-    profile.enable()
-    for _ in range(2000):
-        q.quantize(x)
-    profile.disable()
-    text = io.StringIO()
-    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(18)
-    say(text.getvalue())
+    if small:
+        table_graphs(kt, small, rows, say)
+    if 3 in tables:
+        table_host(kt, rows, say)
+    if 4 in tables:
+        table_profile(say)
 
     with open(os.path.join(args.out, "bench_api.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -379,14 +379,24 @@ class _HostFlag:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"  # (else the Triton interpreter: ordinary memory, nothing to wait for)
-        self.device = device
+        self.index = device.index  # None: the current device
         self.tensor = torch.zeros(1, dtype=torch.int32, pin_memory=self.cuda)
         self._word = self.tensor.numpy()  # the same memory: reading it costs no torch op
+        # torch.cuda.current_stream() builds a Stream object each call: 9 us of the host's time on the H200
+        # machine, against 0.2 us for the raw handle and 1.3 us to synchronize a Stream already built.
+        self._streams: dict[tuple[int, int], torch.cuda.Stream] = {}
 
     def raised(self) -> bool:
         """Whether a kernel launched on the current stream since the last True set the flag (then cleared)."""
         if self.cuda:
-            torch.cuda.current_stream(self.device).synchronize()
+            index = torch.cuda.current_device() if self.index is None else self.index
+            key = (index, torch._C._cuda_getCurrentRawStream(index))
+            stream = self._streams.get(key)
+            if stream is None:
+                stream = self._streams[key] = torch.cuda.current_stream(index)
+            # (Polling stream.query() instead, with sched_yield between polls, measured no better: H200, N = 2^20,
+            # dims 128 and 512, 18 cells, default call / raw median 1.135 polling, 1.145 blocking, same run.)
+            stream.synchronize()
         if not self._word[0]:
             return False
         self._word[0] = 0

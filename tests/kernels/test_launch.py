@@ -8,6 +8,8 @@ path and check its results, and the flag's, against the reference.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -176,13 +178,11 @@ def test_direct_launches_match_the_reference_gpu(variant, monkeypatch):
 def _count_triton_dispatch(monkeypatch) -> list:
     """From now on, the names of the fused and Gluon kernels that Triton's own ``run`` launches (the direct
     path does not call it)."""
-    import kernels.triton.dequantize as dq
-    import kernels.triton.quantize as qu
-    import kernels.triton.roundtrip as rt
     from kernels.triton import _gluon
 
     calls = []
-    kernels = [qu._quantize_fused_kernel, dq._dequantize_fused_kernel, rt._roundtrip_fused_kernel]
+    ops = ("quantize", "dequantize", "roundtrip")  # (the package's names are the functions: sys.modules)
+    kernels = [getattr(sys.modules[f"kernels.triton.{op}"], f"_{op}_fused_kernel") for op in ops]
     kernels += [_gluon._quantize_kernel, _gluon._dequantize_kernel, _gluon._roundtrip_kernel]
     for kernel in kernels:
 
@@ -281,3 +281,21 @@ def test_checked_calls_read_the_kernels_flag_interpreter(monkeypatch):
     with pytest.raises(ValueError, match=r"norms holds NaN or Inf in vectors \[5\]"):
         q.dequantize(tampered)
     torch.testing.assert_close(q.dequantize(packed), Quantizer("full", 16, 3, seed=1).dequantize(packed))
+
+
+@pytest.mark.gpu
+@gpu
+def test_flag_for_cuda_data_must_be_pinned_gpu():
+    plan = Quantizer("full", 16, 3, device="cuda").plan
+    x = torch.randn(3, 16, device="cuda")
+    with pytest.raises(ValueError, match="flag must be on cuda:0 or in pinned host memory, got cpu"):
+        kt.quantize(x, plan, flag=torch.zeros(1, dtype=torch.int32))
+    pinned = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+    for _ in range(2):  # (the second call finds it among the known pinned flags)
+        kt.quantize(x, plan, flag=pinned)
+        torch.cuda.synchronize()
+        assert pinned.item() == 0
+    x[1, 1] = float("nan")
+    kt.quantize(x, plan, flag=pinned)
+    torch.cuda.synchronize()
+    assert pinned.item() == 1
