@@ -36,7 +36,8 @@ class Plan:
     boundaries: torch.Tensor
 
     @classmethod
-    def build(cls, rotation: RotationParams, codebook: Codebook, device: torch.device) -> Plan:
+    def build(cls, rotation: RotationParams, codebook: Codebook, device: torch.device | str) -> Plan:
+        device = torch.device(device)
         n_coded = rotation.n_coded
         return cls(
             variant=rotation.variant,
@@ -104,9 +105,10 @@ class Plan:
     def rotation(self) -> Rotation:
         return ROTATIONS[self.variant]
 
-    @property
+    @cached_property
     def kernel(self) -> str:
-        """The Triton kernel family of this rotation at this dim (``Rotation.kernel_for``)."""
+        """The Triton kernel family of this rotation at this dim (``Rotation.kernel_for``; cached: a launch asks
+        for it three times)."""
         return self.rotation.kernel_for(self.dim)
 
     # Forms the Triton kernels read (cached_property stores them in the instance's __dict__, which a frozen

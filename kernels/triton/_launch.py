@@ -49,7 +49,7 @@ FUSED_TILES = {"quantize": (2048, 32), "dequantize": (2048, 32), "roundtrip": (2
 LANE_TILES = {"quantize": (2048, 32), "dequantize": (4096, 32), "roundtrip": (2048, 32)}
 # ptxas's register cap of the Gluon kernels, per op (None: its own choice). The round trip took 146-183
 # registers a thread at bits 3-4 (sm_90), so an SM held 10-12 of its 2-warp programs' warps; capped at 128 it
-# holds 16, for up to ~1 spilled word an element (L1). Dequantize (52-62) and quantize need no cap.
+# holds 16, for up to ~1 local-memory access (spill) an element. Dequantize (52-62) and quantize need no cap.
 LANE_MAXNREG = {"quantize": None, "dequantize": None, "roundtrip": 128}
 LANE_WIDE_WIDTH = 256  # from this W on, hadamard's quantize takes LANE_WIDE_QUANTIZE
 LANE_WIDE_QUANTIZE = (4096, 64)  # (tile elements, elements a thread)
@@ -93,7 +93,7 @@ def check_rows(x: torch.Tensor, plan: Plan, name: str = "x") -> None:
 
 
 def check_device(t: torch.Tensor, plan: Plan, name: str) -> None:
-    want = torch.device(plan.device)
+    want = plan.device  # (a torch.device: Plan.build and from_op_tensors make it one)
     if t.device.type != want.type or (want.index is not None and t.device.index != want.index):
         raise ValueError(f"{name} is on {t.device} but the plan lives on {plan.device}")
 
