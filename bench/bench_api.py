@@ -146,7 +146,7 @@ def table_host(kt, rows: list, say) -> None:
     from kernels.triton import _launch
 
     say("\n## 3. Host cost of one eager call: dim 128, float16, full, bits 3 quantize (us per call)")
-    say(f"{'N':>5} {'mode':>12} {'launches':>8} {'bare launch':>11} {'launcher':>9} {'no-check':>9} {'public':>8} "
+    say(f"{'N':>5} {'mode':>12} {'dispatch':>8} {'bare launch':>11} {'launcher':>9} {'no-check':>9} {'public':>8} "
         f"{'public/bare':>11} {'nochk/bare':>10}")
     q = Quantizer("full", 128, 3, seed=0, device="cuda")
     for n in (1, 256, 8192):

@@ -189,7 +189,9 @@ class Quantizer:
         """Batch sizes (rows, ascending, the first 1) that between them reach every kernel this quantizer
         launches for batches of 1..max_rows: the Triton backend picks its tile by batch size
         (``kernels.triton.launch_batches``), so running each op once at each size compiles everything
-        such batches need before traffic. [1] for the torch backend, which compiles nothing."""
+        such batches need before traffic. [1] for the torch backend, which compiles nothing. Checked calls
+        (the default) and ``check=False`` calls run different kernels (the first also set a bad-row flag): warm
+        with the mode you will call, e.g. ``check=False`` before capturing a CUDA graph."""
         if self.backend != "triton":
             return [1]
         return self._ops.launch_batches(self.plan, max_rows)
@@ -379,7 +381,6 @@ class _HostFlag:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"  # (else the Triton interpreter: ordinary memory, nothing to wait for)
-        self.index = device.index  # None: the current device
         self.tensor = torch.zeros(1, dtype=torch.int32, pin_memory=self.cuda)
         self._word = self.tensor.numpy()  # the same memory: reading it costs no torch op
         # torch.cuda.current_stream() builds a Stream object each call: 9 us of the host's time on the H200
@@ -389,7 +390,7 @@ class _HostFlag:
     def raised(self) -> bool:
         """Whether a kernel launched on the current stream since the last True set the flag (then cleared)."""
         if self.cuda:
-            index = torch.cuda.current_device() if self.index is None else self.index
+            index = torch.cuda.current_device()  # where the launchers (as Triton) launched, whatever self.index is
             key = (index, torch._C._cuda_getCurrentRawStream(index))
             stream = self._streams.get(key)
             if stream is None:

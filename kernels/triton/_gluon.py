@@ -416,8 +416,8 @@ def _roundtrip_kernel(
         c = gl.where((cols_c < N_CODED)[None, :], c, 0.0)
     if DIM == W:
         # Unpadded rows: ||x - x_hat|| = rho ||y - c|| (the signs and H / sqrt(n) are orthonormal), so the error
-        # is summed where the codes were chosen and x is dead after the forward transform. sm_90: 147-177 ->
-        # fewer registers a thread (bits 3-4 at dims 64-256), which is what limits the warps an SM holds.
+        # is summed where the codes were chosen and x is dead after the forward transform: with the register cap
+        # (_launch.LANE_MAXNREG) the kernel fits 128 registers a thread (sm_90: it took 146-183 at bits 3-4).
         d = y - c
         err = gl.convert_layout(gl.sum(d * d, axis=1), gl.SliceLayout(1, MEMORY)) * (rho * rho)
     x_hat = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES)

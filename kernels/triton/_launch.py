@@ -123,7 +123,7 @@ def check_flag(flag: torch.Tensor | None, data: torch.Tensor) -> None:
 
 def flag_non_finite(norms: torch.Tensor, flag: torch.Tensor) -> None:
     """flag <- 1 if a norm float32 [N] is not finite, else 0, without a host sync (the matrix kernels, which
-    write no flag of their own)."""
+    write no flag of their own; unlike the fused kernels, this also writes 0)."""
     flag.copy_((~torch.isfinite(norms)).any().reshape(1), non_blocking=True)
 
 
@@ -138,7 +138,9 @@ _gluon_failed: list[str] = []  # the first Gluon compile error of this process, 
 # calls as its launch class (``key``); the plan's fixed tensors and fresh outputs never vary. The first
 # launch of a class goes through Triton (which compiles or loads the kernel); later ones call the compiled
 # kernel's launcher directly, with the stream Triton would have used. Launch hooks (a profiler's) send every
-# launch back through Triton. DIRECT = False turns the shortcut off (benchmarks compare the two).
+# launch back through Triton. What the shortcut does not re-read per call: Triton's debug and instrumentation
+# knobs and pre-run hooks (set them before the first launch of a class), and the kernel object (a reloaded
+# module's kernels need a new Plan). DIRECT = False turns the shortcut off (benchmarks compare the two).
 DIRECT = True
 _RUNTIME_KNOBS = knobs.runtime
 
@@ -167,7 +169,7 @@ def launch(cache: dict, key: tuple, kernel, grid: int, args: tuple, meta: dict) 
     Triton's dispatch (see DIRECT above). ``key`` must tell apart every launch that Triton would specialize
     differently: the kernel, the constexprs in ``meta`` that are not fixed by the plan, and the classes
     (``int_class``, dtype, ``aligned``) of the arguments that vary between calls."""
-    if cache:  # (empty under the interpreter, which returns no compiled kernel: no CUDA query on the CPU)
+    if DIRECT and cache:  # (empty under the interpreter, which returns no compiled kernel: no CUDA query on the CPU)
         device = torch.cuda.current_device()
         entry = cache.get((key, device))
         if entry is not None and _idle(_RUNTIME_KNOBS.launch_enter_hook) and _idle(_RUNTIME_KNOBS.launch_exit_hook):
@@ -275,7 +277,8 @@ def launch_batches(plan: Plan, max_rows: int) -> list[int]:
     launch for batches of 1..max_rows: for each launch configuration (``fused_tile``: the tile's rows and
     warps grow with the batch) its first size that is a multiple of 16 and its first that is not, because
     Triton also specializes the integer argument N on divisibility by 16 (and on N == 1, so 1 and 2 are
-    both there). Running each op once at each size warms them all. [1, 2, 16] for the matrix kernels
+    both there). Running each op once at each size, in the check mode of the calls to come (with and without
+    a bad-row flag are two kernels), warms them all. [1, 2, 16] for the matrix kernels
     (their tiles do not depend on the batch). N stays specialized: ``do_not_specialize`` moved the kernels'
     times by -8% to +10% (H200, dim 128, float16)."""
     starts = {1}

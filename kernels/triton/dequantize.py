@@ -228,7 +228,7 @@ def dequantize(
     (float16 | bfloat16 | float32); matches ``kernels.reference.dequantize`` within float32 rounding.
     ``tile``: the fused kernel's (tile elements, warps) instead of ``_launch.fused_tile``'s (benchmarks).
     ``flag``: int32 [1] (on the device, or pinned host memory) set to 1 if a norm is not finite
-    (``_launch.check_flag``; it is not cleared)."""
+    (``_launch.check_flag``; the fused kernels never clear it, dense's path writes 0 or 1)."""
     check_codes(codes, norms, plan)
     check_flag(flag, norms)
     if dtype not in FLOAT_DTYPES:

@@ -233,7 +233,7 @@ def quantize(
     ``kernels.reference.quantize`` (codes may differ only for values within ~1e-7 relative of a boundary).
     ``tile``: the fused kernel's (tile elements, warps) instead of ``_launch.fused_tile``'s (benchmarks).
     ``flag``: int32 [1] (on the device, or pinned host memory) set to 1 if a row's norm is not finite
-    (``_launch.check_flag``; it is not cleared)."""
+    (``_launch.check_flag``; the fused kernels never clear it, dense's path writes 0 or 1)."""
     check_rows(x, plan)
     check_flag(flag, x)
     n = x.shape[0]

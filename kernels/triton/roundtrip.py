@@ -151,7 +151,8 @@ def roundtrip(
     within float32 rounding (and the boundary rule of ``quantize``). A float16 output halves the bytes
     written at float16 input. ``tile``: the fused kernel's (tile elements, warps) instead of
     ``_launch.fused_tile``'s (benchmarks). ``flag``: int32 [1] (on the device, or pinned host memory) set to 1
-    if a row's norm is not finite (``_launch.check_flag``; it is not cleared)."""
+    if a row's norm is not finite (``_launch.check_flag``; the fused kernels never clear it, dense's path
+    writes 0 or 1)."""
     check_rows(x, plan)
     check_flag(flag, x)
     if dtype not in FLOAT_DTYPES:
