@@ -1,7 +1,7 @@
 """The hadamard Gluon kernels (``kernels.triton._gluon``) compiled for sm_90 on any machine (Triton ships
-ptxas), with the counts of their machine code: instructions, warp shuffles, shared-memory accesses and
-barriers. No GPU is needed; TRITON_INTERPRET must be unset (the interpreter wraps the Triton helpers that
-the kernels call).
+ptxas), with the counts of their machine code: instructions, warp shuffles, shared-memory accesses,
+barriers, registers a thread and local-memory accesses (spills). No GPU is needed; TRITON_INTERPRET must be
+unset (the interpreter wraps the Triton helpers that the kernels call).
 
     python -m bench.sass quantize:128:4:float16 roundtrip:256:2:bfloat16     # a table
     python -m bench.sass --json quantize:128:4:float16:1048576:word           # what the tests read
@@ -74,7 +74,8 @@ def compile_sm90(op: str, dim: int, bits: int, dtype: torch.dtype, rows: int = 1
 
 
 def counts(kernel) -> dict[str, int]:
-    """Instruction counts of a compiled kernel's SASS, and its static shared memory in bytes."""
+    """Instruction counts of a compiled kernel's SASS, its static shared memory in bytes and the registers a
+    thread (the highest register named, plus one: what limits the warps an SM holds)."""
     from triton.tools.disasm import get_sass
 
     sass = [line for line in get_sass(kernel.asm["cubin"]).splitlines() if line.rstrip().endswith(";")]
@@ -82,7 +83,10 @@ def counts(kernel) -> dict[str, int]:
     def matching(pattern: str) -> int:
         return sum(1 for line in sass if re.search(pattern, line))
 
+    registers = [int(r) for line in sass for r in re.findall(r"\bR(\d+)\b", line)]
     return {
+        "registers": max(registers, default=-1) + 1,
+        "local_accesses": matching(r"\b(LDL|STL)\b"),
         "instructions": len(sass),
         "shuffles": matching(r"\bSHFL\b"),
         "shared_accesses": matching(r"\b(LDS|STS)\b"),
@@ -112,12 +116,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         json.dump(results, sys.stdout)
         return
-    print("| case | W, BN, warps | columns a thread | stages across lanes | instructions | shuffles | shared |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| case | W, BN, warps | columns a thread | stages across lanes | instructions | shuffles | shared | "
+        "registers | local (spills) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case, r in results.items():
         print(
             f"| {case} | {r['tile']} | {r['piece']} | {r['lane_stages']} | {r['instructions']} | {r['shuffles']} | "
-            f"{r['shared_accesses']} |"
+            f"{r['shared_accesses']} | {r['registers']} | {r['local_accesses']} |"
         )
 
 

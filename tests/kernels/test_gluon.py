@@ -154,6 +154,14 @@ def test_compiles_for_sm90_with_warp_local_exchanges(case, sm90_counts):
     assert got["shuffles"] >= passes * across * per_thread, got
 
 
+@pytest.mark.parametrize("case", [c for c in COMPILE_CASES if c.startswith("roundtrip")])
+def test_round_trip_fits_its_register_cap(case, sm90_counts):
+    """The round trip holds at most LANE_MAXNREG registers a thread, so that an SM keeps 16 of its 2-warp
+    programs' warps (at 146-183 registers it kept 10-12, and measured up to 1.23x slower: BENCHMARKS.md §9)."""
+    got = sm90_counts[case]
+    assert 32 <= got["registers"] <= LANE_MAXNREG["roundtrip"], got
+
+
 # ---------------------------------------------------------------------------------------------------
 # GPU
 
