@@ -205,12 +205,19 @@ def launch_gluon(cache: dict, key: tuple, kernel: str, grid: int, args: tuple, m
     return True
 
 
-def launch_fused(plan: Plan, op: str, kernel, key: tuple, grid: int, lanes, head: tuple, tail: tuple, meta: dict):
+def launch_fused(
+    plan: Plan, op: str, kernel, key: tuple, grid: int, lanes, head: tuple, flag, tail: tuple, meta: dict
+) -> None:
     """Launch ``op``'s fused kernel over ``grid`` programs: the Gluon kernel ``_gluon._<op>_kernel`` where
-    ``lanes`` is a lane plan (arguments: ``head``, the plan's lane signs, ``tail``; constexprs ``meta`` and
-    LANES), else (or where Gluon fails to compile) the plain ``kernel`` (``head``, the plan's two fused
-    parameter pointers, ``tail``; ``meta`` and FAMILY). ``key``: the launch's class (``launch``), without
-    the kernel, which is added here."""
+    ``lanes`` is a lane plan (arguments: ``head``, the flag, the plan's lane signs, ``tail``; constexprs
+    ``meta``, HAS_FLAG and LANES), else (or where Gluon fails to compile) the plain ``kernel`` (``head``, the
+    flag, the plan's two fused parameter pointers, ``tail``; ``meta``, HAS_FLAG and FAMILY). ``flag``: the
+    bad-row flag (``check_flag``) or None. ``key``: the launch's class (``launch``), without the kernel and
+    the flag, which are added here."""
+    has_flag = flag is not None
+    flag_arg = flag if has_flag else head[-1]  # (any pointer: not read without HAS_FLAG)
+    head, meta = (*head, flag_arg), dict(meta, HAS_FLAG=has_flag)
+    key = (*key, has_flag, aligned(flag_arg))
     if lanes is not None and launch_gluon(
         plan.launches,
         ("gluon", op, *key),

@@ -245,18 +245,14 @@ def dequantize(
         stride_n = norms.stride(0)
         sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, stride_cr, stride_cc, stride_n, *out.stride())
         word = word_access(plan, codes)
-        has_flag = flag is not None
-        flag_arg = flag if has_flag else norms  # (not read without HAS_FLAG)
-        meta = dict(
-            BN=rows, W=width, BITS=plan.bits, WORD=word, SYMMETRIC=plan.symmetric, HAS_FLAG=has_flag, num_warps=warps
-        )
+        meta = dict(BN=rows, W=width, BITS=plan.bits, WORD=word, SYMMETRIC=plan.symmetric, num_warps=warps)
         # The launch class (_launch.launch): what varies between calls of this plan (out is fresh).
         key = (
-            width, rows, warps, word, has_flag, aligned(flag_arg), dtype, aligned(codes), aligned(norms),
+            width, rows, warps, word, dtype, aligned(codes), aligned(norms),
             int_class(n), int_class(stride_cr), int_class(stride_cc), int_class(stride_n),
         )  # fmt: skip
-        head, tail = (codes, norms, out, flag_arg), (plan.centroids, *sizes)
-        launch_fused(plan, "dequantize", _dequantize_fused_kernel, key, grid, lanes, head, tail, meta)
+        head, tail = (codes, norms, out), (plan.centroids, *sizes)
+        launch_fused(plan, "dequantize", _dequantize_fused_kernel, key, grid, lanes, head, flag, tail, meta)
     else:
         launch_matrix_dequantize(codes, norms, out, plan)
         if flag is not None:

@@ -249,16 +249,11 @@ def quantize(
         stride_xr, stride_xc = x.stride()
         sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, stride_xr, stride_xc, *codes.stride())
         word = word_access(plan, codes)
-        has_flag = flag is not None
-        flag_arg = flag if has_flag else norms  # (not read without HAS_FLAG)
-        meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=sym, WORD=word, HAS_FLAG=has_flag, num_warps=warps)
+        meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=sym, WORD=word, num_warps=warps)
         # The launch class (_launch.launch): what varies between calls of this plan (codes and norms are fresh).
-        key = (
-            width, rows, warps, word, has_flag, aligned(flag_arg), x.dtype, aligned(x),
-            int_class(n), int_class(stride_xr), int_class(stride_xc),
-        )  # fmt: skip
-        head, tail = (x, codes, norms, flag_arg), (plan.boundaries, *sizes)
-        launch_fused(plan, "quantize", _quantize_fused_kernel, key, grid, lanes, head, tail, meta)
+        key = (width, rows, warps, word, x.dtype, aligned(x), int_class(n), int_class(stride_xr), int_class(stride_xc))
+        head, tail = (x, codes, norms), (plan.boundaries, *sizes)
+        launch_fused(plan, "quantize", _quantize_fused_kernel, key, grid, lanes, head, flag, tail, meta)
     else:
         bn, bk, bo = matrix_tiles(plan)
         _quantize_matrix_kernel[(cdiv(n, bn),)](

@@ -168,16 +168,11 @@ def roundtrip(
         grid = cdiv(n, rows)
         stride_xr, stride_xc = x.stride()
         sizes = (n, plan.dim, plan.n_coded, stride_xr, stride_xc, *out.stride())
-        has_flag = flag is not None
-        flag_arg = flag if has_flag else err  # (not read without HAS_FLAG)
-        meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=plan.symmetric, HAS_FLAG=has_flag, num_warps=warps)
+        meta = dict(BN=rows, W=width, BITS=plan.bits, SYMMETRIC=plan.symmetric, num_warps=warps)
         # The launch class (_launch.launch): what varies between calls of this plan (out and err are fresh).
-        key = (
-            width, rows, warps, has_flag, aligned(flag_arg), x.dtype, dtype, aligned(x),
-            int_class(n), int_class(stride_xr), int_class(stride_xc),
-        )  # fmt: skip
-        head, tail = (x, out, err, flag_arg), (plan.boundaries, plan.centroids, *sizes)
-        launch_fused(plan, "roundtrip", _roundtrip_fused_kernel, key, grid, lanes, head, tail, meta)
+        key = (width, rows, warps, x.dtype, dtype, aligned(x), int_class(n), int_class(stride_xr), int_class(stride_xc))
+        head, tail = (x, out, err), (plan.boundaries, plan.centroids, *sizes)
+        launch_fused(plan, "roundtrip", _roundtrip_fused_kernel, key, grid, lanes, head, flag, tail, meta)
     else:
         codes, norms = quantize(x, plan, flag=flag)
         launch_matrix_dequantize(codes, norms, out, plan, x=x, err=err)
