@@ -294,6 +294,45 @@ class Quantizer:
             x_hat, sq_err = x_hat.reshape(*lead, self.dim), sq_err.reshape(lead)
         return x_hat, sq_err
 
+    def check(self, per_row: torch.Tensor, x: torch.Tensor | None = None) -> None:
+        """The default call's check, run later by the caller: raise the QuantizerError that a checked call
+        would have raised, after a ``check=False`` call, at a moment the caller chooses (after its own sync,
+        say, or on copies already on the host, where it costs no device sync at all).
+
+        - after ``quantize(x, check=False)``: ``check(packed.norms, x)``;
+        - after ``roundtrip(x, check=False)``: ``check(sq_err, x)``;
+        - before or after ``dequantize(packed, check=False)``: ``check(packed.norms)``.
+
+        per_row: float32 [...], the per-vector result of that call (or the norms given to dequantize); x:
+        that call's input [..., dim] (needed to tell a NaN/Inf row from one whose norm overflows), on the
+        same device as per_row. The work is one float32 sum of per_row unless something is not finite.
+
+        >>> q = Quantizer("full", 8, 2)
+        >>> x = torch.ones(3, 8); x[1, 0] = float("nan")
+        >>> q.check(q.quantize(x, check=False).norms, x)
+        Traceback (most recent call last):
+        ...
+        kernels.errors.QuantizerError: x holds NaN or Inf in vectors [1] (flat row indices)
+        """
+        if x is None:
+            self._check_finite(per_row.reshape(-1, 1), "norms")
+            return
+        if x.device != per_row.device:
+            raise QuantizerError(
+                f"per_row is on {per_row.device} but x is on {x.device}: give both on one device",
+                field="per_row",
+                kind="device",
+            )
+        if x.ndim < 1 or x.shape[-1] != self.dim or per_row.numel() * self.dim != x.numel():
+            raise QuantizerError(
+                f"x must be [..., {self.dim}] with one vector per value of per_row ({per_row.numel()}); "
+                f"got shape {list(x.shape)}",
+                field="x",
+                kind="shape",
+            )
+        rows = x.reshape(-1, self.dim)
+        self._refuse_bad_rows(per_row.reshape(-1), rows, "x")
+
     def _host_flag(self) -> _HostFlag:
         """This thread's bad-row flag (Triton backend): a thread's calls are sequential, and each waits for its
         kernel before it returns, so one flag a thread is never written by two calls at once."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from kernels import Quantizer
+from kernels import Packed, Quantizer, QuantizerError
 
 
 class _CountNorms(TorchFunctionMode):
@@ -59,6 +59,72 @@ def test_check_false_skips_the_check():
     assert not torch.isfinite(sq_err[1])
     out = q.dequantize(packed, check=False)
     assert torch.isfinite(out[[0, 2, 3]]).all()
+
+
+def _error(call, *args):
+    """(field, kind, message) of the QuantizerError that call(*args) raises, or None."""
+    try:
+        call(*args)
+    except QuantizerError as exc:
+        return exc.field, exc.kind, str(exc)
+    return None
+
+
+def _bad_inputs(dim: int, device="cpu"):
+    nan = torch.randn(6, dim)
+    nan[2, 5] = float("nan")
+    nan[4, 0] = float("-inf")
+    big = torch.full((5, dim), 1e20)
+    big[:3] = 1.0
+    return {"nan": nan.to(device), "overflow": big.to(device), "good": torch.randn(3, 4, dim).to(device)}
+
+
+@pytest.mark.parametrize("variant", ["full", "hadamard"])
+def test_the_deferred_check_raises_what_the_default_call_raises(variant):
+    q = Quantizer(variant, 32, 2, backend="torch")
+    for name, x in _bad_inputs(32).items():
+        packed = q.quantize(x, check=False)
+        expected = _error(q.quantize, x)
+        assert _error(q.check, packed.norms, x) == expected, name
+        _, sq_err = q.roundtrip(x, check=False)
+        assert _error(q.check, sq_err, x) == _error(q.roundtrip, x), name
+        assert (expected is None) == (name == "good")
+    # dequantize: the norms it is given
+    packed = q.quantize(torch.randn(4, 32))
+    norms = packed.norms.clone()
+    norms[3] = float("nan")
+    bad = Packed(codes=packed.codes, norms=norms, **q.descriptor())
+    assert _error(q.check, bad.norms) == _error(q.dequantize, bad)
+    assert _error(q.check, bad.norms)[:2] == ("norms", "non_finite")
+    assert _error(q.check, packed.norms) is None
+
+
+def test_the_deferred_check_refuses_mismatched_arguments():
+    q = Quantizer("full", 16, 3, backend="torch")
+    x = torch.randn(4, 16)
+    norms = q.quantize(x).norms
+    assert _error(q.check, norms[:3], x) == (
+        "x",
+        "shape",
+        "x must be [..., 16] with one vector per value of per_row (3); got shape [4, 16]",
+    )
+    assert _error(q.check, norms, x[:, :8])[:2] == ("x", "shape")
+    meta = torch.empty(4, 16, device="meta")
+    assert _error(q.check, norms, meta) == (
+        "per_row",
+        "device",
+        "per_row is on cpu but x is on meta: give both on one device",
+    )
+
+
+@pytest.mark.gpu
+def test_the_deferred_check_runs_on_host_copies_of_gpu_results():
+    """What the service does: check=False on the GPU, one copy to the host, the check there (no device sync)."""
+    q = Quantizer("full", 64, 3, device="cuda")
+    for name, x in _bad_inputs(64).items():
+        packed = q.quantize(x.cuda(), check=False)
+        expected = _error(q.quantize, x.cuda())
+        assert _error(q.check, packed.norms.cpu(), x) == expected, name
 
 
 @pytest.mark.gpu
@@ -117,3 +183,12 @@ def test_rows_do_not_depend_on_their_batch(variant):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_rows_do_not_depend_on_their_batch_gpu(variant, dtype):
     _rows_independent_of_batch(Quantizer(variant, 128, 3, device="cuda"), dtype, "cuda")
+
+
+def test_the_quantizer_docstring_examples_run():
+    """The module's and ``Quantizer.check``'s examples (the deferred check raising for a NaN row) stay true."""
+    import doctest
+
+    import kernels.quantizer
+
+    assert doctest.testmod(kernels.quantizer).failed == 0
