@@ -82,16 +82,21 @@ class Stats:
         }
 
 
-def distortion(x: torch.Tensor, x_hat: torch.Tensor, sq_err: torch.Tensor | None = None) -> Stats:
-    """x, x_hat [..., dim] (any float dtype, same device) -> Stats, computed in float64.
+def distortion_sums(x: torch.Tensor, x_hat: torch.Tensor, sq_err: torch.Tensor | None = None) -> torch.Tensor:
+    """x, x_hat [..., dim] (any float dtype, same device) -> float64 [5] on that device, computed in float64:
+    the sum of squared errors, the sum and max of the relative errors, the sum and min of the cosine
+    similarities (``stats_from_sums`` turns them into Stats). No host sync: the job copies them to the host
+    with its results.
 
-    mse: mean over all elements of (x - x_hat)^2; relative error of a vector: ||x - x_hat|| / ||x||,
-    defined as 0 for x = 0 (whose reconstruction is exactly 0); cosine similarity of a vector:
-    <x, x_hat> / (||x|| ||x_hat||), the measure embedding search uses, defined as 1 when both are 0 and 0 when
-    one is. ``sq_err`` [...] may be given when the fused round trip already computed it."""
+    Relative error of a vector: ||x - x_hat|| / ||x||, defined as 0 for x = 0 (whose reconstruction is
+    exactly 0); cosine similarity: <x, x_hat> / (||x|| ||x_hat||), the measure embedding search uses,
+    defined as 1 when both are 0 and 0 when one is. ``sq_err`` [...] may be given when the fused round trip
+    already computed it."""
     dim = x.shape[-1]
     xd = x.reshape(-1, dim).double()
     xh = x_hat.reshape(-1, dim).double()
+    if xd.shape[0] == 0:
+        return torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=x.device)
     if sq_err is None:
         sq_err = (xd - xh).square().sum(-1)
     else:
@@ -102,13 +107,19 @@ def distortion(x: torch.Tensor, x_hat: torch.Tensor, sq_err: torch.Tensor | None
     both = norms * norms_hat
     neither = ((norms == 0) & (norms_hat == 0)).double()
     cosine = torch.where(both > 0, (xd * xh).sum(-1) / both.clamp_min(1e-300), neither)
-    n = max(xd.shape[0], 1)
+    return torch.stack([sq_err.sum(), relative.sum(), relative.max(), cosine.sum(), cosine.min()])
+
+
+def stats_from_sums(sums: torch.Tensor, rows: int, dim: int) -> Stats:
+    """``distortion_sums``' [5] (on the host) over ``rows`` vectors of ``dim`` -> Stats (see schemas.Distortion)."""
+    total_sq, total_rel, max_rel, total_cos, min_cos = sums.tolist()
+    n = max(rows, 1)
     return Stats(
-        mse=float(sq_err.sum()) / (n * dim),
-        mean_relative_error=float(relative.sum()) / n,
-        max_relative_error=float(relative.max()) if relative.numel() else 0.0,
-        mean_cosine_similarity=float(cosine.sum()) / n if cosine.numel() else 1.0,
-        min_cosine_similarity=float(cosine.min()) if cosine.numel() else 1.0,
+        mse=total_sq / (n * dim),
+        mean_relative_error=total_rel / n,
+        max_relative_error=max_rel,
+        mean_cosine_similarity=total_cos / n if rows else 1.0,
+        min_cosine_similarity=min_cos,
     )
 
 
@@ -404,10 +415,14 @@ class Engine:
         q = self.quantizer(variant, dim, bits, seed)
         xs = [m.args[3] for m in members]
         counts = [m.rows for m in members]
-        xd = torch.cat([x.reshape(-1, dim) for x in xs]).to(self.device, non_blocking=True)
-        packed = self._timed("quantize", q, first.dtype, lambda: q.quantize(xd))
-        self._count("quantize", q, xd.shape[0])
+        x = torch.cat([x.reshape(-1, dim) for x in xs])
+        xd = x.to(self.device, non_blocking=True)
+        timings: list = []
+        packed = self._timed("quantize", q, first.dtype, lambda: q.quantize(xd, check=False), timings)
         codes, norms = self._to_host(packed.codes, packed.norms)
+        q.check(norms, x)  # raises for the group: each member then runs alone (_group_job)
+        self._observe_times(timings)
+        self._count("quantize", q, x.shape[0])
         descriptor = q.descriptor()
         return [
             QuantizeResult(c.reshape(*x.shape[:-1], q.code_bytes), n.reshape(x.shape[:-1]), descriptor, None, None)
@@ -418,12 +433,16 @@ class Engine:
         descriptor, _, _, _, dtype = members[0].args
         q = self.quantizer(descriptor["variant"], descriptor["dim"], descriptor["bits"], descriptor["seed"])
         counts = [m.rows for m in members]
-        codes = torch.cat([m.args[1].reshape(-1, q.code_bytes) for m in members]).to(self.device, non_blocking=True)
-        norms = torch.cat([m.args[2].reshape(-1) for m in members]).to(self.device, non_blocking=True)
+        codes = torch.cat([m.args[1].reshape(-1, q.code_bytes) for m in members])
+        norms = torch.cat([m.args[2].reshape(-1) for m in members])
+        q.check(norms)  # raises for the group: each member then runs alone (_group_job)
+        codes, norms = codes.to(self.device, non_blocking=True), norms.to(self.device, non_blocking=True)
         packed = Packed(codes=codes, norms=norms, **descriptor)
-        out = self._timed("dequantize", q, dtype, lambda: q.dequantize(packed, dtype))
-        self._count("dequantize", q, norms.shape[0])
+        timings: list = []
+        out = self._timed("dequantize", q, dtype, lambda: q.dequantize(packed, dtype, check=False), timings)
         (vectors,) = self._to_host(out)
+        self._observe_times(timings)
+        self._count("dequantize", q, norms.shape[0])
         return [
             DequantizeResult(v.reshape(*m.args[2].shape, q.dim), None)
             for m, v in zip(members, vectors.split(counts), strict=True)
@@ -476,24 +495,29 @@ class Engine:
 
     # -- timing -----------------------------------------------------------------------------------
 
-    def _timed(self, op: str, q: Quantizer, dtype: torch.dtype, fn: Callable[[], T]) -> T:
-        """Run one library op and record its device time (CUDA events on GPU: the kernels' time on the
-        stream, not the host's; wall clock on CPU)."""
+    def _timed(self, op: str, q: Quantizer, dtype: torch.dtype, fn: Callable[[], T], timings: list) -> T:
+        """Run one library op and time it on the device: CUDA events around it on a GPU (the kernels' time on
+        the stream, not the host's), read by ``_observe_times`` after the job's one sync; the wall clock on
+        the CPU. ``timings`` collects (start, end | seconds, labels) for that."""
+        name = str(dtype).removeprefix("torch.")
+        labels = self.metrics.kernel_labels(op, q.variant, q.dim, q.bits, name)
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             result = fn()
             end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1000.0
+            timings.append((start, end, labels))
         else:
             t0 = time.perf_counter()
             result = fn()
-            seconds = time.perf_counter() - t0
-        name = str(dtype).removeprefix("torch.")
-        labels = self.metrics.kernel_labels(op, q.variant, q.dim, q.bits, name)
-        self.metrics.kernel_duration.labels(**labels).observe(seconds)
+            timings.append((None, time.perf_counter() - t0, labels))
         return result
+
+    def _observe_times(self, timings: list) -> None:
+        """Record the ops' times (``_timed``); on a GPU after the sync that brought their results back."""
+        for start, end, labels in timings:
+            seconds = end if start is None else start.elapsed_time(end) / 1000.0
+            self.metrics.kernel_duration.labels(**labels).observe(seconds)
 
     def _count(self, op: str, q: Quantizer, vectors: int) -> None:
         m = self.metrics
@@ -503,6 +527,10 @@ class Engine:
 
     # -- ops (run on a worker) --------------------------------------------------------------------
 
+    # One host sync a job: the library ops run with check=False (no sync of their own), the results and the
+    # error sums come back in one copy (``_to_host``), and the deferred check (``Quantizer.check``) runs on
+    # the host copies: the same QuantizerError, hence the same 422, as a checked call's.
+
     def quantize_job(
         self, variant: str, bits: int, seed: int, x: torch.Tensor, want_reconstruction: bool, want_distortion: bool
     ) -> QuantizeResult:
@@ -510,19 +538,25 @@ class Engine:
         round trip's float32 reconstruction and Stats when asked)."""
         q = self.quantizer(variant, x.shape[-1], bits, seed)
         xd = x.to(self.device, non_blocking=True)  # ordered before the kernel on the stream
-        packed = self._timed("quantize", q, x.dtype, lambda: q.quantize(xd))
-        n = packed.norms.numel()
-        self._count("quantize", q, n)
-        reconstruction = stats = None
+        timings: list = []
+        packed = self._timed("quantize", q, x.dtype, lambda: q.quantize(xd, check=False), timings)
+        reconstruction = sums = None
         if want_reconstruction or want_distortion:
-            x_hat, sq_err = self._timed("roundtrip", q, x.dtype, lambda: q.roundtrip(xd))
+            x_hat, sq_err = self._timed("roundtrip", q, x.dtype, lambda: q.roundtrip(xd, check=False), timings)
+            sums = distortion_sums(xd, x_hat, sq_err) if want_distortion else None
+            reconstruction = x_hat if want_reconstruction else None
+        codes, norms, reconstruction, sums = self._to_host(packed.codes, packed.norms, reconstruction, sums)
+        # The round trip's rows are quantize's: its squared errors are finite wherever these norms are.
+        q.check(norms, x)
+        self._observe_times(timings)
+        n = norms.numel()
+        self._count("quantize", q, n)
+        stats = None
+        if sums is not None or reconstruction is not None:
             self._count("roundtrip", q, n)
-            if want_distortion:
-                stats = distortion(xd, x_hat, sq_err)
-                self._observe_error(q, stats)
-            if want_reconstruction:
-                reconstruction = x_hat
-        codes, norms, reconstruction = self._to_host(packed.codes, packed.norms, reconstruction)
+        if sums is not None:
+            stats = stats_from_sums(sums, n, q.dim)
+            self._observe_error(q, stats)
         return QuantizeResult(codes, norms, q.descriptor(), reconstruction, stats)
 
     def dequantize_job(
@@ -548,19 +582,27 @@ class Engine:
                 "quantizer.format_version",
                 type="format_mismatch",
             )
-        reference = reference.to(self.device, non_blocking=True) if reference is not None else None
-        if reference is not None and not bool(torch.isfinite(reference).all()):
-            raise InvalidInput("reference holds NaN or Inf", "reference", type="non_finite")
+        host_norms = norms
         codes, norms = codes.to(self.device, non_blocking=True), norms.to(self.device, non_blocking=True)
         # The request's own descriptor, not the server quantizer's: the library compares its fingerprint.
         packed = Packed(codes=codes, norms=norms, **descriptor)
-        out = self._timed("dequantize", q, dtype, lambda: q.dequantize(packed, dtype))
+        timings: list = []
+        out = self._timed("dequantize", q, dtype, lambda: q.dequantize(packed, dtype, check=False), timings)
+        q.check(host_norms)  # after the library's checks of codes and norms (their order of errors), on the host
+        sums = finite = None
+        if reference is not None:
+            reference_d = reference.to(self.device, non_blocking=True)
+            finite = torch.isfinite(reference_d).all()
+            sums = distortion_sums(reference_d, out)
+        vectors, sums, finite = self._to_host(out, sums, finite)
+        if finite is not None and not bool(finite):
+            raise InvalidInput("reference holds NaN or Inf", "reference", type="non_finite")
+        self._observe_times(timings)
         self._count("dequantize", q, norms.numel())
         stats = None
-        if reference is not None:
-            stats = distortion(reference, out)
+        if sums is not None:
+            stats = stats_from_sums(sums, norms.numel(), q.dim)
             self._observe_error(q, stats)
-        (vectors,) = self._to_host(out)
         return DequantizeResult(vectors, stats)
 
     def _to_host(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -605,9 +647,11 @@ class Engine:
                     dtype = INPUT_DTYPES[name]
                     x = base[:n].to(dtype)
                     # Not timed into the metrics: warm-up includes compilation, which is not kernel latency.
-                    packed = q.quantize(x)
-                    q.dequantize(packed, dtype)
-                    q.roundtrip(x)
+                    # check=False as the jobs call them: a checked call runs other kernels (they set the
+                    # bad-row flag), which warmed, left every request to compile its own (H200: 19 more).
+                    packed = q.quantize(x, check=False)
+                    q.dequantize(packed, dtype, check=False)
+                    q.roundtrip(x, check=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             # The warm-up's largest batches (warm_all_tiles: up to max_vectors rows) need not stay reserved.

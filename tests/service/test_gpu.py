@@ -33,7 +33,8 @@ async def test_service_on_gpu_matches_library_on_gpu():
             packed = q.quantize(x.cuda())
             assert unb64(r.json()["codes"]).numpy().tobytes() == packed.codes.cpu().numpy().tobytes()
             d = await client.post("/dequantize", content=r.content, headers={"content-type": "application/json"})
-            assert torch.equal(unb64(d.json()["vectors"]), q.dequantize(packed).cpu())
+            # posted back as it is, the response asks for its input's dtype (float16)
+            assert torch.equal(unb64(d.json()["vectors"]), q.dequantize(packed, torch.float16).cpu())
         text = (await client.get("/metrics")).text
         families = {f.name: f for f in text_string_to_metric_families(text)}
         memory = [s for s in families["isoquant_gpu_memory_bytes"].samples if s.labels["kind"] == "allocated"]
@@ -79,8 +80,8 @@ async def test_binary_path_on_gpu_matches_library(pinned_host_bytes):
             assert torch.equal(out["codes"], packed.codes.cpu()) and torch.equal(out["norms"], packed.norms.cpu())
             d = await client.post("/dequantize", content=r.content, headers={"content-type": SAFETENSORS})
             assert d.status_code == 200, d.text
-            # The answer's metadata names no dtype, so /dequantize answers float32.
-            assert torch.equal(st_load(d.content)["vectors"], q.dequantize(packed, torch.float32).cpu())
+            # The answer's metadata names its input's dtype, so /dequantize answers float16.
+            assert torch.equal(st_load(d.content)["vectors"], q.dequantize(packed, torch.float16).cpu())
             del r, d, out
             gc.collect()
             in_use.append(engine.pinned_bytes_in_use())
