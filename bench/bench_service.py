@@ -34,14 +34,11 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import datetime
 import json
-import multiprocessing
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,9 +54,9 @@ from safetensors.torch import save as st_save
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.loadgen import SAFETENSORS, LoadClient, concurrent_requests, connections_per_process  # noqa: E402,F401
 from kernels import Packed, Quantizer  # noqa: E402
 
-SAFETENSORS = "application/x-safetensors"
 JSON = "application/json"
 # Requests per (batch size, op, format): enough for a p99 at small sizes, bounded at 65,536 on a CPU.
 REPEATS = {1: 300, 128: 200, 8192: 30, 65536: 8}
@@ -139,84 +136,6 @@ def request_once(client: httpx.Client, path: str, body: bytes, content_type: str
     return elapsed
 
 
-class LoadClient:
-    """A minimal HTTP/1.1 keep-alive client for the binary rows: it sends a POST and reads the answer,
-    framed by Content-Length, into one preallocated buffer. Why not http.client: on the H200 host
-    (Python 3.12.3) reading a 16 MiB answer took it ~20 ms, so /dequantize measured 26 ms a request with
-    http.client and 9.7 ms with this reader against the same server (httpx took ~3x http.client's CPU);
-    the load generator, not the service, set the numbers. It speaks only what the service answers here:
-    a status line, headers with Content-Length, a body."""
-
-    def __init__(self, host: str, port: int, timeout: float = 300.0) -> None:
-        self.address = (host, port)
-        self.timeout = timeout
-        self.sock: socket.socket | None = None
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    def post(self, path: str, body: bytes, content_type: str = SAFETENSORS) -> tuple[int, bytearray]:
-        """(status, answer body) of one POST. A kept-alive connection the server has closed meanwhile
-        (uvicorn closes idle ones after 5 s) is replaced once, as http clients do."""
-        reused = self.sock is not None
-        try:
-            return self._post(path, body, content_type)
-        except _ClosedBeforeAnswer:
-            self.close()
-            if not reused:
-                raise
-            return self._post(path, body, content_type)
-
-    def _post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytearray]:
-        if self.sock is None:
-            self.sock = socket.create_connection(self.address, timeout=self.timeout)
-            # Head and body go out in two sends: without TCP_NODELAY the second waited for the delayed
-            # ACK of the first (40 ms a request).
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.address[0]}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        try:
-            self.sock.sendall(head)
-            self.sock.sendall(body)
-            chunk = self.sock.recv(65536)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise _ClosedBeforeAnswer(f"{path}: {exc}") from exc
-        if not chunk:
-            raise _ClosedBeforeAnswer(f"{path}: the server closed the connection before answering")
-        received = chunk
-        while b"\r\n\r\n" not in received:  # from here on a failure is an error, never a resend
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"{path}: the server closed the connection inside the answer's head")
-            received += chunk
-        header, rest = received.split(b"\r\n\r\n", 1)
-        status = int(header.split(b" ", 2)[1])
-        length = re.search(rb"(?im)^content-length:\s*(\d+)", header)
-        if length is None:
-            raise ConnectionError(f"{path}: an answer without Content-Length: {header[:300]!r}")
-        answer = bytearray(int(length.group(1)))
-        view = memoryview(answer)
-        view[: len(rest)] = rest
-        got = len(rest)
-        while got < len(answer):
-            n = self.sock.recv_into(view[got:])
-            if not n:
-                raise ConnectionError(f"{path}: the answer ended after {got} of {len(answer)} bytes")
-            got += n
-        if re.search(rb"(?im)^connection:\s*close", header):
-            self.close()
-        return status, answer
-
-
-class _ClosedBeforeAnswer(ConnectionError):
-    """The connection failed before a byte of answer came back (a kept-alive connection the server had
-    closed): the only case in which ``LoadClient.post`` sends the request again."""
-
-
 def binary_request_once(client: LoadClient, path: str, body: bytes) -> float:
     """One safetensors request on the load client's keep-alive connection (the single-client binary rows
     use the same client as the concurrent ones)."""
@@ -226,90 +145,6 @@ def binary_request_once(client: LoadClient, path: str, body: bytes) -> float:
     if status != 200:
         raise SystemExit(f"{path} answered {status}: {bytes(answer[:500])!r}")
     return elapsed
-
-
-def _client_process(
-    url: str, path: str, body: bytes, count: int, connected, start, new_connections: bool
-) -> list[float]:
-    """One load-generating process: a keep-alive connection (LoadClient), one warm-up request, then
-    ``count`` timed ones after the common start. With ``new_connections`` every timed request opens its
-    own connection (the connect is timed with it)."""
-    parts = urlsplit(url)
-    client = LoadClient(parts.hostname, parts.port)
-
-    def once() -> float:
-        t0 = time.perf_counter()
-        if new_connections:
-            client.close()
-        status, answer = client.post(path, body)
-        if status != 200:
-            raise RuntimeError(f"{path} answered {status}: {bytes(answer[:300])!r}")
-        return time.perf_counter() - t0
-
-    once()
-    connected.wait()  # the main process looks at the connections' spread now
-    start.wait()
-    return [once() for _ in range(count)]
-
-
-def connections_per_process(port: int, leave_out_own: bool = True) -> list[int]:
-    """How many established TCP connections on local port ``port`` each process holds (largest first),
-    leaving out those whose client end is this process (its own control connection) unless asked not
-    to, from /proc/net/tcp{,6} and the processes' fd links; [] where /proc cannot tell."""
-    server_ends = {}  # inode -> the client's port
-    client_ends = {}  # the client's port -> inode
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
-            if fields[3] != "01":  # 01: ESTABLISHED
-                continue
-            if local == port:
-                server_ends[f"socket:[{fields[9]}]"] = remote
-            elif remote == port:
-                client_ends[local] = f"socket:[{fields[9]}]"
-
-    def sockets_of(proc: Path) -> set[str]:
-        links = set()
-        try:
-            fds = list((proc / "fd").iterdir())
-        except OSError:  # gone, or another user's
-            return links
-        for fd in fds:
-            with contextlib.suppress(OSError):  # closed meanwhile (the listing's own fd among them)
-                links.add(os.readlink(fd))
-        return links
-
-    own = sockets_of(Path("/proc/self")) if leave_out_own else set()
-    counted = {inode for inode, peer in server_ends.items() if client_ends.get(peer) not in own}
-    counts = [len(sockets_of(proc) & counted) for proc in Path("/proc").iterdir() if proc.name.isdigit()]
-    return sorted((c for c in counts if c), reverse=True)
-
-
-def concurrent_requests(
-    url, path: str, body: bytes, clients: int, repeats: int, new_connections: bool = False
-) -> tuple[list[float], float, list[int]]:
-    """``clients`` processes (not threads: one Python process could not load a multi-process server),
-    each with its own warmed connection, send about ``repeats`` requests each; returns their
-    latencies, the wall time from the common start to the last answer and how the warmed keep-alive
-    connections spread over the server's processes (connections_per_process at the start)."""
-    context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager:
-        connected, start = manager.Barrier(clients + 1), manager.Barrier(clients + 1)
-        with context.Pool(clients) as pool:
-            jobs = [(str(url), path, body, repeats, connected, start, new_connections)] * clients
-            pending = pool.starmap_async(_client_process, jobs)
-            connected.wait()
-            spread = connections_per_process(urlsplit(str(url)).port)  # before the clock starts
-            start.wait()
-            t0 = time.perf_counter()
-            results = pending.get()
-            wall = time.perf_counter() - t0
-    return [t for r in results for t in r], wall, spread
 
 
 def library_once(fn, sync) -> float:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from bench.bench_service import LoadClient, connections_per_process
+from bench.loadgen import LoadClient, connections_per_process
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 

@@ -190,7 +190,7 @@ def test_several_processes_share_the_port_and_sum_their_metrics():
             assert _counter(text, "isoquant_process_cpu_seconds_total") > 0
             rss_sum = _counter(text, "isoquant_process_resident_memory_bytes")
         # Keep-alive connections are handed to the processes in turn, not left to a race between them.
-        from bench.bench_service import connections_per_process
+        from bench.loadgen import connections_per_process
 
         port = int(server.url.rsplit(":", 1)[1])
         kept = [httpx.Client(base_url=server.url, timeout=60) for _ in range(4)]
@@ -304,7 +304,7 @@ def test_a_killed_server_process_is_replaced_while_the_other_serves():
         while httpx.get(f"{server.url}/health/ready", timeout=30).status_code != 200:
             assert time.monotonic() < deadline, server.log_text()
             time.sleep(0.2)
-        from bench.bench_service import connections_per_process
+        from bench.loadgen import connections_per_process
 
         port = int(server.url.rsplit(":", 1)[1])
         kept = [httpx.Client(base_url=server.url, timeout=60) for _ in range(4)]
