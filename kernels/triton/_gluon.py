@@ -162,26 +162,32 @@ def _stages(t, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr, I
 
 @gluon.jit
 def _forward(x, inv, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr,
-             LANES: gl.constexpr, SCALE_FIRST: gl.constexpr = True):  # fmt: skip
+             LANES: gl.constexpr, SCALE: gl.constexpr = 1):  # fmt: skip
     """y = H (signs * x / rho) / sqrt(n_coded) of a float32 tile x [BN, W] in ``LANES.memory`` (cols its
-    column indices; inv = 1 / rho [BN]) -> y in ``LANES.compute``."""
+    column indices; inv = 1 / rho [BN]) -> y in ``LANES.compute``. SCALE 0: z = H (signs * x), no scale (the
+    round trip scales its row's boundaries and centroids instead; inv unused)."""
     COMPUTE: gl.constexpr = LANES.compute
     signs = gl.load(signs_ptr + cols, mask=cols < N_CODED, other=0.0)
-    # SCALE_FIRST: 1 / sqrt(n) goes into the row's scale, a multiply a row instead of an element (sm_90 SASS of
+    # SCALE 1: 1 / sqrt(n) goes into the row's scale, a multiply a row instead of an element (sm_90 SASS of
     # the round trip at dim 256: 6 multiplies an element before, 4 with this and the same in _inverse: -7%
-    # instructions). Quantize keeps the multiply at the end: folded, ptxas spilled predicates at 64 elements a
-    # thread (dim 256: +14% instructions).
-    scale = inv * (1.0 / N_CODED**0.5) if SCALE_FIRST else inv
-    t = _stages(x * scale[:, None] * signs[None, :], cols, BN, W, N_CODED, LANES.memory_stages, 0, 1)
+    # instructions). Quantize keeps the multiply at the end (SCALE 2): folded, ptxas spilled predicates at 64
+    # elements a thread (dim 256: +14% instructions).
+    if SCALE == 0:
+        t = x * signs[None, :]  # (ptxas folds the signs into the first stage's FFMAs: half a multiply an element)
+    elif SCALE == 1:
+        t = x * (inv * (1.0 / N_CODED**0.5))[:, None] * signs[None, :]
+    else:
+        t = x * inv[:, None] * signs[None, :]
+    t = _stages(t, cols, BN, W, N_CODED, LANES.memory_stages, 0, 1)
     t = gl.convert_layout(t, COMPUTE)
     cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
     t = _stages(t, cols_c, BN, W, N_CODED, LANES.compute_stages, LANES.lane_stages, LANES.lane_unit)
-    return t if SCALE_FIRST else t * (1.0 / N_CODED**0.5)
+    return t * (1.0 / N_CODED**0.5) if SCALE == 2 else t
 
 
 @gluon.jit
 def _inverse(c, rho, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr,
-             LANES: gl.constexpr):  # fmt: skip
+             LANES: gl.constexpr, SCALED: gl.constexpr = False):  # fmt: skip
     """x = rho * signs * H c / sqrt(n_coded) of the centroids c [BN, W] in ``LANES.compute`` (zero beyond
     n_coded) -> x in ``LANES.memory`` (cols its column indices, rho [BN] its rows)."""
     COMPUTE: gl.constexpr = LANES.compute
@@ -191,6 +197,8 @@ def _inverse(c, rho, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED
     t = gl.convert_layout(t, MEMORY)
     t = _stages(t, cols, BN, W, N_CODED, LANES.memory_stages, 0, 1)
     signs = gl.load(signs_ptr + cols, mask=cols < N_CODED, other=0.0)
+    if SCALED:  # c already carries rho / sqrt(n) (centroids scaled a row: round trip, dequantize bits 1-2)
+        return t * signs[None, :]
     return t * signs[None, :] * (rho * (1.0 / N_CODED**0.5))[:, None]  # 1 / sqrt(n) a row, as in _forward
 
 
@@ -305,6 +313,7 @@ def _load_words(
 def _centroids_of_words(
     word,
     cent_ptr,
+    scale,
     LAYOUT: gl.constexpr,
     WORDS: gl.constexpr,
     BN: gl.constexpr,
@@ -314,23 +323,58 @@ def _centroids_of_words(
 ):
     """float32 centroids [BN, W] (layout LAYOUT) of the codes in words [BN, W // 8]. Symmetric bits 1-2:
     the sign and magnitude come straight from the bits (``_jit._word_centroids``); otherwise unpack and
-    gather the table (an L1 hit)."""
+    gather the table (an L1 hit). Symmetric bits 1-2 scale the row's centroids by ``scale`` [BN] (layout
+    SliceLayout(1, WORDS)): two multiplies a row instead of one an element."""
     shifts = _group_shifts(WORDS, BITS, gl.uint32)
     if SYMMETRIC and BITS <= 2:
         w = word.to(gl.uint32)
         flipped = w ^ 0xFFFFFFFF
         sign = (flipped[:, :, None] << (32 - BITS - shifts[None, None, :])) & 0x80000000
+        s3 = scale[:, None, None]
         if BITS == 1:
-            mag = gl.full_like(sign, 0) + gl.load(cent_ptr + 1).to(gl.uint32, bitcast=True)
+            mag = gl.full_like(sign, 0) + (gl.load(cent_ptr + 1) * s3).to(gl.uint32, bitcast=True)
         else:
             spread = (flipped >> 1) & 0x5555
             low = ((w ^ spread)[:, :, None] & (gl.full_like(shifts, 1) << shifts)[None, None, :]) != 0
-            mag = gl.where(low, gl.load(cent_ptr + 3), gl.load(cent_ptr + 2)).to(gl.uint32, bitcast=True)
+            mag = gl.where(low, gl.load(cent_ptr + 3) * s3, gl.load(cent_ptr + 2) * s3).to(gl.uint32, bitcast=True)
         c3 = (mag | sign).to(gl.float32, bitcast=True)
     else:
         codes = (word[:, :, None] >> shifts[None, None, :].to(word.dtype)) & ((1 << BITS) - 1)
         c3 = gl.load(cent_ptr + codes.to(gl.int32))
     return gl.convert_layout(gl.reshape(c3, [BN, W]), LAYOUT, assert_trivial=True)
+
+
+@gluon.jit
+def _scaled_centroid(z, bnd_ptr, cent_ptr, t_scale, c_scale, BITS: gl.constexpr):
+    """The symmetric codebook's centroid (bits 1-4) of each z [BN, W] against boundaries scaled by t_scale
+    [BN, 1] a row, as the centroid times c_scale [BN, 1]: ``_jit._search_centroid(z / t_scale) * c_scale``
+    with the scaling done on the row's few thresholds and centroids instead of on every element."""
+    HALF: gl.constexpr = 1 << (BITS - 1)
+    if BITS == 1:
+        mag = gl.load(cent_ptr + 1) * c_scale
+    else:
+        a = gl.abs(z)
+        if BITS == 2:
+            mag = gl.where(a > gl.load(bnd_ptr + 2) * t_scale, gl.load(cent_ptr + 3) * c_scale,
+                           gl.load(cent_ptr + 2) * c_scale)  # fmt: skip
+        elif BITS == 3:
+            p0 = a > gl.load(bnd_ptr + HALF + 1) * t_scale
+            p1 = a > gl.where(p0, gl.load(bnd_ptr + HALF + 2) * t_scale, gl.load(bnd_ptr + HALF) * t_scale)
+            lo = gl.where(p0, gl.load(cent_ptr + HALF + 2) * c_scale, gl.load(cent_ptr + HALF + 0) * c_scale)
+            hi = gl.where(p0, gl.load(cent_ptr + HALF + 3) * c_scale, gl.load(cent_ptr + HALF + 1) * c_scale)
+            mag = gl.where(p1, hi, lo)
+        else:
+            p0 = a > gl.load(bnd_ptr + HALF + 3) * t_scale
+            p1 = a > gl.where(p0, gl.load(bnd_ptr + HALF + 5) * t_scale, gl.load(bnd_ptr + HALF + 1) * t_scale)
+            hi = gl.where(p1, gl.load(bnd_ptr + HALF + 6) * t_scale, gl.load(bnd_ptr + HALF + 4) * t_scale)
+            lo = gl.where(p1, gl.load(bnd_ptr + HALF + 2) * t_scale, gl.load(bnd_ptr + HALF + 0) * t_scale)
+            p2 = a > gl.where(p0, hi, lo)
+            q0 = gl.where(p0, gl.load(cent_ptr + HALF + 4) * c_scale, gl.load(cent_ptr + HALF + 0) * c_scale)
+            q1 = gl.where(p0, gl.load(cent_ptr + HALF + 5) * c_scale, gl.load(cent_ptr + HALF + 1) * c_scale)
+            q2 = gl.where(p0, gl.load(cent_ptr + HALF + 6) * c_scale, gl.load(cent_ptr + HALF + 2) * c_scale)
+            q3 = gl.where(p0, gl.load(cent_ptr + HALF + 7) * c_scale, gl.load(cent_ptr + HALF + 3) * c_scale)
+            mag = gl.where(p2, gl.where(p1, q3, q1), gl.where(p1, q2, q0))
+    return gl.where(z > 0.0, mag, -mag)
 
 
 @gluon.jit
@@ -352,7 +396,7 @@ def _quantize_kernel(
     gl.store(norms_ptr + rows, rho, mask=row_ok)
     if HAS_FLAG:
         _flag_bad_rows(flag_ptr, rho, row_ok)
-    y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES, False)  # in LANES.compute
+    y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES, 2)  # in LANES.compute
     if SYMMETRIC and BITS == 2 and N_CODED == W:
         word = _code_words_2bit(y, bnd_ptr, WORDS, BN, W)
     else:
@@ -380,11 +424,13 @@ def _dequantize_kernel(
     if HAS_FLAG:
         _flag_bad_rows(flag_ptr, rho, row_ok)
     word = _load_words(codes_ptr, rows, row_ok, stride_cr, stride_cc, WORDS, W // 8, CODE_BYTES, BITS, WORD)
-    c = _centroids_of_words(word, cent_ptr, COMPUTE, WORDS, BN, W, BITS, SYMMETRIC)
+    SCALED: gl.constexpr = SYMMETRIC and BITS <= 2  # the row's scale rho / sqrt(n) on its 2 centroids
+    scale = gl.convert_layout(rho, gl.SliceLayout(1, WORDS), assert_trivial=True) * (1.0 / N_CODED**0.5)
+    c = _centroids_of_words(word, cent_ptr, scale, COMPUTE, WORDS, BN, W, BITS, SYMMETRIC)
     if N_CODED < W:  # padding columns hold code 0, whose centroid is not zero
         cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
         c = gl.where((cols_c < N_CODED)[None, :], c, 0.0)
-    x = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES)
+    x = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES, SCALED)
     gl.store(
         out_ptr + rows.to(gl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
         x.to(out_ptr.dtype.element_ty),
@@ -406,21 +452,49 @@ def _roundtrip_kernel(
     row_ok = rows < N
     cols = gl.arange(0, W, layout=gl.SliceLayout(0, MEMORY))
     x = _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
-    rho, inv = _norm_of(gl.sum(x * x, axis=1))
-    if HAS_FLAG:
-        _flag_bad_rows(flag_ptr, rho, row_ok)
-    y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES)
-    c = _search_centroid(y, bnd_ptr, cent_ptr, BITS, SYMMETRIC)
-    if N_CODED < W:  # (an all-true mask still costs a select an element)
-        cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
-        c = gl.where((cols_c < N_CODED)[None, :], c, 0.0)
-    if DIM == W:
-        # Unpadded rows: ||x - x_hat|| = rho ||y - c|| (the signs and H / sqrt(n) are orthonormal), so the error
-        # is summed where the codes were chosen and x is dead after the forward transform: with the register cap
-        # (_launch.LANE_MAXNREG) the kernel fits 128 registers a thread (sm_90: it took 146-183 at bits 3-4).
-        d = y - c
-        err = gl.convert_layout(gl.sum(d * d, axis=1), gl.SliceLayout(1, MEMORY)) * (rho * rho)
-    x_hat = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES)
+    # Not for bits 4 with 4 rows a thread (dim 8: 4 scaled tables of 15 took more spills than they saved), nor
+    # for dim 128 bits 3 (H200, N = 2^20, 16-bit outputs: 1.11-1.13x the time of the other branch, though sm_90
+    # SASS counted fewer instructions and no spills; dims 64 and 256: 0.90-1.00x).
+    if SYMMETRIC and BITS <= 4 and (BITS < 4 or LANES.compute.size_per_thread[0] < 4) and not (W == 128 and BITS == 3):
+        # z = H (signs * x) unscaled; instead of x / rho / sqrt(n) an element before the transform and rho /
+        # sqrt(n) an element after the inverse, the row's positive boundaries are scaled by rho sqrt(n) and its
+        # centroids by rho / sqrt(n) (2^bits - 1 multiplies a row). The flag and the norm's use come after the
+        # transform, which does not wait for them (sm_90, dim 256, 16-bit: 41 -> 35.5 instructions an element
+        # at bits 3, and no predicate spills in the search).
+        ss = gl.sum(x * x, axis=1)
+        z = _forward(x, ss, signs_ptr, cols, BN, W, N_CODED, LANES, 0)  # (SCALE 0: its inv is unused)
+        rho, inv = _norm_of(ss)
+        if HAS_FLAG:
+            _flag_bad_rows(flag_ptr, rho, row_ok)
+        rho_c = gl.convert_layout(rho, gl.SliceLayout(1, COMPUTE), assert_trivial=True)
+        c = _scaled_centroid(z, bnd_ptr, cent_ptr, (rho_c * N_CODED**0.5)[:, None],
+                             (rho_c * (1.0 / N_CODED**0.5))[:, None], BITS)  # fmt: skip
+        if N_CODED < W:
+            cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
+            c = gl.where((cols_c < N_CODED)[None, :], c, 0.0)
+        if DIM == W:
+            # z / n - c = (y - c / (rho / sqrt(n))) rho / sqrt(n) with y the unit-norm rotated row (n a power of
+            # two: 1 / n exact), so rho^2 ||y - c_unit||^2 = n ||z / n - c||^2 (one FFMA an element, as y - c was)
+            d = z * (1.0 / N_CODED) - c
+            err = gl.convert_layout(gl.sum(d * d, axis=1), gl.SliceLayout(1, MEMORY)) * N_CODED
+        x_hat = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES, True)
+    else:
+        rho, inv = _norm_of(gl.sum(x * x, axis=1))
+        if HAS_FLAG:
+            _flag_bad_rows(flag_ptr, rho, row_ok)
+        y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES)
+        c = _search_centroid(y, bnd_ptr, cent_ptr, BITS, SYMMETRIC)
+        if N_CODED < W:  # (an all-true mask still costs a select an element)
+            cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
+            c = gl.where((cols_c < N_CODED)[None, :], c, 0.0)
+        if DIM == W:
+            # Unpadded rows: ||x - x_hat|| = rho ||y - c|| (the signs and H / sqrt(n) are orthonormal), so the
+            # error is summed where the codes were chosen and x is dead after the forward transform: with the
+            # register cap (_launch.LANE_MAXNREG) the kernel fits 128 registers a thread (sm_90: it took 146-183
+            # at bits 3-4).
+            d = y - c
+            err = gl.convert_layout(gl.sum(d * d, axis=1), gl.SliceLayout(1, MEMORY)) * (rho * rho)
+        x_hat = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES)
     gl.store(
         out_ptr + rows.to(gl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
         x_hat.to(out_ptr.dtype.element_ty),
