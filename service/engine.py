@@ -546,7 +546,9 @@ class Engine:
             sums = distortion_sums(xd, x_hat, sq_err) if want_distortion else None
             reconstruction = x_hat if want_reconstruction else None
         codes, norms, reconstruction, sums = self._to_host(packed.codes, packed.norms, reconstruction, sums)
-        # The round trip's rows are quantize's: its squared errors are finite wherever these norms are.
+        # The round trip's rows are quantize's, and a checked round trip refuses only the rows whose norm is not
+        # finite (a squared error can overflow beside a finite norm; such a row is not refused): checking these
+        # norms refuses exactly what both checked calls would.
         q.check(norms, x)
         self._observe_times(timings)
         n = norms.numel()
@@ -587,8 +589,15 @@ class Engine:
         # The request's own descriptor, not the server quantizer's: the library compares its fingerprint.
         packed = Packed(codes=codes, norms=norms, **descriptor)
         timings: list = []
-        out = self._timed("dequantize", q, dtype, lambda: q.dequantize(packed, dtype, check=False), timings)
-        q.check(host_norms)  # after the library's checks of codes and norms (their order of errors), on the host
+        try:
+            out = self._timed("dequantize", q, dtype, lambda: q.dequantize(packed, dtype, check=False), timings)
+            q.check(host_norms)  # after the library's checks of codes and norms (their order of errors), on the host
+        except QuantizerError:
+            # A non-finite reference is refused before anything the library refuses, as it always was: looked at
+            # here, on the host, only when a request has something else wrong too (no sync on the good path).
+            if reference is not None and not bool(torch.isfinite(reference).all()):
+                raise InvalidInput("reference holds NaN or Inf", "reference", type="non_finite") from None
+            raise
         sums = finite = None
         if reference is not None:
             reference_d = reference.to(self.device, non_blocking=True)

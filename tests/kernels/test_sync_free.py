@@ -99,6 +99,17 @@ def test_the_deferred_check_raises_what_the_default_call_raises(variant):
     assert _error(q.check, packed.norms) is None
 
 
+def test_the_deferred_check_keeps_a_row_whose_squared_error_alone_overflows():
+    """||x - x_hat||^2 <= 4 ||x||^2 can overflow float32 beside a finite norm: like the checked round trip, the
+    deferred check then looks at the row itself and lets it through."""
+    q = Quantizer("full", 16, 2, backend="torch")
+    x = torch.zeros(3, 16)
+    x[:, 0] = 1.8e19  # ||x||^2 = 3.24e38, still a float32
+    assert _error(q.check, torch.tensor([1.0, float("inf"), 2.0]), x) is None
+    x[1, 0] = float("nan")
+    assert _error(q.check, torch.tensor([1.0, float("inf"), 2.0]), x)[:2] == ("x", "non_finite")
+
+
 def test_the_deferred_check_refuses_mismatched_arguments():
     q = Quantizer("full", 16, 3, backend="torch")
     x = torch.randn(4, 16)

@@ -267,6 +267,26 @@ async def test_wrong_fingerprint(client):
     assert_error(await client.post("/dequantize", json=missing), 422, "missing_field", "quantizer.fingerprint")
 
 
+async def test_non_finite_norms_and_reference_in_dequantize(client):
+    """NaN norms and a NaN reference each get their own 422; with something else wrong too, the reference's
+    error comes first, as it did before the service's jobs deferred the check to after their one sync."""
+    q = await _quantized(client)
+    norms = torch.ones(4)
+    norms[2] = float("nan")
+    ref = torch.randn(4, 128)
+    ref[1, 3] = float("inf")
+    bad_norms, bad_ref = {**q, "norms": b64(norms)}, {**q, "reference": b64(ref)}
+    assert_error(await client.post("/dequantize", json=bad_norms), 422, "non_finite", "norms", "NaN or Inf", "[2]")
+    assert_error(await client.post("/dequantize", json=bad_ref), 422, "non_finite", "reference", "NaN or Inf")
+    assert_error(
+        await client.post("/dequantize", json={**bad_ref, "norms": b64(norms)}), 422, "non_finite", "reference"
+    )
+    wrong = {**bad_ref, "quantizer": {**q["quantizer"], "fingerprint": "0123456789abcdef"}}
+    assert_error(await client.post("/dequantize", json=wrong), 422, "non_finite", "reference")
+    ok = await client.post("/dequantize", json={**q, "reference": b64(torch.randn(4, 128))})
+    assert ok.status_code == 200 and "distortion" in ok.json()
+
+
 async def test_safetensors_field_errors(client):
     headers = {"content-type": SAFETENSORS}
     r = await client.post("/quantize", content=st_save({"x": torch.randn(2, 64)}), headers=headers)
