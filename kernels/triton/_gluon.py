@@ -337,7 +337,7 @@ def _centroids_of_words(
             spread = (flipped >> 1) & 0x5555
             low = ((w ^ spread)[:, :, None] & (gl.full_like(shifts, 1) << shifts)[None, None, :]) != 0
             mag = gl.where(low, gl.load(cent_ptr + 3) * s3, gl.load(cent_ptr + 2) * s3).to(gl.uint32, bitcast=True)
-        c3 = (mag | sign).to(gl.float32, bitcast=True)
+        c3 = (mag ^ sign).to(gl.float32, bitcast=True)  # (^, not |: a negative norm's scale signs mag already)
     else:
         codes = (word[:, :, None] >> shifts[None, None, :].to(word.dtype)) & ((1 << BITS) - 1)
         c3 = gl.load(cent_ptr + codes.to(gl.int32))
@@ -466,8 +466,12 @@ def _roundtrip_kernel(
         rho, inv = _norm_of(ss)
         if HAS_FLAG:
             _flag_bad_rows(flag_ptr, rho, row_ok)
+        # The thresholds scale by 1 / inv, which is rho except below the clamp of _norm_of (||x|| < 1.1e-19):
+        # there quantize divides by the clamped norm, and the round trip must pick the same codes.
+        unit = gl.maximum(ss, 1.1754944e-38) * inv
+        unit_c = gl.convert_layout(unit, gl.SliceLayout(1, COMPUTE), assert_trivial=True)
         rho_c = gl.convert_layout(rho, gl.SliceLayout(1, COMPUTE), assert_trivial=True)
-        c = _scaled_centroid(z, bnd_ptr, cent_ptr, (rho_c * N_CODED**0.5)[:, None],
+        c = _scaled_centroid(z, bnd_ptr, cent_ptr, (unit_c * N_CODED**0.5)[:, None],
                              (rho_c * (1.0 / N_CODED**0.5))[:, None], BITS)  # fmt: skip
         if N_CODED < W:
             cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))

@@ -231,6 +231,32 @@ def test_strided_rows_and_codes_gpu(bits):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("dim,bits", [(256, 1), (256, 2), (128, 2), (64, 3)])
+def test_negative_norms_flip_the_reconstruction_gpu(dim, bits):
+    """A norm is a float32 the caller may give negative: x_hat = norm * direction, as the reference has it.
+    Bits 1-2 scale their centroids by the row's norm before the sign bit goes in, which must flip, not set."""
+    plan = Quantizer("hadamard", dim, bits, seed=3, device="cuda", backend="torch").plan
+    codes, norms = kt.quantize(torch.randn(300, dim, device="cuda"), plan)
+    for dtype in DTYPES.values():
+        positive = kt.dequantize(codes, norms, plan, dtype)
+        assert torch.equal(kt.dequantize(codes, -norms, plan, dtype), -positive), dtype
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_tiny_rows_round_trip_as_quantize_then_dequantize_gpu(bits):
+    """Rows with ||x|| below the norm's clamp (1.1e-19): the round trip's scaled thresholds pick the codes that
+    quantize picks, so its reconstruction is dequantize's."""
+    plan = Quantizer("hadamard", 256, bits, seed=3, device="cuda", backend="torch").plan
+    x = torch.randn(64, 256, device="cuda") * torch.logspace(-30, -18, 64, device="cuda")[:, None]
+    codes, norms = kt.quantize(x, plan)
+    x_hat, _ = kt.roundtrip(x, plan)
+    torch.testing.assert_close(x_hat, kt.dequantize(codes, norms, plan, torch.float32), rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("dim,bits", [(128, 4), (256, 2), (64, 3), (100, 7)])
 def test_agrees_with_the_plain_kernels_gpu(dim, bits, monkeypatch):
     """The Gluon and the plain Triton kernels compute the same transform with the butterfly stages in
