@@ -39,7 +39,7 @@ def median_us(fn, calls: int = 2000, pause_s: float = 0.0) -> float:
 
 
 def main() -> None:
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())  # (set_device needs an index)
     q = Quantizer("full", 128, 3, 0, device=device)
     x = torch.randn(1, 128).half()
     pinned = x.pin_memory()
