@@ -32,6 +32,11 @@ from triton.experimental.gluon import language as gl
 # Triton helpers that take no layout of their own compile inside Gluon kernels too (in Gluon's semantics).
 from kernels.triton._jit import _code_search, _flag_bad_rows, _load_rows, _norm_of, _search_centroid, _word_pointer
 
+# How _forward scales the rows it transforms (its SCALE).
+UNSCALED = gl.constexpr(0)  # z = H (signs * x): the round trip's scaled-threshold search scales the thresholds
+SCALE_FIRST = gl.constexpr(1)  # y = H (signs * x * inv / sqrt(n)): one multiply a row folds both scales
+SCALE_LAST = gl.constexpr(2)  # y = H (signs * x * inv) / sqrt(n): quantize (folded, it spilled: below)
+
 MAX_WIDTH = 32 * 32  # one warp spans a row with at most 32 elements a thread: wider rows keep the plain kernels
 
 
@@ -162,19 +167,19 @@ def _stages(t, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr, I
 
 @gluon.jit
 def _forward(x, inv, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr,
-             LANES: gl.constexpr, SCALE: gl.constexpr = 1):  # fmt: skip
+             LANES: gl.constexpr, SCALE: gl.constexpr = SCALE_FIRST):  # fmt: skip
     """y = H (signs * x / rho) / sqrt(n_coded) of a float32 tile x [BN, W] in ``LANES.memory`` (cols its
-    column indices; inv = 1 / rho [BN]) -> y in ``LANES.compute``. SCALE 0: z = H (signs * x), no scale (the
-    round trip scales its row's boundaries and centroids instead; inv unused)."""
+    column indices; inv = 1 / rho [BN]) -> y in ``LANES.compute``. SCALE UNSCALED: z = H (signs * x), no scale
+    (the round trip scales its row's boundaries and centroids instead; inv unused)."""
     COMPUTE: gl.constexpr = LANES.compute
     signs = gl.load(signs_ptr + cols, mask=cols < N_CODED, other=0.0)
-    # SCALE 1: 1 / sqrt(n) goes into the row's scale, a multiply a row instead of an element (sm_90 SASS of
+    # SCALE_FIRST: 1 / sqrt(n) goes into the row's scale, a multiply a row instead of an element (sm_90 SASS of
     # the round trip at dim 256: 6 multiplies an element before, 4 with this and the same in _inverse: -7%
-    # instructions). Quantize keeps the multiply at the end (SCALE 2): folded, ptxas spilled predicates at 64
+    # instructions). Quantize keeps the multiply at the end (SCALE_LAST): folded, ptxas spilled predicates at 64
     # elements a thread (dim 256: +14% instructions).
-    if SCALE == 0:
+    if SCALE == UNSCALED:
         t = x * signs[None, :]  # (ptxas folds the signs into the first stage's FFMAs: half a multiply an element)
-    elif SCALE == 1:
+    elif SCALE == SCALE_FIRST:
         t = x * (inv * (1.0 / N_CODED**0.5))[:, None] * signs[None, :]
     else:
         t = x * inv[:, None] * signs[None, :]
@@ -182,7 +187,7 @@ def _forward(x, inv, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED
     t = gl.convert_layout(t, COMPUTE)
     cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
     t = _stages(t, cols_c, BN, W, N_CODED, LANES.compute_stages, LANES.lane_stages, LANES.lane_unit)
-    return t * (1.0 / N_CODED**0.5) if SCALE == 2 else t
+    return t * (1.0 / N_CODED**0.5) if SCALE == SCALE_LAST else t
 
 
 @gluon.jit
@@ -396,7 +401,7 @@ def _quantize_kernel(
     gl.store(norms_ptr + rows, rho, mask=row_ok)
     if HAS_FLAG:
         _flag_bad_rows(flag_ptr, rho, row_ok)
-    y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES, 2)  # in LANES.compute
+    y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES, SCALE_LAST)  # in LANES.compute
     if SYMMETRIC and BITS == 2 and N_CODED == W:
         word = _code_words_2bit(y, bnd_ptr, WORDS, BN, W)
     else:
@@ -462,7 +467,7 @@ def _roundtrip_kernel(
         # transform, which does not wait for them (sm_90, dim 256, 16-bit: 41 -> 35.5 instructions an element
         # at bits 3, and no predicate spills in the search).
         ss = gl.sum(x * x, axis=1)
-        z = _forward(x, ss, signs_ptr, cols, BN, W, N_CODED, LANES, 0)  # (SCALE 0: its inv is unused)
+        z = _forward(x, ss, signs_ptr, cols, BN, W, N_CODED, LANES, UNSCALED)  # (its inv is unused)
         rho, inv = _norm_of(ss)
         if HAS_FLAG:
             _flag_bad_rows(flag_ptr, rho, row_ok)
