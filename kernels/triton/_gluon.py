@@ -30,7 +30,15 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 # Triton helpers that take no layout of their own compile inside Gluon kernels too (in Gluon's semantics).
-from kernels.triton._jit import _code_search, _flag_bad_rows, _load_rows, _norm_of, _search_centroid, _word_pointer
+from kernels.triton._jit import (
+    SS_FLOOR,
+    _code_search,
+    _flag_bad_rows,
+    _load_rows,
+    _norm_of,
+    _search_centroid,
+    _word_pointer,
+)
 
 # How _forward scales the rows it transforms (its SCALE).
 UNSCALED = gl.constexpr(0)  # z = H (signs * x): the round trip's scaled-threshold search scales the thresholds
@@ -473,7 +481,7 @@ def _roundtrip_kernel(
             _flag_bad_rows(flag_ptr, rho, row_ok)
         # The thresholds scale by 1 / inv, which is rho except below the clamp of _norm_of (||x|| < 1.1e-19):
         # there quantize divides by the clamped norm, and the round trip must pick the same codes.
-        unit = gl.maximum(ss, 1.1754944e-38) * inv
+        unit = gl.maximum(ss, SS_FLOOR) * inv
         unit_c = gl.convert_layout(unit, gl.SliceLayout(1, COMPUTE), assert_trivial=True)
         rho_c = gl.convert_layout(rho, gl.SliceLayout(1, COMPUTE), assert_trivial=True)
         c = _scaled_centroid(z, bnd_ptr, cent_ptr, (unit_c * N_CODED**0.5)[:, None],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+SS_FLOOR = tl.constexpr(1.1754944e-38)  # the smallest normal float32: _norm_of clamps sum(x^2) to it
 EPS = tl.constexpr(1e-30)  # the reference's clamp of the norm (kernels.reference.EPS); constexpr for @jit use
 
 
@@ -42,7 +43,7 @@ def _norm_of(ss):
     dim 128 a thread: ~4 instructions an element). Both differ from the reference's sqrt and x / rho by
     an ulp or two. sum x^2 is clamped to the smallest normal float32, which keeps a zero vector at
     direction 0 (the reference's max(rho, 1e-30) clamp) and misses only ||x|| < 1.1e-19."""
-    inv = tl.math.rsqrt(tl.maximum(ss, 1.1754944e-38))
+    inv = tl.math.rsqrt(tl.maximum(ss, SS_FLOOR))
     return ss * inv, inv
 
 
