@@ -165,6 +165,11 @@ _ERROR_TYPE = {
 }
 
 
+def _non_finite_reference() -> InvalidInput:
+    """/dequantize's 422 for a reference with NaN or Inf (found on the host or after the job's sync)."""
+    return InvalidInput("reference holds NaN or Inf", "reference", type="non_finite")
+
+
 def invalid_input(exc: QuantizerError) -> InvalidInput:
     """The 422 for input the library refused, from the error's ``field`` and ``kind`` alone. The message is
     the library's, its subject re-worded where the request calls it otherwise (x -> vectors)."""
@@ -596,7 +601,7 @@ class Engine:
             # A non-finite reference is refused before anything the library refuses, as it always was: looked at
             # here, on the host, only when a request has something else wrong too (no sync on the good path).
             if reference is not None and not bool(torch.isfinite(reference).all()):
-                raise InvalidInput("reference holds NaN or Inf", "reference", type="non_finite") from None
+                raise _non_finite_reference() from None
             raise
         sums = finite = None
         if reference is not None:
@@ -605,7 +610,7 @@ class Engine:
             sums = distortion_sums(reference_d, out)
         vectors, sums, finite = self._to_host(out, sums, finite)
         if finite is not None and not bool(finite):
-            raise InvalidInput("reference holds NaN or Inf", "reference", type="non_finite")
+            raise _non_finite_reference()
         self._observe_times(timings)
         self._count("dequantize", q, norms.numel())
         stats = None
