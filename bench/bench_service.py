@@ -54,6 +54,7 @@ from safetensors.torch import save as st_save
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.host import process_tree_cpu  # noqa: E402
 from bench.loadgen import SAFETENSORS, LoadClient, concurrent_requests, connections_per_process  # noqa: E402,F401
 from kernels import Packed, Quantizer  # noqa: E402
 
@@ -210,6 +211,7 @@ def main() -> None:
     url = args.url
     if url is None:
         proc, url, log = start_server(args)
+    args.server_pid = proc.pid if proc is not None else None  # its CPU time a request, in the concurrent rows
     try:
         with httpx.Client(base_url=url, timeout=300) as client:
             ready = wait_ready(client)
@@ -294,11 +296,16 @@ def run(client: httpx.Client, args, device: torch.device) -> list[dict]:
             for op, body in (("quantize", quantize_st), ("dequantize", dequantize_st)):
                 modes = (False, True) if args.new_connections else (False,)
                 for fresh in modes:
+                    cpu_before = process_tree_cpu(args.server_pid) if args.server_pid else None
                     times_c, wall, spread = concurrent_requests(
                         client.base_url, f"/{op}", body, args.concurrency, repeats, fresh
                     )
                     label = f"http safetensors x{args.concurrency}" + (" new connections" if fresh else "")
                     rows.append(row(label, op, n, args.dim, itemsize, times_c, base[op], wall))
+                    if cpu_before is not None:
+                        cpu_after = process_tree_cpu(args.server_pid)
+                        rows[-1]["server_cpu_ms"] = (cpu_after[0] - cpu_before[0]) / len(times_c) * 1e3
+                        rows[-1]["loop_cpu_ms"] = (cpu_after[1] - cpu_before[1]) / len(times_c) * 1e3
                     if not fresh:
                         print(
                             f"/{op} x{args.concurrency}: keep-alive connections per server process {spread}",
@@ -338,6 +345,14 @@ def report(rows: list[dict], args, device: torch.device, info: dict) -> None:
             f"| {r['path']} | {r['op']} | {r['batch']:,} | {r['requests_per_s']:,.1f} | {r['vectors_per_s']:,.0f} "
             f"| {r['mb_per_s']:,.1f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {ratio} |"
         )
+    cpu_rows = [r for r in rows if "server_cpu_ms" in r]
+    if cpu_rows:
+        # From /proc, over each concurrent row: the whole server (its processes, all threads) and their main
+        # threads, which run the event loops; divided by the row's requests.
+        print("\n| path | op | batch | server CPU ms a request | of which event loops |")
+        print("| --- | --- | ---: | ---: | ---: |")
+        for r in cpu_rows:
+            print(f"| {r['path']} | {r['op']} | {r['batch']:,} | {r['server_cpu_ms']:.3f} | {r['loop_cpu_ms']:.3f} |")
     big = max(args.batches)
     for op in ("quantize", "dequantize"):
         for r in rows:
