@@ -207,7 +207,7 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     say(
         f"# bench_api  card: {props.name} ({props.multi_processor_count} SMs)  "
-        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  torch {torch.__version__}  "
+        f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC  torch {torch.__version__}  "
         f"CPU: {cpu_name()}"
     )
     tables = {int(t) for t in args.tables.split(",")}

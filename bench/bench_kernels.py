@@ -279,7 +279,7 @@ def main() -> None:
     say(
         f"# bench_kernels  card: {props.name} ({props.multi_processor_count} SMs, "
         f"{props.total_memory / 2**30:.0f} GiB)  "
-        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
         f"  commit: {commit or 'unknown'}  torch {torch.__version__}"
     )
     all_configs = list(configs(args.quick, tuple(int(d) for d in args.dims.split(",")), args.targets))

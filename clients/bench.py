@@ -278,7 +278,7 @@ async def _fixed_rate(run: _Run) -> list[asyncio.Task]:
             try:  # a stop (connection failures) ends the wait at once
                 await asyncio.wait_for(run.stop.wait(), wait)
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         await places.acquire()
         if run.stop.is_set():

@@ -173,7 +173,8 @@ def parse(
         # no NaN/Infinity literals, no repeated key, no unpaired surrogate escape.
         text = bytes(view[8 : 8 + header_len]).decode("utf-8")
         header = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
-        json.dumps(header, ensure_ascii=False).encode("utf-8")  # raises on an unpaired surrogate (\ud800)
+        if "\\u" in text:  # only an escape can make a surrogate: valid UTF-8 holds none
+            json.dumps(header, ensure_ascii=False).encode("utf-8")  # raises on an unpaired surrogate (\ud800)
     except (ValueError, UnicodeError, RecursionError) as exc:
         reason = "it holds an unpaired surrogate" if isinstance(exc, UnicodeEncodeError) else exc or "nested too deeply"
         raise FormatError(f"safetensors header is not valid JSON: {reason}", "header") from None

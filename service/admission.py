@@ -269,8 +269,9 @@ class BodyGateMiddleware:
         deadline = body["started"] + self.grace + body["received"] / self.min_rate
         try:
             # At least a moment to collect what has already arrived: the loop may have been busy elsewhere.
-            message = await asyncio.wait_for(receive(), max(deadline - now, 0.05))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(max(deadline - now, 0.05)):
+                message = await receive()
+        except TimeoutError:
             raise self._too_slow(body, loop) from None
         if message["type"] == "http.request":
             body["received"] += len(message.get("body", b""))

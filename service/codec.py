@@ -117,8 +117,10 @@ async def read_body(
     the joined copy."""
     timeout = BODY_TIMEOUT_S if timeout is None else timeout
     try:
-        return await asyncio.wait_for(_read_body(request, limit, allocate), timeout)
-    except asyncio.TimeoutError:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the coroutine in a task of its own
+        async with asyncio.timeout(timeout):
+            return await _read_body(request, limit, allocate)
+    except TimeoutError:
         raise RequestTimeout(f"the body did not arrive within {timeout} s", "body") from None
 
 

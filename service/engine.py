@@ -295,8 +295,9 @@ class Engine:
         try:
             # shield: a timed-out or cancelled request leaves its job to finish; the place is released
             # by the job itself, so the queue bound stays honest.
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.settings.job_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.settings.job_timeout_s):
+                return await asyncio.shield(asyncio.wrap_future(future))
+        except TimeoutError:
             self.metrics.rejected.labels("timeout").inc()
             raise Unavailable(
                 f"the device did not finish within {self.settings.job_timeout_s} s", type="timeout"
@@ -350,8 +351,9 @@ class Engine:
         ticket.handed_off = True  # the group's job (or _launch_group, if it cannot start) releases the place
         future = self.coalescer.join(key, args, rows)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.settings.job_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.settings.job_timeout_s):
+                return await asyncio.shield(future)
+        except TimeoutError:
             # Nobody awaits the share any more: retrieve its outcome when it comes, so that an error there
             # is not logged as "never retrieved".
             future.add_done_callback(lambda done: done.cancelled() or done.exception())

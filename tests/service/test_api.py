@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from fastapi import Request
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -267,6 +268,39 @@ async def test_api_key():
         assert (await client.get("/health/ready")).status_code == 200
         assert (await client.get("/metrics")).status_code == 200
         assert e["message"]
+
+
+def test_op_routes_middleware_refuses_a_dependency_it_would_skip():
+    """The middleware runs only the API-key check before an op route's endpoint: a route that needs more
+    stops the app from being built, naming the route and the dependency."""
+    from fastapi import Depends
+    from fastapi.routing import APIRoute
+
+    from service.app import OpRoutesMiddleware
+    from service.routes.common import authorized
+
+    async def rate_limited() -> None: ...
+
+    async def endpoint(request: Request) -> None: ...
+
+    fine = APIRoute("/quantize", endpoint, methods=["POST"], dependencies=[Depends(authorized)])
+    assert OpRoutesMiddleware(None, [fine], None).routes == {"/quantize": fine}
+    more = APIRoute("/quantize", endpoint, methods=["POST"], dependencies=[Depends(authorized), Depends(rate_limited)])
+    with pytest.raises(ValueError, match=r"/quantize: .*\['rate_limited'\]"):
+        OpRoutesMiddleware(None, [more], None)
+
+
+async def test_op_paths_keep_fastapis_answers_for_other_methods(client):
+    """Only POST /quantize and /dequantize take the middleware's way: another method gets FastAPI's 405 in the
+    one error shape, and an op answered on the short way is counted under its route template."""
+    assert_error(await client.get("/quantize"), 405, "method_not_allowed", None, "Method Not Allowed")
+    assert_error(await client.put("/dequantize", content=b"x"), 405, "method_not_allowed", None, "Method Not Allowed")
+    x = _vectors(3, 64)
+    body = st_save({"vectors": x}, metadata={"variant": "full", "bits": "2"})
+    r = await client.post("/quantize", content=body, headers={"content-type": SAFETENSORS})
+    assert r.status_code == 200
+    metrics = (await client.get("/metrics")).text
+    assert 'isoquant_requests_total{method="POST",route="/quantize",status="200"}' in metrics
 
 
 async def test_packed_from_response_decodes_with_library(client):
