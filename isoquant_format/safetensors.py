@@ -27,6 +27,7 @@ joins. Every problem is a ``FormatError`` whose ``field`` says where it is.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import reprlib
@@ -167,11 +168,30 @@ def parse(
             f"safetensors header length {header_len} exceeds the body ({size} bytes) or {max_header_bytes} bytes",
             "header",
         )
+    header = bytes(view[8 : 8 + header_len])
+    # A service sees the same few headers over and over (same shapes, same options): their checked layout is
+    # kept, keyed by the header's bytes and the container's size, which are all it depends on. Only small
+    # headers, so the cache stays under 4 MiB; errors are not kept.
+    read = _read_header_cached if header_len <= _CACHED_HEADER_BYTES else _read_header
+    spans, metadata = read(header, size, tuple(dtypes), max_tensors, max_ndim)
+    data = view[8 + header_len :]
+    tensors = {name: RawTensor(dtype, shape, data[begin:stop]) for begin, stop, name, dtype, shape in spans}
+    return tensors, dict(metadata)
+
+
+_CACHED_HEADER_BYTES = 4096
+
+
+def _read_header(
+    header_bytes: bytes, size: int, dtypes: tuple[str, ...], max_tensors: int | None, max_ndim: int
+) -> tuple[tuple[tuple[int, int, str, str, tuple[int, ...]], ...], tuple[tuple[str, str], ...]]:
+    """``parse``'s checks of a header (``size``: the whole container's bytes) -> the tensors' spans
+    (begin, end, name, dtype name, shape), in data order, and the metadata's items."""
     try:
         # Strict UTF-8 (json.loads would also guess UTF-16 and UTF-32 from bytes); RecursionError is
         # what a deeply nested header raises. JSON as RFC 8259 has it, as the safetensors library reads it:
         # no NaN/Infinity literals, no repeated key, no unpaired surrogate escape.
-        text = bytes(view[8 : 8 + header_len]).decode("utf-8")
+        text = header_bytes.decode("utf-8")
         header = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
         if "\\u" in text:  # only an escape can make a surrogate: valid UTF-8 holds none
             json.dumps(header, ensure_ascii=False).encode("utf-8")  # raises on an unpaired surrogate (\ud800)
@@ -232,7 +252,7 @@ def parse(
             )
         spans.append((offsets[0], offsets[1], name, DTYPE_NAMES[info["dtype"]], tuple(shape)))
     spans.sort()
-    data = view[8 + header_len :]
+    data_bytes = size - 8 - len(header_bytes)
     end = 0
     for begin, stop, name, _, _ in spans:
         if begin != end:
@@ -242,13 +262,17 @@ def parse(
                 f"{name}.data_offsets",
             )
         end = stop
-    if end != data.nbytes:
+    if end != data_bytes:
         raise FormatError(
-            f"malformed safetensors body: the tensors cover {end} bytes of data, the body holds {data.nbytes}",
+            f"malformed safetensors body: the tensors cover {end} bytes of data, the body holds {data_bytes}",
             "data",
         )
-    tensors = {name: RawTensor(dtype, shape, data[begin:stop]) for begin, stop, name, dtype, shape in spans}
-    return tensors, metadata
+    return tuple(spans), tuple(metadata.items())
+
+
+_read_header_cached = functools.lru_cache(maxsize=1024)(_read_header)
+
+
 
 
 # ------------------------------------------------------------------------------------------------

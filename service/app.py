@@ -224,6 +224,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Block-rotation vector quantization (IsoQuant) as a service: POST /quantize, POST /dequantize. "
         'Every error is {"error": {"type", "message", "field"}}.',
         lifespan=lifespan,
+        # FastAPI's OpenTelemetry hooks (0.165 and later; older versions keep the key in app.extra): off, as
+        # the service's metrics are Prometheus'. On, they looked the providers up on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.isoquant = state
 

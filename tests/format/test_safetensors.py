@@ -128,6 +128,33 @@ def test_parse_views_the_buffer_and_write_parts_views_the_tensors():
     assert np.frombuffer(parse(as_array)[0]["v"].data, dtype="<f4").tolist() == [3.0, 2.0]
 
 
+def test_a_repeated_header_is_read_once_and_its_checks_still_hold():
+    """parse keeps the checked layout of small headers, keyed by the header's bytes and the container's size:
+    a second container with the same header reads its own data without reading the header again; the same
+    header over data of another size is refused as before, and a refused header is not kept."""
+    cache = container_module._read_header_cached
+    entries = {"__metadata__": {"bits": "3"}, "v": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    first = _container(entries, struct.pack("<2f", 1.0, 2.0))
+    second = _container(entries, struct.pack("<2f", 3.0, 4.0))
+    tensors, metadata = parse(first)
+    hits = cache.cache_info().hits
+    again, metadata_again = parse(second)
+    assert cache.cache_info().hits == hits + 1
+    assert np.frombuffer(again["v"].data, dtype="<f4").tolist() == [3.0, 4.0]
+    assert np.frombuffer(tensors["v"].data, dtype="<f4").tolist() == [1.0, 2.0]
+    metadata_again["bits"] = "8"  # each call gets its own metadata dict
+    assert parse(first)[1] == {"bits": "3"} == metadata
+    with pytest.raises(FormatError, match="cover 8 bytes of data, the body holds 12") as info:
+        parse(_container(entries, struct.pack("<3f", 1.0, 2.0, 3.0)))
+    assert info.value.field == "data"
+    misses = cache.cache_info().misses
+    bad = _container({"v": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\x00" * 8)
+    for _ in range(2):
+        with pytest.raises(FormatError, match="needs 12 bytes"):
+            parse(bad)
+    assert cache.cache_info().misses == misses + 2  # read (and refused) both times
+
+
 def test_unpadded_header_parses():
     """A writer that does not pad its header still parses (the slices are then not aligned)."""
     body = _container({"n": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\x00\x00\x80\x3f", pad_to=1)
