@@ -252,7 +252,10 @@ def test_tiny_rows_round_trip_as_quantize_then_dequantize_gpu(bits):
     x = torch.randn(64, 256, device="cuda") * torch.logspace(-30, -18, 64, device="cuda")[:, None]
     codes, norms = kt.quantize(x, plan)
     x_hat, _ = kt.roundtrip(x, plan)
-    torch.testing.assert_close(x_hat, kt.dequantize(codes, norms, plan, torch.float32), rtol=1e-5, atol=0)
+    # Row-relative: the two scale the centroids in another order, so an element near zero differs by ~1e-7 of
+    # its row (H200: all rows within 3e-7); a different code would move the row by ~0.1 of its norm.
+    _rows_close(x_hat, kt.dequantize(codes, norms, plan, torch.float32), rel=1e-6)
+    assert bool((x_hat[x.double().norm(dim=1) > 1e-18].abs().amax(dim=1) > 0).all())  # not a comparison of zeros
 
 
 @pytest.mark.gpu

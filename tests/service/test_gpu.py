@@ -91,6 +91,18 @@ async def test_binary_path_on_gpu_matches_library(pinned_host_bytes):
             assert in_use == [0] * 5
 
 
+def test_small_host_buffers_are_pageable_and_large_ones_pinned():
+    """Below PINNED_MIN_BYTES a host buffer is pageable (not worth the allocator's work on the event loop);
+    from it on, pinned within the budget, and only those count against it."""
+    from service.host_buffers import PINNED_MIN_BYTES, HostBuffers
+
+    buffers = HostBuffers(torch.device("cuda"), pinned_budget_bytes=1 << 30)
+    small = buffers.empty((PINNED_MIN_BYTES - 1,), torch.uint8)
+    large = buffers.empty((PINNED_MIN_BYTES // 4,), torch.float32)
+    assert not small.is_pinned() and large.is_pinned()
+    assert buffers.pinned_bytes_in_use() == PINNED_MIN_BYTES
+
+
 async def test_warm_up_compiles_every_kernel_a_request_can_need():
     """After warm-up with ISOQUANT_WARM_ALL_TILES, requests of the largest allowed batch, of
     sizes that are and are not multiples of 16 in each tile range, and of one vector compile no Triton
