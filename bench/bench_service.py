@@ -148,6 +148,17 @@ def binary_request_once(client: LoadClient, path: str, body: bytes) -> float:
     return elapsed
 
 
+def coalesced(client: httpx.Client, op: str) -> tuple[float, float]:
+    """(groups launched, requests in them) so far for ``op``, from the service's isoquant_coalesced_requests
+    histogram (with several server processes: /metrics sums them). (0, 0) with batching off."""
+    counts = {"_count": 0.0, "_sum": 0.0}
+    for line in client.get("/metrics").text.splitlines():
+        for suffix in counts:
+            if line.startswith(f'isoquant_coalesced_requests{suffix}{{op="{op}"}}'):
+                counts[suffix] += float(line.rsplit(" ", 1)[1])
+    return counts["_count"], counts["_sum"]
+
+
 def library_once(fn, sync) -> float:
     """Runs in the library's worker thread; times itself, so the thread hop is not counted."""
     t0 = time.perf_counter()
@@ -297,11 +308,14 @@ def run(client: httpx.Client, args, device: torch.device) -> list[dict]:
                 modes = (False, True) if args.new_connections else (False,)
                 for fresh in modes:
                     cpu_before = process_tree_cpu(args.server_pid) if args.server_pid else None
+                    groups_before = coalesced(client, op)
                     times_c, wall, spread = concurrent_requests(
                         client.base_url, f"/{op}", body, args.concurrency, repeats, fresh
                     )
                     label = f"http safetensors x{args.concurrency}" + (" new connections" if fresh else "")
                     rows.append(row(label, op, n, args.dim, itemsize, times_c, base[op], wall))
+                    groups, joined = (a - b for a, b in zip(coalesced(client, op), groups_before, strict=True))
+                    rows[-1]["mean_group"] = joined / groups if groups else None
                     if cpu_before is not None:
                         cpu_after = process_tree_cpu(args.server_pid)
                         rows[-1]["server_cpu_ms"] = (cpu_after[0] - cpu_before[0]) / len(times_c) * 1e3
@@ -349,10 +363,14 @@ def report(rows: list[dict], args, device: torch.device, info: dict) -> None:
     if cpu_rows:
         # From /proc, over each concurrent row: the whole server (its processes, all threads) and their main
         # threads, which run the event loops; divided by the row's requests.
-        print("\n| path | op | batch | server CPU ms a request | of which event loops |")
-        print("| --- | --- | ---: | ---: | ---: |")
+        print("\n| path | op | batch | server CPU ms a request | of which event loops | requests a batched launch |")
+        print("| --- | --- | ---: | ---: | ---: | ---: |")
         for r in cpu_rows:
-            print(f"| {r['path']} | {r['op']} | {r['batch']:,} | {r['server_cpu_ms']:.3f} | {r['loop_cpu_ms']:.3f} |")
+            group = f"{r['mean_group']:.1f}" if r.get("mean_group") else "-"
+            print(
+                f"| {r['path']} | {r['op']} | {r['batch']:,} | {r['server_cpu_ms']:.3f} | {r['loop_cpu_ms']:.3f} "
+                f"| {group} |"
+            )
     big = max(args.batches)
     for op in ("quantize", "dequantize"):
         for r in rows:

@@ -69,9 +69,9 @@ class RequestMetricsMiddleware:
             self.metrics.inflight.dec()
             route = scope.get("route")
             template = getattr(route, "path", None) or (scope["path"] if scope["path"] in _DOC_PATHS else "unmatched")
-            labels = (template, scope.get("method", ""), str(status["code"]))
-            self.metrics.requests.labels(*labels).inc()
-            self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - start)
+            self.metrics.observe_http(
+                template, scope.get("method", ""), str(status["code"]), time.perf_counter() - start
+            )
 
 
 class OpRoutesMiddleware:

@@ -204,6 +204,10 @@ class Metrics:
         )
         self._version = version
         self.device = None
+        # Bound children of the per-request metrics (observe_http, observe_op), by label values: labels() looks
+        # them up under a lock and checks the values on every call, twice or three times a request.
+        self._http_children: dict[tuple[str, str, str], tuple] = {}
+        self._op_children: dict[str, tuple] = {}
         self._process_lock = threading.Lock()
         self._cpu_counted = 0.0
         PlatformCollector(registry=r)
@@ -215,6 +219,31 @@ class Metrics:
             self._exposed = CollectorRegistry(auto_describe=True)
             MultiProcessCollector(self._exposed, path=self._multiprocess_dir)
             PlatformCollector(registry=self._exposed)
+
+    def observe_http(self, route: str, method: str, status: str, seconds: float) -> None:
+        """One HTTP request answered: its count and duration by route template, method and status."""
+        labels = (route, method, status)
+        children = self._http_children.get(labels)
+        if children is None:
+            children = self._http_children[labels] = (
+                self.requests.labels(*labels),
+                self.request_duration.labels(*labels),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def observe_op(self, op: str, vectors: int, bytes_in: int, bytes_out: int) -> None:
+        """One /quantize or /dequantize answered: its vector count and tensor bytes in and out."""
+        children = self._op_children.get(op)
+        if children is None:
+            children = self._op_children[op] = (
+                self.batch_size.labels(op),
+                self.payload_bytes.labels(op, "in"),
+                self.payload_bytes.labels(op, "out"),
+            )
+        children[0].observe(vectors)
+        children[1].inc(bytes_in)
+        children[2].inc(bytes_out)
 
     def set_ready(self, ready: bool) -> None:
         """isoquant_ready for this process; in multiprocess mode also a marker file ``ready-<pid>`` in the

@@ -156,7 +156,6 @@ async def dequantize(request: Request) -> Response:
         p = a.parsed
         result = await a.engine.dequantize(p.descriptor, p.codes, p.norms, p.reference, p.dtype, ticket=a.ticket)
     content = await offload(a.out_fmt, codec.tensor_nbytes(result.vectors), encode, result, p, a.out_fmt)
-    metrics.batch_size.labels("dequantize").observe(p.norms.numel())
-    metrics.payload_bytes.labels("dequantize", "in").inc(codec.tensor_nbytes(p.codes) + codec.tensor_nbytes(p.norms))
-    metrics.payload_bytes.labels("dequantize", "out").inc(codec.tensor_nbytes(result.vectors))
+    bytes_in = codec.tensor_nbytes(p.codes) + codec.tensor_nbytes(p.norms)
+    metrics.observe_op("dequantize", p.norms.numel(), bytes_in, codec.tensor_nbytes(result.vectors))
     return answer(content, a.out_fmt)

@@ -132,7 +132,5 @@ async def quantize(request: Request) -> Response:
             ticket=a.ticket,
         )
     content, returned = await offload(a.out_fmt, codec.tensor_nbytes(p.x), encode, result, p.x, a.out_fmt)
-    metrics.batch_size.labels("quantize").observe(result.norms.numel())
-    metrics.payload_bytes.labels("quantize", "in").inc(codec.tensor_nbytes(p.x))
-    metrics.payload_bytes.labels("quantize", "out").inc(returned)
+    metrics.observe_op("quantize", result.norms.numel(), codec.tensor_nbytes(p.x), returned)
     return answer(content, a.out_fmt)

@@ -151,6 +151,27 @@ def test_safetensors_parts_are_views_of_the_tensors():
     assert torch.equal(tensors["codes"], codes) and torch.equal(tensors["norms"], norms) and meta == {"bits": "3"}
 
 
+def test_safetensors_parts_of_strided_scalar_and_bfloat16_tensors_hold_their_c_order_values():
+    """A transposed tensor goes out in C order, a 0-dim or empty tensor as its 2 or 0 bytes, bfloat16 (which
+    numpy has no dtype for) as its raw little-endian bits."""
+    base = torch.arange(12, dtype=torch.float16).reshape(3, 4)
+    tensors = {
+        "strided": base.t(),
+        "scalar": torch.tensor(1.5, dtype=torch.bfloat16),
+        "bf16": torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.bfloat16),
+        "empty": torch.empty(0, 4),
+    }
+    parts = codec.safetensors_parts(tensors, {})
+    assert [bytes(p) for p in parts[1:]] == [
+        base.t().contiguous().numpy().tobytes(),
+        struct.pack("<H", 0x3FC0),  # bfloat16 1.5: the high half of float32 0x3FC00000
+        struct.pack("<4H", 0x3F80, 0xC000, 0x3F00, 0x4040),
+    ]  # (the empty tensor has no part)
+    back, _ = codec.parse_safetensors(b"".join(parts))
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape and torch.equal(back[name], t)
+
+
 def test_parse_safetensors_refuses_deep_nesting_and_non_string_dtypes():
     """A header nested too deeply for the JSON parser is a 400, not a RecursionError; a dtype that is not
     a string is a 422 naming the tensor, not a TypeError."""
