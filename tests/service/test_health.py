@@ -96,3 +96,20 @@ async def test_warm_all_tiles_on_the_cpu_warms_and_serves():
         assert health["status"] == "ready"
         r = await client.post("/quantize", json={"vectors": b64(torch.randn(3, 32)), "variant": "full", "bits": 2})
         assert r.status_code == 200, r.text
+
+
+@pytest.mark.anyio
+async def test_warm_up_puts_what_it_built_out_of_the_cyclic_collectors_reach():
+    """Once ready, the warm quantizers (and everything else alive then) are in the collector's permanent
+    generation (gc.freeze): a full collection under load does not walk them."""
+    import gc
+
+    app = create_app(settings(warm_variants=["full"], warm_dims=[32], warm_bits=[2]))
+    async with running(app) as client:
+        assert (await client.get("/health/ready")).status_code == 200
+        engine = app.state.isoquant.engine
+        warm = engine.quantizer("full", 32, 2, engine.settings.default_seed)
+        assert gc.get_freeze_count() > 0
+        assert not any(obj is warm for obj in gc.get_objects())
+        later = object.__new__(type(warm))  # made after warm-up: tracked as usual
+        assert any(obj is later for obj in gc.get_objects())
