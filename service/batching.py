@@ -8,7 +8,12 @@ launches, not the device, bound the throughput. Off by default (delay 0): a requ
 
 The ``Coalescer`` only groups and times: it lives on the event loop (no locks), and hands each formed group
 to a ``launch`` callback (``Engine._launch_group``), which runs it on a device worker and resolves every
-member's future with its own result or its own error.
+member's future with its own result or its own error, then calls ``finished``.
+
+A group whose delay is over while the device workers are all running groups stays open, and takes whoever
+arrives, until a worker is free (as Triton's batcher forms a batch when a model instance is free): launched on
+its timer, it would only have waited in the workers' queue, and the requests behind it would have formed
+further small groups queued after it.
 """
 
 from __future__ import annotations
@@ -30,14 +35,20 @@ class Member:
 
 class Coalescer:
     """Groups members by key; a group is launched ``delay_s`` after its first member arrived, or at once when
-    its rows reach ``max_rows``. Event-loop only."""
+    its rows reach ``max_rows``. After its delay it waits, still open, while ``capacity`` launched groups have
+    not ``finished``. Event-loop only."""
 
-    def __init__(self, delay_s: float, max_rows: int, launch: Callable[[Hashable, list[Member]], None]) -> None:
+    def __init__(
+        self, delay_s: float, max_rows: int, launch: Callable[[Hashable, list[Member]], None], capacity: int = 1
+    ) -> None:
         self.delay_s = delay_s
         self.max_rows = max_rows
+        self.capacity = capacity
         self._launch = launch
         self._open: dict[Hashable, list[Member]] = {}
         self._rows: dict[Hashable, int] = {}
+        self._running = 0  # launched groups whose job has not finished
+        self._due: list[tuple[Hashable, list[Member]]] = []  # delay over, waiting for a free worker, in order
 
     def join(self, key: Hashable, args: tuple, rows: int) -> asyncio.Future:
         """Add a request to the open group of ``key`` (opening one, with its timer, if there is none); the
@@ -48,19 +59,35 @@ class Coalescer:
         if group is None:
             group = self._open[key] = []
             self._rows[key] = 0
-            loop.call_later(self.delay_s, self._close, key, group)
+            loop.call_later(self.delay_s, self._delay_over, key, group)
         group.append(member)
         self._rows[key] += rows
         if self._rows[key] >= self.max_rows:
-            self._close(key, group)
+            self._start(key, group)
         return member.future
 
     def open_groups(self) -> int:
         return len(self._open)
 
-    def _close(self, key: Hashable, group: list[Member]) -> None:
+    def finished(self) -> None:
+        """A launched group's job ended: launch the groups whose delay is over, in order, while workers are free."""
+        self._running -= 1
+        while self._due and self._running < self.capacity:
+            key, group = self._due.pop(0)
+            self._start(key, group)
+
+    def _delay_over(self, key: Hashable, group: list[Member]) -> None:
         if self._open.get(key) is not group:  # launched already (full before its timer fired)
             return
-        del self._open[key], self._rows[key]
-        self._launch(key, group)
+        if self._running < self.capacity:
+            self._start(key, group)
+        else:
+            self._due.append((key, group))
 
+    def _start(self, key: Hashable, group: list[Member]) -> None:
+        if self._open.get(key) is not group:  # launched already
+            return
+        del self._open[key], self._rows[key]
+        self._due = [(k, g) for k, g in self._due if g is not group]
+        self._running += 1
+        self._launch(key, group)

@@ -209,7 +209,9 @@ class Engine:
         # Dynamic batching (service.batching), when a delay is set: small concurrent requests of one kind
         # share one device job.
         self.coalescer = (
-            Coalescer(settings.batch_delay_ms / 1000.0, settings.batch_max_vectors, self._launch_group)
+            Coalescer(
+                settings.batch_delay_ms / 1000.0, settings.batch_max_vectors, self._launch_group, settings.workers
+            )
             if settings.batch_delay_ms > 0
             else None
         )
@@ -374,12 +376,16 @@ class Engine:
             for member in members:
                 self.admission.release()
                 _settle(member.future, exc=Unavailable("the service is shutting down", type="shutting_down"))
+            self.coalescer.finished()
             return
 
         def resolve(done: Future) -> None:
-            outcomes = done.result()  # _group_job returns one outcome per member, never raises
-            for member, (result, exc) in zip(members, outcomes, strict=True):
-                _settle(member.future, result, exc)
+            try:
+                outcomes = done.result()  # _group_job returns one outcome per member, never raises
+                for member, (result, exc) in zip(members, outcomes, strict=True):
+                    _settle(member.future, result, exc)
+            finally:
+                self.coalescer.finished()  # the next due group may start
 
         job.add_done_callback(lambda done: loop.call_soon_threadsafe(resolve, done))
 

@@ -161,8 +161,8 @@ class Settings(BaseSettings):
         ge=0,
         le=1000,
         description="Dynamic batching: concurrent /quantize (codes only) and /dequantize (no reference) requests "
-        "for the same quantizer and dtype that arrive within this many ms of the first share one device launch "
-        "(0: off).",
+        "for the same quantizer and dtype that arrive within this many ms of the first (or later, while every "
+        "device worker runs a group) share one device launch (0: off).",
     )
     batch_max_vectors: int = Field(
         4096,

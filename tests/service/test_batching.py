@@ -104,7 +104,10 @@ def test_a_group_launches_on_its_timer_or_when_full_and_never_mixes_keys():
     launched: list[tuple[str, list[int]]] = []
 
     async def scenario():
-        coalescer = Coalescer(0.05, 10, lambda key, members: launched.append((key, [m.rows for m in members])))
+        # Three workers: none of these launches waits for a free one (the next test has those).
+        coalescer = Coalescer(
+            0.05, 10, lambda key, members: launched.append((key, [m.rows for m in members])), capacity=3
+        )
         a = coalescer.join("a", (), 4)
         b = coalescer.join("b", (), 3)
         coalescer.join("a", (), 6)  # a reaches 10 rows: launched at once
@@ -115,6 +118,38 @@ def test_a_group_launches_on_its_timer_or_when_full_and_never_mixes_keys():
 
     asyncio.run(scenario())
     assert launched == [("a", [4, 6]), ("b", [3]), ("a", [1])]
+
+
+def test_a_group_whose_delay_is_over_waits_open_for_a_free_worker():
+    """With its one worker running a group, a group whose delay is over is not launched: it stays open and
+    takes later arrivals, and is launched when the running group finishes; groups that became due meanwhile go
+    in the order their delays ended. A group that fills up is launched at once, worker free or not."""
+    launched: list[tuple[str, list[int]]] = []
+
+    async def scenario():
+        coalescer = Coalescer(
+            0.02, 10, lambda key, members: launched.append((key, [m.rows for m in members])), capacity=1
+        )
+        coalescer.join("a", (), 1)
+        await asyncio.sleep(0.05)
+        assert launched == [("a", [1])]  # the worker was free: launched on its timer
+        coalescer.join("b", (), 2)
+        await asyncio.sleep(0.01)
+        coalescer.join("c", (), 3)
+        await asyncio.sleep(0.05)  # both delays over, the worker still busy with a
+        coalescer.join("b", (), 4)  # joins the open (due) group b
+        assert launched == [("a", [1])] and coalescer.open_groups() == 2
+        coalescer.finished()  # a ends: b, the first due, starts; c waits for b
+        assert launched[1:] == [("b", [2, 4])] and coalescer.open_groups() == 1
+        coalescer.join("c", (), 7)  # c reaches 10 rows: launched at once, though b still runs
+        assert launched[2:] == [("c", [3, 7])]
+        coalescer.finished()
+        coalescer.finished()
+        coalescer.join("d", (), 1)
+        await asyncio.sleep(0.05)
+        assert launched[3:] == [("d", [1])]  # nothing running: on its timer again
+
+    asyncio.run(scenario())
 
 
 def test_requests_that_time_out_waiting_for_their_group_get_503_and_give_their_places_back():
