@@ -89,8 +89,10 @@ class OpRoutesMiddleware:
     def __init__(self, app, routes: list[APIRoute], on_error) -> None:
         for route in routes:
             # A dependency added to an op route would be skipped here without a word: refuse to start instead.
-            others = [d.call.__name__ for d in route.dependant.dependencies if d.call is not authorized]
-            if others or route.dependant.path_params or route.dependant.query_params:
+            d = route.dependant
+            others = [dep.call.__name__ for dep in d.dependencies if dep.call is not authorized]
+            params = d.path_params + d.query_params + d.header_params + d.cookie_params + d.body_params
+            if others or params:
                 raise ValueError(
                     f"{route.path}: OpRoutesMiddleware runs only the API-key check, but the route also needs "
                     f"{others or 'parameters'}; run it there too or take the route out of the middleware"
@@ -242,8 +244,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Bodies of /quantize and /dequantize: admitted once read, a minimum rate (service/admission.py).
     app.add_middleware(BodyGateMiddleware, settings=settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    # No prefix and no dependencies here or on the app: OpRoutesMiddleware serves the op routes at their own
+    # paths with the API-key check only (it sees the routes' own dependencies, not those of an include).
     for module in (quantize, dequantize, info, health):
         app.include_router(module.router)
+    if app.router.dependencies:
+        raise ValueError("app-level dependencies would be skipped by OpRoutesMiddleware on /quantize, /dequantize")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

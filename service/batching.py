@@ -90,4 +90,8 @@ class Coalescer:
         del self._open[key], self._rows[key]
         self._due = [(k, g) for k, g in self._due if g is not group]
         self._running += 1
-        self._launch(key, group)
+        try:
+            self._launch(key, group)
+        except BaseException:
+            self._running -= 1  # no job will call finished() for it
+            raise

@@ -376,7 +376,9 @@ class Engine:
             for member in members:
                 self.admission.release()
                 _settle(member.future, exc=Unavailable("the service is shutting down", type="shutting_down"))
-            self.coalescer.finished()
+            # Soon, not now: finished() may launch the next due group, which fails the same way, and so on down
+            # the stack for every due group.
+            loop.call_soon(self.coalescer.finished)
             return
 
         def resolve(done: Future) -> None:
@@ -728,3 +730,6 @@ class Engine:
         self.begin_shutdown()
         self.accepting = False
         self._executor.shutdown(wait=True)
+        # warm_up's freeze is process-wide: without this, an app built and closed inside a longer-lived process
+        # (tests, an embedding program) stayed alive for good, being part of reference cycles (app.openapi).
+        gc.unfreeze()

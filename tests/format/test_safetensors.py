@@ -155,6 +155,16 @@ def test_a_repeated_header_is_read_once_and_its_checks_still_hold():
     assert cache.cache_info().misses == misses + 2  # read (and refused) both times
 
 
+def test_write_parts_takes_integer_like_dimensions_as_ints_and_refuses_float_ones():
+    """A shape of numpy integers writes the header an int shape writes (the header cache holds plain ints);
+    a float dimension is refused, even after the equal int shape was written."""
+    data = b"\x00" * 8
+    ints = write_parts({"v": RawTensor("float32", (2,), data)})[0]
+    assert write_parts({"v": RawTensor("float32", (np.int64(2),), data)})[0] == ints
+    with pytest.raises(TypeError):
+        write_parts({"v": RawTensor("float32", (2.0,), data)})
+
+
 def test_unpadded_header_parses():
     """A writer that does not pad its header still parses (the slices are then not aligned)."""
     body = _container({"n": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\x00\x00\x80\x3f", pad_to=1)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from fastapi import Request
+from fastapi import Header, Request
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -288,6 +288,12 @@ def test_op_routes_middleware_refuses_a_dependency_it_would_skip():
     more = APIRoute("/quantize", endpoint, methods=["POST"], dependencies=[Depends(authorized), Depends(rate_limited)])
     with pytest.raises(ValueError, match=r"/quantize: .*\['rate_limited'\]"):
         OpRoutesMiddleware(None, [more], None)
+
+    async def with_header(request: Request, x_tenant: str = Header()) -> None: ...
+
+    header = APIRoute("/dequantize", with_header, methods=["POST"], dependencies=[Depends(authorized)])
+    with pytest.raises(ValueError, match="/dequantize: .* also needs parameters"):
+        OpRoutesMiddleware(None, [header], None)
 
 
 async def test_op_paths_keep_fastapis_answers_for_other_methods(client):

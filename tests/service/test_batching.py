@@ -152,6 +152,72 @@ def test_a_group_whose_delay_is_over_waits_open_for_a_free_worker():
     asyncio.run(scenario())
 
 
+def test_the_engine_launches_a_due_group_when_the_running_one_resolves_and_refuses_it_when_closed():
+    """In the engine (one device worker): while a group's job runs, the next group's delay ends and it takes a
+    later request too; it launches when the running group's answers are out, with all three, and every answer
+    is the library's. Closed while a group is due: that group's requests get 503 shutting_down and give their
+    queue places back."""
+    from service.engine import Engine
+    from service.errors import Unavailable
+    from service.metrics import Metrics
+    from tests.service.conftest import settings
+
+    s = settings(batch_delay_ms=20, workers=1, warm_variants=[], warm_dims=[], warm_bits=[], warm_dtypes=[])
+    engine = Engine(s, Metrics(s, "test"))
+    library = Quantizer("full", 64, 3, s.default_seed)
+    release, started = threading.Event(), threading.Event()
+    group_job = engine._group_job
+
+    def gated(key, members):  # the first group holds the worker until released
+        started.set()
+        if not release.is_set():
+            release.wait(10)
+        return group_job(key, members)
+
+    engine._group_job = gated
+    xs = [torch.randn(n, 64, generator=torch.Generator().manual_seed(n)) for n in (1, 2, 3, 4)]
+
+    async def quantize(x):
+        with engine.admit() as ticket:
+            return await engine.quantize("full", 3, s.default_seed, x, False, False, ticket=ticket)
+
+    async def scenario():
+        first = asyncio.create_task(quantize(xs[0]))
+        await asyncio.to_thread(started.wait, 10)  # group 1 runs (and holds the worker)
+        second = [asyncio.create_task(quantize(x)) for x in xs[1:3]]
+        await asyncio.sleep(0.1)  # their delay is over: due, not launched
+        assert engine.coalescer.open_groups() == 1 and not any(t.done() for t in second)
+        third = asyncio.create_task(quantize(xs[3]))  # joins the due group
+        await asyncio.sleep(0.02)
+        release.set()
+        results = await asyncio.gather(first, *second, third)
+        for x, got in zip(xs, results, strict=True):
+            want = library.quantize(x)
+            assert torch.equal(got.codes, want.codes) and torch.equal(got.norms, want.norms)
+        # Closing with a due group: the worker busy again, a group due behind it, then close.
+        release.clear()
+        started.clear()
+        busy = asyncio.create_task(quantize(xs[0]))
+        await asyncio.to_thread(started.wait, 10)
+        due = asyncio.create_task(quantize(xs[1]))
+        await asyncio.sleep(0.1)
+        closing = asyncio.create_task(asyncio.to_thread(engine.close))
+        await asyncio.sleep(0.05)
+        release.set()
+        await closing
+        assert (await busy).codes.shape == (1, library.code_bytes)
+        with pytest.raises(Unavailable, match="shutting down"):
+            await due
+
+    asyncio.run(scenario())
+    metrics = engine.metrics.registry
+    # Groups of 1, 3 and 1 ran; the last group of 1 was formed but refused at the closed workers.
+    assert metrics.get_sample_value("isoquant_coalesced_requests_count", {"op": "quantize"}) == 4
+    assert metrics.get_sample_value("isoquant_coalesced_requests_sum", {"op": "quantize"}) == 6
+    assert metrics.get_sample_value("isoquant_queue_depth") == 0
+    assert metrics.get_sample_value("isoquant_jobs_running") == 0
+
+
 def test_requests_that_time_out_waiting_for_their_group_get_503_and_give_their_places_back():
     # The group's delay (200 ms) is longer than the job timeout (50 ms): every member times out waiting.
     server = start_server({**BATCHED, "ISOQUANT_BATCH_DELAY_MS": "200", "ISOQUANT_JOB_TIMEOUT_S": "0.05"})

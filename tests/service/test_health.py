@@ -113,3 +113,5 @@ async def test_warm_up_puts_what_it_built_out_of_the_cyclic_collectors_reach():
         assert not any(obj is warm for obj in gc.get_objects())
         later = object.__new__(type(warm))  # made after warm-up: tracked as usual
         assert any(obj is later for obj in gc.get_objects())
+    # Closed (the lifespan's end): unfrozen, so that an app built inside a longer-lived process can be freed.
+    assert gc.get_freeze_count() == 0
