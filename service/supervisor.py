@@ -364,6 +364,7 @@ def supervise(settings: Settings, overrides: dict) -> int:
                     handoffs[i] = parent  # ready: it takes connections from now on
                     del warming[i]
                     restarts[i] = 0
+                    log.info("server process %d (%d) is ready and takes connections", i, workers[i].pid)
         if stopping:
             log.info("signal %s: all %d server processes stopped", stopping[0], len(workers))
     finally:

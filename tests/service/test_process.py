@@ -304,6 +304,11 @@ def test_a_killed_server_process_is_replaced_while_the_other_serves():
         while httpx.get(f"{server.url}/health/ready", timeout=30).status_code != 200:
             assert time.monotonic() < deadline, server.log_text()
             time.sleep(0.2)
+        # /health/ready counts the replacement from its ready marker; the supervisor hands it connections from
+        # its next look at the markers (every 0.2 s), which it logs. (CI once saw [4] here, in that gap.)
+        while f"({replacement}) is ready and takes connections" not in server.log_text():
+            assert time.monotonic() < deadline, server.log_text()
+            time.sleep(0.05)
         from bench.loadgen import connections_per_process
 
         port = int(server.url.rsplit(":", 1)[1])
