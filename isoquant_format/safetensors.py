@@ -275,8 +275,6 @@ def _read_header(
 _read_header_cached = functools.lru_cache(maxsize=256)(_read_header)
 
 
-
-
 # ------------------------------------------------------------------------------------------------
 # Writing
 
