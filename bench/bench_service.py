@@ -49,6 +49,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save as st_save
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,12 +152,12 @@ def binary_request_once(client: LoadClient, path: str, body: bytes) -> float:
 def coalesced(client: httpx.Client, op: str) -> tuple[float, float]:
     """(groups launched, requests in them) so far for ``op``, from the service's isoquant_coalesced_requests
     histogram (with several server processes: /metrics sums them). (0, 0) with batching off."""
-    counts = {"_count": 0.0, "_sum": 0.0}
-    for line in client.get("/metrics").text.splitlines():
-        for suffix in counts:
-            if line.startswith(f'isoquant_coalesced_requests{suffix}{{op="{op}"}}'):
-                counts[suffix] += float(line.rsplit(" ", 1)[1])
-    return counts["_count"], counts["_sum"]
+    counts = {"isoquant_coalesced_requests_count": 0.0, "isoquant_coalesced_requests_sum": 0.0}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name in counts and sample.labels.get("op") == op:
+                counts[sample.name] += sample.value
+    return counts["isoquant_coalesced_requests_count"], counts["isoquant_coalesced_requests_sum"]
 
 
 def library_once(fn, sync) -> float:
