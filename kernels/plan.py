@@ -55,10 +55,13 @@ class Plan:
 
     def op_tensors(self) -> list[torch.Tensor]:
         """centroids, boundaries, the rotation's parameters (sorted by name), then the kernels' derived forms
-        if this plan has built them (fused_params, mixing_matrix): what ``from_op_tensors`` rebuilds from."""
+        if this plan has built them (fused_params and lane_sign_table, or mixing_matrix): what
+        ``from_op_tensors`` rebuilds from."""
         derived: list[torch.Tensor] = []
         if "fused_params" in self.__dict__:
             derived = list(self.fused_params)
+            if self.__dict__.get("lane_sign_table") is not None:
+                derived.append(self.lane_sign_table)
         elif "mixing_matrix" in self.__dict__:
             derived = [self.mixing_matrix]
         return [self.centroids, self.boundaries, *(self.params[n] for n in sorted(self.params)), *derived]
@@ -95,8 +98,10 @@ class Plan:
         )
         plan.__dict__["symmetric"] = symmetric
         derived = rest[len(names) :]
-        if len(derived) == 2:
+        if len(derived) in (2, 3):
             plan.__dict__["fused_params"] = (derived[0], derived[1])
+            if len(derived) == 3:
+                plan.__dict__["lane_sign_table"] = derived[2]
         elif len(derived) == 1:
             plan.__dict__["mixing_matrix"] = derived[0]
         return plan
@@ -153,6 +158,19 @@ class Plan:
         if self.kernel == "kronecker" and self.params["mix"].numel() == 1:
             return (self.params["signs"] * self.params["mix"].reshape(())).contiguous()
         return None
+
+    @cached_property
+    def lane_sign_table(self) -> torch.Tensor | None:
+        """What the hadamard Gluon kernels read as their signs (``kernels.triton._gluon``): float32 [3 n_coded / 2],
+        ``lane_signs`` followed by the sign masks of column pairs as int32 bit patterns (0x8000 where column 2k
+        has sign -1, | 0x80000000 where column 2k + 1 has): the signs of two 16-bit outputs in one word, applied
+        as an XOR. None where ``lane_signs`` is."""
+        signs = self.lane_signs
+        if signs is None:
+            return None
+        neg = (signs < 0).reshape(-1, 2).to(torch.int32)
+        masks = neg[:, 0] * 0x8000 + neg[:, 1] * -(2**31)
+        return torch.cat([signs, masks.view(torch.float32)])
 
     @cached_property
     def launches(self) -> dict:

@@ -29,6 +29,6 @@ def prepare(plan) -> None:
     """Build the plan's derived forms that this plan's kernels read (before its ``op_tensors`` are taken)."""
     if fused(plan):
         plan.fused_params  # noqa: B018  (a cached property: building it is the point)
-        plan.lane_signs  # noqa: B018
+        plan.lane_sign_table  # noqa: B018  (and lane_signs)
     else:
         plan.mixing_matrix  # noqa: B018

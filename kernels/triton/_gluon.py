@@ -174,6 +174,52 @@ def _stages(t, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr, I
 
 
 @gluon.jit
+def _store_flipped_pairs(t, signs_ptr, out_ptr, rows, row_ok, stride_or, N_CODED: gl.constexpr,
+                         BN: gl.constexpr, W: gl.constexpr):  # fmt: skip
+    """Store float32 t [BN, W] (``LANES.memory``; rows [BN], row_ok their mask) with its columns' signs
+    applied to the 16-bit out_ptr (float16 or bfloat16; unit column stride, rows of W columns, 16-byte
+    aligned: the launchers' fresh output at DIM == W = N_CODED) as 32-bit words of two consecutive columns:
+    one cvt.rn.{f16,bf16}x2.f32 a pair, then the pair's two signs as one XOR of its sign bits (the int32
+    masks after the N_CODED float32 signs of ``Plan.lane_sign_table``) instead of an FMUL an element. The
+    same bits as ``(t * signs).to(16-bit)``: the signs are exactly +-1, rounding to nearest is odd-symmetric,
+    and x * -1 flips only the sign bit (zeros and infinities included). Only a NaN may differ, in its sign
+    bit (the GPU's FMUL gives the canonical NaN, which the XOR then signs).
+
+    The XOR sits inside the store's asm: written as a plain XOR before a ``gl.store``, LLVM emits all the
+    XORs ahead of the run of predicated stores and ptxas turns that run into branches (BSSY/BRA, sm_90:
+    +8-16 instructions, more than the XORs save)."""
+    even, odd = gl.split(gl.reshape(t, [BN, W // 2, 2]))
+    if out_ptr.dtype.element_ty == gl.float16:
+        word = gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [even, odd], dtype=gl.int32,
+                                         is_pure=True, pack=1)  # fmt: skip
+    else:
+        word = gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [even, odd], dtype=gl.int32,
+                                         is_pure=True, pack=1)  # fmt: skip
+    PAIRS: gl.constexpr = word.type.layout  # a thread's words consecutive (pairs of its consecutive columns)
+    c2 = gl.arange(0, W // 2, layout=gl.SliceLayout(0, PAIRS))
+    masks = gl.load(signs_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + N_CODED + c2)
+    flips = gl.full_like(word, 0) + masks[None, :]
+    ok = gl.full_like(word, 0) + gl.convert_layout(row_ok, gl.SliceLayout(1, PAIRS)).to(gl.int32)[:, None]
+    r2 = gl.convert_layout(rows, gl.SliceLayout(1, PAIRS))
+    word_ptr = out_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+    ptrs = word_ptr + r2.to(gl.int64)[:, None] * (stride_or >> 1) + c2[None, :]  # (stride_or = W)
+    # A store of a piece of the memory layout (its 8 or 4 columns: 16 or 8 bytes, aligned): 4 or 2 words, as
+    # gl.store's vectors (2 stores of 8 bytes instead of one of 16 took 4 STG more a thread at 32 columns).
+    if t.type.layout.size_per_thread[1] % 8 == 0:
+        gl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .b32 a, b, c, d; setp.ne.b32 p, $16, 0; xor.b32 a, $4, $8; xor.b32 b, $5, $9; "
+            "xor.b32 c, $6, $10; xor.b32 d, $7, $11; @p st.global.v4.b32 [$12], {a, b, c, d}; "
+            "mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }",
+            "=r,=r,=r,=r,r,r,r,r,r,r,r,r,l,l,l,l,r,r,r,r", [word, flips, ptrs, ok], dtype=gl.int32, is_pure=False,
+            pack=4)  # fmt: skip
+    else:
+        gl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .b32 a, b; setp.ne.b32 p, $8, 0; xor.b32 a, $2, $4; xor.b32 b, $3, $5; "
+            "@p st.global.v2.b32 [$6], {a, b}; mov.b32 $0, 0; mov.b32 $1, 0; }",
+            "=r,=r,r,r,r,r,l,l,r,r", [word, flips, ptrs, ok], dtype=gl.int32, is_pure=False, pack=2)  # fmt: skip
+
+
+@gluon.jit
 def _forward(x, inv, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr,
              LANES: gl.constexpr, SCALE: gl.constexpr = SCALE_FIRST):  # fmt: skip
     """y = H (signs * x / rho) / sqrt(n_coded) of a float32 tile x [BN, W] in ``LANES.memory`` (cols its
@@ -200,7 +246,7 @@ def _forward(x, inv, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED
 
 @gluon.jit
 def _inverse(c, rho, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr,
-             LANES: gl.constexpr, SCALED: gl.constexpr = False):  # fmt: skip
+             LANES: gl.constexpr, SCALED: gl.constexpr = False, UNSIGNED: gl.constexpr = False):  # fmt: skip
     """x = rho * signs * H c / sqrt(n_coded) of the centroids c [BN, W] in ``LANES.compute`` (zero beyond
     n_coded) -> x in ``LANES.memory`` (cols its column indices, rho [BN] its rows)."""
     COMPUTE: gl.constexpr = LANES.compute
@@ -209,10 +255,15 @@ def _inverse(c, rho, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED
     t = _stages(c, cols_c, BN, W, N_CODED, LANES.compute_stages, LANES.lane_stages, LANES.lane_unit)
     t = gl.convert_layout(t, MEMORY)
     t = _stages(t, cols, BN, W, N_CODED, LANES.memory_stages, 0, 1)
-    signs = gl.load(signs_ptr + cols, mask=cols < N_CODED, other=0.0)
-    if SCALED:  # c already carries rho / sqrt(n) (centroids scaled a row: round trip, dequantize bits 1-2)
-        return t * signs[None, :]
-    return t * signs[None, :] * (rho * (1.0 / N_CODED**0.5))[:, None]  # 1 / sqrt(n) a row, as in _forward
+    if UNSIGNED:  # the caller applies the signs (``_store_flipped_pairs``)
+        x = t if SCALED else t * (rho * (1.0 / N_CODED**0.5))[:, None]
+    else:
+        signs = gl.load(signs_ptr + cols, mask=cols < N_CODED, other=0.0)
+        if SCALED:  # c already carries rho / sqrt(n) (centroids scaled a row: round trip, dequantize bits 1-2)
+            x = t * signs[None, :]
+        else:
+            x = t * signs[None, :] * (rho * (1.0 / N_CODED**0.5))[:, None]  # 1 / sqrt(n) a row, as in _forward
+    return x
 
 
 @gluon.jit
@@ -443,12 +494,16 @@ def _dequantize_kernel(
     if N_CODED < W:  # padding columns hold code 0, whose centroid is not zero
         cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
         c = gl.where((cols_c < N_CODED)[None, :], c, 0.0)
-    x = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES, SCALED)
-    gl.store(
-        out_ptr + rows.to(gl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
-        x.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & (cols < DIM)[None, :],
-    )
+    PAIRS: gl.constexpr = DIM == W and out_ptr.dtype.element_ty.primitive_bitwidth == 16 and stride_oc == 1
+    x = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES, SCALED, PAIRS)
+    if PAIRS:
+        _store_flipped_pairs(x, signs_ptr, out_ptr, rows, row_ok, stride_or, N_CODED, BN, W)
+    else:
+        gl.store(
+            out_ptr + rows.to(gl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
+            x.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & (cols < DIM)[None, :],
+        )
 
 
 @gluon.jit
@@ -494,7 +549,11 @@ def _roundtrip_kernel(
             # two: 1 / n exact), so rho^2 ||y - c_unit||^2 = n ||z / n - c||^2 (one FFMA an element, as y - c was)
             d = z * (1.0 / N_CODED) - c
             err = gl.convert_layout(gl.sum(d * d, axis=1), gl.SliceLayout(1, MEMORY)) * N_CODED
-        x_hat = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES, True)
+        # Signs in the store (``_store_flipped_pairs``) but for W < 64 and W 128 at bits 4 (sm_90 SASS: at W 8-32
+        # up to +120 instructions or more spills, and 2 more local accesses at W 128 bits 4; fewer elsewhere).
+        PAIRS: gl.constexpr = (DIM == W and out_ptr.dtype.element_ty.primitive_bitwidth == 16 and stride_oc == 1
+                               and W >= 64 and not (W == 128 and BITS == 4))  # fmt: skip
+        x_hat = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES, True, PAIRS)
     else:
         rho, inv = _norm_of(gl.sum(x * x, axis=1))
         if HAS_FLAG:
@@ -512,11 +571,15 @@ def _roundtrip_kernel(
             d = y - c
             err = gl.convert_layout(gl.sum(d * d, axis=1), gl.SliceLayout(1, MEMORY)) * (rho * rho)
         x_hat = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES)
-    gl.store(
-        out_ptr + rows.to(gl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
-        x_hat.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & (cols < DIM)[None, :],
-    )
+        PAIRS: gl.constexpr = False
+    if PAIRS:
+        _store_flipped_pairs(x_hat, signs_ptr, out_ptr, rows, row_ok, stride_or, N_CODED, BN, W)
+    else:
+        gl.store(
+            out_ptr + rows.to(gl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
+            x_hat.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & (cols < DIM)[None, :],
+        )
     if DIM < W:  # padded rows: the error of the first DIM columns only
         diff = gl.where((cols < DIM)[None, :], x - x_hat, 0.0)
         err = gl.sum(diff * diff, axis=1)

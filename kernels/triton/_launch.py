@@ -209,7 +209,7 @@ def launch_fused(
     plan: Plan, op: str, kernel, key: tuple, grid: int, lanes, head: tuple, flag, tail: tuple, meta: dict
 ) -> None:
     """Launch ``op``'s fused kernel over ``grid`` programs: the Gluon kernel ``_gluon._<op>_kernel`` where
-    ``lanes`` is a lane plan (arguments: ``head``, the flag, the plan's lane signs, ``tail``; constexprs
+    ``lanes`` is a lane plan (arguments: ``head``, the flag, the plan's lane sign table, ``tail``; constexprs
     ``meta``, HAS_FLAG and LANES), else (or where Gluon fails to compile) the plain ``kernel`` (``head``, the
     flag, the plan's two fused parameter pointers, ``tail``; ``meta``, HAS_FLAG and FAMILY). ``flag``: the
     bad-row flag (``check_flag``) or None. ``key``: the launch's class (``launch``), without the kernel and
@@ -223,7 +223,7 @@ def launch_fused(
         ("gluon", op, *key),
         f"_{op}_kernel",
         grid,
-        (*head, plan.lane_signs, *tail),
+        (*head, plan.lane_sign_table, *tail),
         dict(meta, LANES=lanes, maxnreg=LANE_MAXNREG[op]),
     ):
         return

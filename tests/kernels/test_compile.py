@@ -63,3 +63,7 @@ def test_the_ops_rebuild_the_plan_without_deriving_anything():
     assert plan.__dict__["symmetric"] is symmetric is q.plan.symmetric
     assert all(a is b for a, b in zip(plan.__dict__["fused_params"], q.plan.fused_params, strict=True))
     assert all(plan.params[n] is q.plan.params[n] for n in q.plan.params) and plan.centroids is q.plan.centroids
+    h = Quantizer("hadamard", 64, 3, backend="torch").plan  # the Gluon kernels' sign table rides along
+    h.fused_params, h.lane_sign_table  # noqa: B018  (what kernels.triton.prepare builds)
+    rebuilt = Plan.from_op_tensors(h.variant, h.dim, h.bits, h.op_names, h.symmetric, h.op_tensors())
+    assert rebuilt.__dict__["lane_sign_table"] is h.lane_sign_table

@@ -92,6 +92,11 @@ def test_lane_layout_routes_only_hadamard_on_cuda():
         assert (got is not None) == routed, dim
     kron = Quantizer("kronecker", 128, 4, seed=2, backend="torch").plan  # its 1 x 1 mix folds into the signs
     assert torch.equal(kron.lane_signs, kron.params["signs"] * float(kron.params["mix"]))
+    table = kron.lane_sign_table  # the signs, then each column pair's sign bits as one 16-bit-pair XOR mask
+    assert torch.equal(table[:128], kron.lane_signs)
+    pairs = torch.tensor([-1.0, 1.0], dtype=torch.float16).repeat(64)  # a pair's 16-bit halves, low first
+    flipped = (pairs.view(torch.int32) ^ table[128:].view(torch.int32)).view(torch.float16)
+    assert torch.equal(flipped, pairs * kron.lane_signs.half())
     tiny = _plan(4, 4)  # 2 bytes of codes a row: not a whole group of 8 codes
     assert G.lane_layout(tiny, torch.device("cuda"), *fused_tile(tiny, 1 << 20, "quantize")) is None
     wide = _plan(2048, 4)  # a row wider than one warp spans keeps the plain kernels
@@ -326,7 +331,7 @@ def test_launchers_bind_the_gluon_kernels(op, monkeypatch):
     assert kwargs.pop("maxnreg") == LANE_MAXNREG[op]
     bound = signature.bind(*args, **kwargs).arguments
     assert bound["N"] == 37 and bound["DIM"] == 100 and bound["N_CODED"] == 128 and bound["BITS"] == 3
-    assert bound["signs_ptr"] is plan.lane_signs and bound["LANES"] is forced[-1]
+    assert bound["signs_ptr"] is plan.lane_sign_table and bound["LANES"] is forced[-1]
     assert bound["BN"] == rows and bound["W"] == width and bound["SYMMETRIC"] == plan.symmetric
     if op != "dequantize":
         assert bound["x_ptr"] is x and (bound["stride_xr"], bound["stride_xc"]) == (103, 1)
