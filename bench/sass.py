@@ -32,7 +32,7 @@ def compile_sm90(op: str, dim: int, bits: int, dtype: torch.dtype, rows: int = 1
 
     from kernels import Quantizer
     from kernels.triton import _gluon
-    from kernels.triton._launch import LANE_MAXNREG, fused_tile
+    from kernels.triton._launch import fused_tile, lane_maxnreg
 
     plan = Quantizer("hadamard", dim, bits, seed=0, backend="torch").plan
     width, block_rows, warps = fused_tile(plan, rows, op)
@@ -68,7 +68,7 @@ def compile_sm90(op: str, dim: int, bits: int, dtype: torch.dtype, rows: int = 1
     aligned = [order.index(name) for name in [*pointers, *scalars[1:]]]  # pointers and row strides: % 16
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     src = GluonASTSource(fn, {name: types[name] for name in order}, const, attrs)
-    options = {"num_warps": warps, "maxnreg": LANE_MAXNREG[op]}  # as the launcher compiles it
+    options = {"num_warps": warps, "maxnreg": lane_maxnreg(op, warps)}  # as the launcher compiles it
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     return kernel, (width, block_rows, warps), lane
 

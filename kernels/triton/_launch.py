@@ -53,6 +53,12 @@ LANE_TILES = {"quantize": (2048, 32), "dequantize": (4096, 32), "roundtrip": (20
 LANE_MAXNREG = {"quantize": None, "dequantize": None, "roundtrip": 128}
 LANE_WIDE_WIDTH = 256  # from this W on, hadamard's quantize takes LANE_WIDE_QUANTIZE
 LANE_WIDE_QUANTIZE = (4096, 64)  # (tile elements, elements a thread)
+# The round trip at W = 256 over large batches: one-warp programs of 4 rows (32 elements a thread) and no
+# register cap. H200, N = 2^20, bits 2-4, time against full's in one run: 16-bit outputs 0.99-1.12x, float32
+# outputs 0.98-1.01x; the 2-warp tile capped at 128 registers: 1.11-1.20x and 0.94-1.10x; 2 warps uncapped:
+# up to 1.24x (float32 out, bits 3); one warp capped: up to 1.17x. Measured at W 128 too (no better) and not
+# at W 512-1024, which keep LANE_TILES.
+LANE_RT_256 = (1024, 1)  # (tile elements, warps)
 # Below SMALL_PROGRAMS programs every program is resident at once; quantize/dequantize then hold 8 elements
 # a thread (H200, 8,192 rows of 128: dequantize bits 2 0.81x the time of 2 warps). The round trip keeps 16
 # (more warps measured slower there).
@@ -224,11 +230,17 @@ def launch_fused(
         f"_{op}_kernel",
         grid,
         (*head, plan.lane_sign_table, *tail),
-        dict(meta, LANES=lanes, maxnreg=LANE_MAXNREG[op]),
+        dict(meta, LANES=lanes, maxnreg=lane_maxnreg(op, meta["num_warps"])),
     ):
         return
     args = (*head, *plan.fused_params, *tail)
     launch(plan.launches, (op, *key), kernel, grid, args, dict(meta, FAMILY=family_id(plan)))
+
+
+def lane_maxnreg(op: str, warps: int) -> int | None:
+    """ptxas's register cap of the Gluon kernel of ``op`` in programs of ``warps`` warps: LANE_MAXNREG, but
+    none for one-warp programs (the round trip's LANE_RT_256 tile)."""
+    return None if warps == 1 else LANE_MAXNREG[op]
 
 
 def fused(plan: Plan) -> bool:
@@ -265,6 +277,8 @@ def _fused_tile(
     if lanes and op == "quantize" and width >= LANE_WIDE_WIDTH:
         elements, per_thread = LANE_WIDE_QUANTIZE
     warps = 0
+    if lanes and op == "roundtrip" and width == 256 and cdiv(n, LANE_RT_256[0] // width) >= SMALL_PROGRAMS:
+        elements, warps = LANE_RT_256
     if tile is not None:
         elements, warps = tile
     if chunked:
@@ -281,8 +295,8 @@ def _fused_tile(
 
 def launch_batches(plan: Plan, max_rows: int) -> list[int]:
     """Batch sizes (rows, ascending, the first 1) that between them compile every kernel the fused ops
-    launch for batches of 1..max_rows: for each launch configuration (``fused_tile``: the tile's rows and
-    warps grow with the batch) its first size that is a multiple of 16 and its first that is not, because
+    launch for batches of 1..max_rows: for each launch configuration (``fused_tile``: each holds for one
+    range of batch sizes) its first size that is a multiple of 16 and its first that is not, because
     Triton also specializes the integer argument N on divisibility by 16 (and on N == 1, so 1 and 2 are
     both there). Running each op once at each size, in the check mode of the calls to come (with and without
     a bad-row flag are two kernels), warms them all. [1, 2, 16] for the matrix kernels
@@ -294,8 +308,8 @@ def launch_batches(plan: Plan, max_rows: int) -> list[int]:
             n = 1
             while n <= max_rows:
                 config, last = fused_tile(plan, n, op), n
-                # fused_tile is monotone in n (its rows and warps only grow): the last n of this
-                # configuration is found by doubling, then bisection.
+                # Each configuration of fused_tile holds for one range of n (none comes back after another
+                # has taken over): the last n of this one is found by doubling, then bisection.
                 step = 1
                 while last + step <= max_rows and fused_tile(plan, last + step, op) == config:
                     last += step

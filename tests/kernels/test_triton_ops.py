@@ -319,7 +319,8 @@ def test_rows_wider_than_the_tile_interpreter(variant, dim):
 @pytest.mark.interpreter
 @pytest.mark.parametrize(
     "variant,dim",
-    [("full", 64), ("full", 128), ("fast", 256), ("full", 512), ("2d", 1024), ("identity", 13), ("identity", 2048)],
+    [("full", 64), ("full", 128), ("fast", 256), ("full", 512), ("2d", 1024), ("identity", 13), ("identity", 2048),
+     ("hadamard", 256)],  # fmt: skip
 )
 def test_launch_batches_reach_every_tile(variant, dim):
     """Quantizer.warm_batches (kernels.triton.launch_batches) names batch sizes that reach each launch
