@@ -22,6 +22,9 @@ under the supervisor:
 After such an answer the connection stops parsing and discards what still arrives for at most
 ``LINGER_S``, then closes: closing a socket with unread data makes the kernel send a reset, and a client
 still writing its 128 MiB header then loses the 431 instead of reading it (nginx's "lingering close").
+
+It also hands uvicorn a transport that joins the small writes of one event-loop turn (``HeldWrites``): uvicorn
+writes a response's status line and headers, then its body, each straight to the socket.
 """
 
 from __future__ import annotations
@@ -59,6 +62,63 @@ class _Refused(Exception):
         self.status, self.type, self.message, self.field = status, type_, message, field
 
 
+# Writes below this size wait for the end of the event loop's turn to go out together (HeldWrites).
+HOLD_BELOW_BYTES = 64 << 10
+
+
+class HeldWrites:
+    """A connection's transport whose writes under ``HOLD_BELOW_BYTES`` are held until the end of the event
+    loop's turn and then written together (one ``writelines``): uvicorn writes a response's status line and
+    headers, then its body, as two writes, which for a small answer were two send syscalls, two TCP segments
+    and two wake-ups of the client. A larger write goes out at once, after what is held, as does everything
+    held before ``close``, ``write_eof`` or ``abort`` (which drops it, as the transport's own abort drops its
+    buffer). Everything else is the transport's."""
+
+    __slots__ = ("_transport", "_loop", "_held")
+
+    def __init__(self, transport, loop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list | None = None
+
+    def write(self, data) -> None:
+        small = len(data) < HOLD_BELOW_BYTES
+        if self._held is None:
+            if not small:
+                self._transport.write(data)
+                return
+            self._held = []
+            self._loop.call_soon(self.flush)
+        self._held.append(data)
+        if not small:
+            self.flush()
+
+    def writelines(self, parts) -> None:
+        for part in parts:
+            self.write(part)
+
+    def flush(self) -> None:
+        """Write what is held (nothing if the connection is closing)."""
+        held, self._held = self._held, None
+        if held and not self._transport.is_closing():
+            self._transport.writelines(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
 def error_response(status: int, type_: str, message: str, field: str | None, default_headers=()) -> bytes:
     """A complete HTTP/1.1 response with the one error body that closes the connection."""
     body = json.dumps({"error": {"type": type_, "message": message, "field": field}}).encode()
@@ -91,7 +151,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # -- connection ---------------------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        super().connection_made(HeldWrites(transport, self.loop))
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
