@@ -354,12 +354,11 @@ class Engine:
         ticket.handed_off = True  # the group's job (or _launch_group, if it cannot start) releases the place
         future = self.coalescer.join(key, args, rows)
         try:
+            # No shield (unlike run): the timeout cancels this request's share only, which the group's job
+            # then skips (_settle); the job itself runs on for the other members.
             async with asyncio.timeout(self.settings.job_timeout_s):
-                return await asyncio.shield(future)
+                return await future
         except TimeoutError:
-            # Nobody awaits the share any more: retrieve its outcome when it comes, so that an error there
-            # is not logged as "never retrieved".
-            future.add_done_callback(lambda done: done.cancelled() or done.exception())
             self.metrics.rejected.labels("timeout").inc()
             raise Unavailable(
                 f"the device did not finish within {self.settings.job_timeout_s} s", type="timeout"
