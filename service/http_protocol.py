@@ -62,35 +62,39 @@ class _Refused(Exception):
         self.status, self.type, self.message, self.field = status, type_, message, field
 
 
-# Writes below this size wait for the end of the event loop's turn to go out together (HeldWrites).
+# Held writes go out at the end of the event loop's turn, or as soon as this many bytes are held (HeldWrites).
 HOLD_BELOW_BYTES = 64 << 10
 
 
 class HeldWrites:
-    """A connection's transport whose writes under ``HOLD_BELOW_BYTES`` are held until the end of the event
-    loop's turn and then written together (one ``writelines``): uvicorn writes a response's status line and
-    headers, then its body, as two writes, which for a small answer were two send syscalls, two TCP segments
-    and two wake-ups of the client. A larger write goes out at once, after what is held, as does everything
-    held before ``close``, ``write_eof`` or ``abort`` (which drops it, as the transport's own abort drops its
-    buffer). Everything else is the transport's."""
+    """A connection's transport whose small writes are held until the end of the event loop's turn and then
+    written together (one ``writelines``): uvicorn writes a response's status line and headers, then its body,
+    as two writes, which for a small answer were two send syscalls, two TCP segments and two wake-ups of the
+    client. Once ``HOLD_BELOW_BYTES`` are held (by one write or several) they go out at once, so that the
+    transport's own flow control (``pause_writing`` past its high-water mark) sees every large answer as it
+    did; so does everything held before ``close`` or ``write_eof``. ``abort`` drops it, as the transport's own
+    abort drops its buffer. Writes after ``write_eof`` are dropped (the transport would refuse them; uvicorn
+    can still try one: the "100 Continue" of a request refused at shutdown). Everything else is the
+    transport's."""
 
-    __slots__ = ("_transport", "_loop", "_held")
+    __slots__ = ("_transport", "_loop", "_held", "_held_bytes", "_eof")
 
     def __init__(self, transport, loop) -> None:
         self._transport = transport
         self._loop = loop
         self._held: list | None = None
+        self._held_bytes = 0
+        self._eof = False
 
     def write(self, data) -> None:
-        small = len(data) < HOLD_BELOW_BYTES
+        if self._eof:
+            return
         if self._held is None:
-            if not small:
-                self._transport.write(data)
-                return
             self._held = []
             self._loop.call_soon(self.flush)
         self._held.append(data)
-        if not small:
+        self._held_bytes += len(data)
+        if self._held_bytes >= HOLD_BELOW_BYTES:
             self.flush()
 
     def writelines(self, parts) -> None:
@@ -99,7 +103,7 @@ class HeldWrites:
 
     def flush(self) -> None:
         """Write what is held (nothing if the connection is closing)."""
-        held, self._held = self._held, None
+        held, self._held, self._held_bytes = self._held, None, 0
         if held and not self._transport.is_closing():
             self._transport.writelines(held)
 
@@ -109,10 +113,11 @@ class HeldWrites:
 
     def write_eof(self) -> None:
         self.flush()
+        self._eof = True
         self._transport.write_eof()
 
     def abort(self) -> None:
-        self._held = None
+        self._held, self._held_bytes = None, 0
         self._transport.abort()
 
     def __getattr__(self, name: str):

@@ -1,5 +1,6 @@
 """service/http_protocol.py's HeldWrites on a real event loop and a real socket pair: small writes of one loop
-turn reach the peer together at its end; large writes, close and write_eof let nothing wait; abort drops."""
+turn reach the peer together at its end; a bound on what is held, close and write_eof let nothing wait; abort
+drops; nothing is written after write_eof."""
 
 from __future__ import annotations
 
@@ -63,18 +64,33 @@ def test_small_writes_of_one_turn_go_out_together_at_its_end():
     _run(main())
 
 
-def test_a_large_write_goes_out_at_once_after_what_is_held():
+def _received_now(sock: socket.socket, n: int) -> bytes:
+    """n bytes the peer has already been sent (a blocking read with a short timeout: no event-loop turn)."""
+    sock.settimeout(1.0)
+    out = b""
+    try:
+        while len(out) < n:
+            out += sock.recv(n - len(out))
+    finally:
+        sock.setblocking(False)
+    return out
+
+
+def test_writes_go_out_at_once_when_the_held_bytes_reach_the_bound():
+    """A large answer, or many small writes in one turn, reach the transport (and its flow control) at once."""
+
     async def main():
         held, peer = await _connected()
-        big = bytes(range(256)) * (HOLD_BELOW_BYTES // 256)  # exactly the bound: not held
+        big = bytes(range(256)) * (HOLD_BELOW_BYTES // 256)  # exactly the bound
         held.write(b"head")
-        held.write(big)
-        await asyncio.sleep(0.01)  # (the large write flushed "head" itself, at once)
-        got = _pending(peer)
-        assert got == b"head" + big  # in order
-        held.write(big)  # nothing held: straight through
-        await asyncio.sleep(0.01)
-        assert _pending(peer) == big
+        held.write(big)  # no await: this write itself sends what is held, in order
+        assert _received_now(peer, 4 + len(big)) == b"head" + big
+        chunk = b"x" * 1000
+        for _ in range(HOLD_BELOW_BYTES // 1000):
+            held.write(chunk)
+        assert _pending(peer) == b""  # 65,000 bytes held: under the bound
+        held.write(chunk)  # 66,000: over it
+        assert _received_now(peer, 66_000) == chunk * 66
         held.close()
         peer.close()
 
@@ -89,6 +105,22 @@ def test_close_and_write_eof_send_what_is_held_first(end):
         getattr(held, end)()
         await asyncio.sleep(0.01)
         assert _pending(peer) == b"answer<eof>"
+        held.close()
+        peer.close()
+
+    _run(main())
+
+
+def test_writes_after_write_eof_are_dropped():
+    async def main():
+        errors = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        held, peer = await _connected()
+        held.write(b"answer")
+        held.write_eof()
+        held.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # uvicorn's, for a request refused at shutdown
+        await _turn()
+        assert _pending(peer) == b"answer<eof>" and errors == []  # (a flush writing it raised in a callback)
         held.close()
         peer.close()
 
