@@ -220,6 +220,22 @@ def _store_flipped_pairs(t, signs_ptr, out_ptr, rows, row_ok, stride_or, N_CODED
 
 
 @gluon.jit
+def _store_rows(x, signs_ptr, out_ptr, rows, row_ok, cols, stride_or, stride_oc, DIM: gl.constexpr,
+                N_CODED: gl.constexpr, BN: gl.constexpr, W: gl.constexpr, PAIRS: gl.constexpr):  # fmt: skip
+    """Store float32 x [BN, W] (``LANES.memory``; cols its column indices) into the first DIM columns of the
+    rows < N of out_ptr in its dtype: with PAIRS, as 32-bit words of two columns with their signs applied
+    (``_store_flipped_pairs``: x left unsigned by ``_inverse``), else element by element."""
+    if PAIRS:
+        _store_flipped_pairs(x, signs_ptr, out_ptr, rows, row_ok, stride_or, N_CODED, BN, W)
+    else:
+        gl.store(
+            out_ptr + rows.to(gl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
+            x.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & (cols < DIM)[None, :],
+        )
+
+
+@gluon.jit
 def _forward(x, inv, signs_ptr, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr,
              LANES: gl.constexpr, SCALE: gl.constexpr = SCALE_FIRST):  # fmt: skip
     """y = H (signs * x / rho) / sqrt(n_coded) of a float32 tile x [BN, W] in ``LANES.memory`` (cols its
@@ -496,14 +512,7 @@ def _dequantize_kernel(
         c = gl.where((cols_c < N_CODED)[None, :], c, 0.0)
     PAIRS: gl.constexpr = DIM == W and out_ptr.dtype.element_ty.primitive_bitwidth == 16 and stride_oc == 1
     x = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES, SCALED, PAIRS)
-    if PAIRS:
-        _store_flipped_pairs(x, signs_ptr, out_ptr, rows, row_ok, stride_or, N_CODED, BN, W)
-    else:
-        gl.store(
-            out_ptr + rows.to(gl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
-            x.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & (cols < DIM)[None, :],
-        )
+    _store_rows(x, signs_ptr, out_ptr, rows, row_ok, cols, stride_or, stride_oc, DIM, N_CODED, BN, W, PAIRS)
 
 
 @gluon.jit
@@ -572,14 +581,7 @@ def _roundtrip_kernel(
             err = gl.convert_layout(gl.sum(d * d, axis=1), gl.SliceLayout(1, MEMORY)) * (rho * rho)
         x_hat = _inverse(c, rho, signs_ptr, cols, BN, W, N_CODED, LANES)
         PAIRS: gl.constexpr = False
-    if PAIRS:
-        _store_flipped_pairs(x_hat, signs_ptr, out_ptr, rows, row_ok, stride_or, N_CODED, BN, W)
-    else:
-        gl.store(
-            out_ptr + rows.to(gl.int64)[:, None] * stride_or + cols[None, :] * stride_oc,
-            x_hat.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & (cols < DIM)[None, :],
-        )
+    _store_rows(x_hat, signs_ptr, out_ptr, rows, row_ok, cols, stride_or, stride_oc, DIM, N_CODED, BN, W, PAIRS)
     if DIM < W:  # padded rows: the error of the first DIM columns only
         diff = gl.where((cols < DIM)[None, :], x - x_hat, 0.0)
         err = gl.sum(diff * diff, axis=1)
