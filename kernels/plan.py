@@ -102,6 +102,9 @@ class Plan:
             plan.__dict__["fused_params"] = (derived[0], derived[1])
             if len(derived) == 3:
                 plan.__dict__["lane_sign_table"] = derived[2]
+                # The lane signs lead their table: restored, kronecker's signs * mix is not recomputed (a device
+                # op) on every op call.
+                plan.__dict__["lane_signs"] = derived[2][:n_coded]
         elif len(derived) == 1:
             plan.__dict__["mixing_matrix"] = derived[0]
         return plan

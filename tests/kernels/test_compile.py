@@ -67,3 +67,9 @@ def test_the_ops_rebuild_the_plan_without_deriving_anything():
     h.fused_params, h.lane_sign_table  # noqa: B018  (what kernels.triton.prepare builds)
     rebuilt = Plan.from_op_tensors(h.variant, h.dim, h.bits, h.op_names, h.symmetric, h.op_tensors())
     assert rebuilt.__dict__["lane_sign_table"] is h.lane_sign_table
+    # ... and the lane signs with it (kronecker's are signs * mix: no device op at each call to find them)
+    k = Quantizer("kronecker", 64, 3, backend="torch").plan
+    k.fused_params, k.lane_sign_table  # noqa: B018
+    rebuilt = Plan.from_op_tensors(k.variant, k.dim, k.bits, k.op_names, k.symmetric, k.op_tensors())
+    signs = rebuilt.__dict__["lane_signs"]
+    assert torch.equal(signs, k.lane_signs) and signs.data_ptr() == k.lane_sign_table.data_ptr()
