@@ -48,7 +48,8 @@ class Coalescer:
         self._open: dict[Hashable, list[Member]] = {}
         self._rows: dict[Hashable, int] = {}
         self._running = 0  # launched groups whose job has not finished
-        self._due: list[tuple[Hashable, list[Member]]] = []  # delay over, waiting for a free worker, in order
+        # Delay over, waiting for a free worker, in order: id(group) -> (key, group)
+        self._due: dict[int, tuple[Hashable, list[Member]]] = {}
 
     def join(self, key: Hashable, args: tuple, rows: int) -> asyncio.Future:
         """Add a request to the open group of ``key`` (opening one, with its timer, if there is none); the
@@ -73,8 +74,7 @@ class Coalescer:
         """A launched group's job ended: launch the groups whose delay is over, in order, while workers are free."""
         self._running -= 1
         while self._due and self._running < self.capacity:
-            key, group = self._due.pop(0)
-            self._start(key, group)
+            self._start(*self._due.pop(next(iter(self._due))))
 
     def _delay_over(self, key: Hashable, group: list[Member]) -> None:
         if self._open.get(key) is not group:  # launched already (full before its timer fired)
@@ -82,13 +82,13 @@ class Coalescer:
         if self._running < self.capacity:
             self._start(key, group)
         else:
-            self._due.append((key, group))
+            self._due[id(group)] = (key, group)
 
     def _start(self, key: Hashable, group: list[Member]) -> None:
         if self._open.get(key) is not group:  # launched already
             return
         del self._open[key], self._rows[key]
-        self._due = [(k, g) for k, g in self._due if g is not group]
+        self._due.pop(id(group), None)
         self._running += 1
         try:
             self._launch(key, group)
