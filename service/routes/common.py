@@ -60,7 +60,8 @@ async def offload(fmt: str, nbytes: int, fn, *args):
 
 
 # Bodies up to this size are joined and sent as one message: for a 1-vector answer (~300 bytes in 3 parts) each
-# further message cost a pass through every middleware's send and a socket write of its own.
+# further message cost a pass through every middleware's send (their socket writes are joined anyway, by
+# service.http_protocol.HeldWrites).
 JOIN_BELOW_BYTES = 64 << 10
 
 
