@@ -6,7 +6,8 @@ unset (the interpreter wraps the Triton helpers that the kernels call).
     python -m bench.sass quantize:128:4:float16 roundtrip:256:2:bfloat16     # a table
     python -m bench.sass --json quantize:128:4:float16:1048576:word           # what the tests read
 
-A case is op:dim:bits:dtype[:rows[:word|bytes]] (rows 2^20 and word access by default); the launch's tile
+A case is op:dim:bits:dtype[:rows[:word|bytes[:variant]]] (rows 2^20, word access and hadamard by default; other
+variants: quantize of the block rotations, e.g. quantize:256:3:float16:1048576:word:full); the launch's tile
 (``_launch.fused_tile``) and lane layout are those of a real launch of that many rows.
 """
 
@@ -23,21 +24,26 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def compile_sm90(op: str, dim: int, bits: int, dtype: torch.dtype, rows: int = 1 << 20, word: bool = True):
-    """(compiled kernel, (W, BN, warps), ``_gluon.LanePlan``) of the op's Gluon kernel for a hadamard quantizer of (dim,
-    bits) launched on ``rows`` rows of ``dtype``: contiguous, 16-byte aligned tensors."""
+def compile_sm90(
+    op: str, dim: int, bits: int, dtype: torch.dtype, rows: int = 1 << 20, word: bool = True, variant: str = "hadamard"
+):
+    """(compiled kernel, (W, BN, warps), ``_gluon.LanePlan``) of the op's Gluon kernel for a quantizer of (variant,
+    dim, bits) launched on ``rows`` rows of ``dtype``: contiguous, 16-byte aligned tensors. Variants other than
+    hadamard and kronecker: quantize only, of the plan kernels in ``_gluon.LANE_QUANTIZE_KERNELS``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from kernels import Quantizer
     from kernels.triton import _gluon
-    from kernels.triton._launch import fused_tile, lane_maxnreg
+    from kernels.triton._launch import family_id, fused_tile, lane_maxnreg
 
-    plan = Quantizer("hadamard", dim, bits, seed=0, backend="torch").plan
+    plan = Quantizer(variant, dim, bits, seed=0, backend="torch").plan
     width, block_rows, warps = fused_tile(plan, rows, op)
     stored = None if op == "quantize" else dtype  # what the kernel stores as floats picks the piece width
     lane = _gluon.lane_layout(plan, torch.device("cuda"), width, block_rows, warps, stored, op != "quantize")
+    if lane is None and op == "quantize" and plan.kernel in ("pairs", "none"):  # compiled, not yet launched
+        lane = _gluon._lane_plan(width, block_rows, warps, 8, False)
     if lane is None:
         raise ValueError(f"{op} dim {dim} over {rows} rows runs the plain kernels, not Gluon")
     const = dict(DIM=dim, N_CODED=plan.n_coded, BN=block_rows, W=width, BITS=bits, SYMMETRIC=plan.symmetric)
@@ -45,9 +51,9 @@ def compile_sm90(op: str, dim: int, bits: int, dtype: torch.dtype, rows: int = 1
     t = TRITON_TYPES[dtype]
     if op == "quantize":
         fn = _gluon._quantize_kernel
-        pointers = dict(x_ptr=t, codes_ptr="u8", norms_ptr="fp32", signs_ptr="fp32", bnd_ptr="fp32")
+        pointers = dict(x_ptr=t, codes_ptr="u8", norms_ptr="fp32", signs_ptr="fp32", p1_ptr="fp32", bnd_ptr="fp32")
         scalars = ["N", "stride_xr", "stride_cr"]
-        const.update(CODE_BYTES=plan.code_bytes, stride_xc=1, stride_cc=1, WORD=word)
+        const.update(CODE_BYTES=plan.code_bytes, stride_xc=1, stride_cc=1, WORD=word, FAMILY=family_id(plan))
     elif op == "dequantize":
         fn = _gluon._dequantize_kernel
         pointers = dict(codes_ptr="u8", norms_ptr="fp32", out_ptr=t, signs_ptr="fp32", cent_ptr="fp32")
@@ -89,23 +95,25 @@ def counts(kernel) -> dict[str, int]:
         "local_accesses": matching(r"\b(LDL|STL)\b"),
         "instructions": len(sass),
         "shuffles": matching(r"\bSHFL\b"),
+        "float_multiplies": matching(r"\bFMUL\b"),
+        "float_selects": matching(r"\bFSEL\b"),
         "shared_accesses": matching(r"\b(LDS|STS)\b"),
         "barriers": matching(r"\bBAR\b"),
         "shared_bytes": kernel.metadata.shared,
     }
 
 
-def parse_case(text: str) -> tuple[str, int, int, torch.dtype, int, bool]:
+def parse_case(text: str) -> tuple[str, int, int, torch.dtype, int, bool, str]:
     parts = text.split(":")
     op, dim, bits, dtype = parts[0], int(parts[1]), int(parts[2]), DTYPES[parts[3]]
     rows = int(parts[4]) if len(parts) > 4 else 1 << 20
     word = (parts[5] if len(parts) > 5 else "word") == "word"
-    return op, dim, bits, dtype, rows, word
+    return op, dim, bits, dtype, rows, word, parts[6] if len(parts) > 6 else "hadamard"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("cases", nargs="+", help="op:dim:bits:dtype[:rows[:word|bytes]]")
+    parser.add_argument("cases", nargs="+", help="op:dim:bits:dtype[:rows[:word|bytes[:variant]]]")
     parser.add_argument("--json", action="store_true", help="one JSON object: case -> counts, tile, stages")
     args = parser.parse_args(argv)
     results = {}

@@ -1,6 +1,7 @@
 """Gluon kernels of the hadamard rotation (and kronecker with one block): quantize, dequantize and round trip
 with the tile's layouts chosen explicitly, so that every Walsh-Hadamard butterfly stays in registers and
-inside one warp.
+inside one warp. The quantize of the block rotations (full, fast) runs here too, each 4-D block inside a
+thread of the same memory layout (``_rotate_in_thread``, ``LANE_QUANTIZE_KERNELS``).
 
 The fused kernels of ``_jit`` can run hadamard too, in plain Triton, where each butterfly stage moves the
 pair axis last with a permute and Triton's layout propagation turns every stage whose partners sit in other
@@ -46,6 +47,16 @@ SCALE_FIRST = gl.constexpr(1)  # y = H (signs * x * inv / sqrt(n)): one multiply
 SCALE_LAST = gl.constexpr(2)  # y = H (signs * x * inv) / sqrt(n): quantize (folded, it spilled: below)
 
 MAX_WIDTH = 32 * 32  # one warp spans a row with at most 32 elements a thread: wider rows keep the plain kernels
+
+# The plan kernels (``Plan.kernel``) of the block rotations whose quantize runs here too (``_rotate_in_thread``).
+# H200, N = 2^20, bits 2-4, time against the plain fused kernel in the same run (two runs, before the scaled
+# thresholds): full at dim 256 with 16-bit inputs 0.58-0.77x, dim 512 0.66-0.97x, dim 128 0.89-1.04x.
+# "pairs" (2d) and "none" (identity) compile here as well but keep the plain kernel: measured once at
+# 0.72-1.09x, a loss in some cells. Their dequantize here, blocks in a thread in chunks of the plain kernel's
+# W, measured 1.02-1.89x the plain kernel's time (session 9): not used.
+LANE_QUANTIZE_KERNELS = frozenset({"blocks"})
+# ``Plan.kernel`` -> the FAMILY constexpr of the Gluon quantize (``_launch.FUSED_FAMILIES``' numbering).
+BLOCKS, PAIRS, NONE = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2)
 
 
 class LanePlan(NamedTuple):
@@ -124,8 +135,12 @@ def lane_layout(
 
     Also None where n_coded is not a multiple of 8 (dims below 8): the word masks assume whole groups of 8
     codes (code_bytes a multiple of bits), and on ROCm (no 32-lane warps, no PTX)."""
-    if device.type != "cuda" or plan.lane_signs is None or plan.n_coded % 8 or torch.version.hip is not None:
+    if device.type != "cuda" or plan.n_coded % 8 or torch.version.hip is not None:
         return None
+    if plan.lane_signs is None:
+        # Quantize of the fused rotations in LANE_QUANTIZE_KERNELS: every block of a row inside a thread.
+        if exchange or plan.kernel not in LANE_QUANTIZE_KERNELS or plan.n_coded > width:
+            return None
     return _lane_plan(width, rows, warps, 4 if stored == torch.float32 else 8, exchange)
 
 
@@ -143,6 +158,13 @@ def _lane_exchange(t, MASK: gl.constexpr):
         pack=1,
     )
     return got.to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _opaque(v):
+    """float32 v unchanged, through a PTX move that LLVM cannot see through: a multiply by v then stays a
+    multiply (of +-1, LLVM would rewrite it as a select of t or -t, one more instruction an element)."""
+    return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=gl.float32, is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -168,8 +190,11 @@ def _stages(t, cols, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr, I
             if (IN_THREAD >> stage) & 1:
                 t = _butterfly_in_thread(t, BN, W, 1 << stage)
             elif (ACROSS >> stage) & 1:
-                partner = _lane_exchange(t, (1 << stage) // PIECE)
-                t = gl.where(((cols & (1 << stage)) != 0)[None, :], partner - t, t + partner)
+                # (a, b) -> (a + b, a - b) as partner + t * (+1 or -1): one FFMA an element, the same float as
+                # the add or subtract; a select between the two took two FADDs and an FSEL (sm_90, quantize dim
+                # 256 bits 3 float16: 1872 -> 1744 instructions a thread of 64 elements).
+                flip = _opaque(gl.where((cols & (1 << stage)) != 0, -1.0, 1.0))
+                t = _lane_exchange(t, (1 << stage) // PIECE) + t * flip[None, :]
     return t
 
 
@@ -309,14 +334,24 @@ def _pack(codes, WORDS: gl.constexpr, BN: gl.constexpr, W: gl.constexpr, BITS: g
 
 
 @gluon.jit
-def _code_words_2bit(y, bnd_ptr, WORDS: gl.constexpr, BN: gl.constexpr, W: gl.constexpr):
-    """Packed 2-bit codes of y [BN, W] for a symmetric codebook, from the two comparisons without a code per
-    element (``_jit._code_words``, whose docstring gives the bit algebra; every column is coded here)."""
+def _code_words_2bit(y, bnd_ptr, t_scale, WORDS: gl.constexpr, BN: gl.constexpr, W: gl.constexpr):
+    """Packed 2-bit codes of y [BN, W] for a symmetric codebook with its boundaries times t_scale [BN] (a
+    row's), from the two comparisons without a code per element (``_jit._code_words``, whose docstring gives
+    the bit algebra; every column is coded here)."""
     y3 = _group_view(y, WORDS, BN, W)
     bit = (1 << _group_shifts(WORDS, 2, gl.uint32))[None, None, :]
-    e = gl.where(gl.abs(y3) > gl.load(bnd_ptr + 2), bit, 0) + gl.where(y3 > 0.0, bit << 1, 0)
+    threshold = (gl.convert_layout(t_scale, gl.SliceLayout(1, WORDS), assert_trivial=True) * gl.load(bnd_ptr + 2))
+    e = gl.where(gl.abs(y3) > threshold[:, None, None], bit, 0) + gl.where(y3 > 0.0, bit << 1, 0)
     word = gl.sum(e, axis=2)
     return word ^ (((word ^ 0xFFFFFFFF) >> 1) & 0x5555)
+
+
+@gluon.jit
+def _coded(y, bnd_ptr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr, scale, N_CODED: gl.constexpr, W: gl.constexpr,
+           COMPUTE: gl.constexpr):  # fmt: skip
+    """int32 codes [BN, W] of y (layout COMPUTE) against the boundaries times scale, 0 beyond N_CODED."""
+    cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
+    return gl.where((cols_c < N_CODED)[None, :], _code_search(y, bnd_ptr, BITS, SYMMETRIC, scale), 0)
 
 
 @gluon.jit
@@ -458,13 +493,61 @@ def _scaled_centroid(z, bnd_ptr, cent_ptr, t_scale, c_scale, BITS: gl.constexpr)
 
 
 @gluon.jit
+def _block_output(base, ok, K: gl.constexpr, N_BLOCKS, v0, v1, v2, v3):
+    """Output K of every 4x4 block: sum over m of M[K, m] v_m, with M[K, m] the coefficient 4 K + m of each
+    block, read from ``base`` [NB] pointers into the coefficient-major matrices (``Plan.fused_params``)."""
+    m0 = gl.load(base + (4 * K + 0) * N_BLOCKS, mask=ok, other=0.0)[None, :]
+    m1 = gl.load(base + (4 * K + 1) * N_BLOCKS, mask=ok, other=0.0)[None, :]
+    m2 = gl.load(base + (4 * K + 2) * N_BLOCKS, mask=ok, other=0.0)[None, :]
+    m3 = gl.load(base + (4 * K + 3) * N_BLOCKS, mask=ok, other=0.0)[None, :]
+    return m0 * v0 + m1 * v1 + m2 * v2 + m3 * v3
+
+
+@gluon.jit
+def _rotate_in_thread(t, p0_ptr, p1_ptr, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr,
+                      FAMILY: gl.constexpr):  # fmt: skip
+    """The forward rotation y of the fused families whose blocks are consecutive columns (``_jit._rotate``'s
+    BLOCKS: y = M v per 4 columns, p0_ptr the matrices float32 [16, N_CODED / 4]; PAIRS: planar rotations
+    per 2 columns, p0_ptr/p1_ptr cos and sin [N_CODED / 2]; NONE: y = t) of float32 t [BN, W] in a layout
+    where each thread holds whole groups of 8 consecutive columns, so that every block sits in one thread:
+    the reshapes and splits only rename registers (asserted). Blocks beyond N_CODED come out zero."""
+    if FAMILY == BLOCKS:
+        NB: gl.constexpr = W // 4
+        lo, hi = gl.split(gl.reshape(t, [BN, NB, 2, 2]))  # lo: columns 4b + {0, 2}, hi: 4b + {1, 3}
+        v0, v2 = gl.split(lo)
+        v1, v3 = gl.split(hi)
+        blk = gl.arange(0, NB, layout=gl.SliceLayout(0, v0.type.layout))
+        ok = blk < N_CODED // 4
+        base = p0_ptr + blk
+        w0 = _block_output(base, ok, 0, N_CODED // 4, v0, v1, v2, v3)
+        w1 = _block_output(base, ok, 1, N_CODED // 4, v0, v1, v2, v3)
+        w2 = _block_output(base, ok, 2, N_CODED // 4, v0, v1, v2, v3)
+        w3 = _block_output(base, ok, 3, N_CODED // 4, v0, v1, v2, v3)
+        y = gl.reshape(gl.join(gl.join(w0, w2), gl.join(w1, w3)), [BN, W])
+    elif FAMILY == PAIRS:
+        NP: gl.constexpr = W // 2
+        x0, x1 = gl.split(gl.reshape(t, [BN, NP, 2]))
+        pair = gl.arange(0, NP, layout=gl.SliceLayout(0, x0.type.layout))
+        ok = pair < N_CODED // 2
+        c = gl.load(p0_ptr + pair, mask=ok, other=0.0)[None, :]
+        s = gl.load(p1_ptr + pair, mask=ok, other=0.0)[None, :]
+        y = gl.reshape(gl.join(c * x0 - s * x1, s * x0 + c * x1), [BN, W])
+    else:
+        y = t
+    return gl.convert_layout(y, t.type.layout, assert_trivial=True)
+
+
+@gluon.jit
 def _quantize_kernel(
-    x_ptr, codes_ptr, norms_ptr, flag_ptr, signs_ptr, bnd_ptr, N,
+    x_ptr, codes_ptr, norms_ptr, flag_ptr, signs_ptr, p1_ptr, bnd_ptr, N,
     DIM: gl.constexpr, N_CODED: gl.constexpr, CODE_BYTES: gl.constexpr,
     stride_xr, stride_xc, stride_cr, stride_cc,
     BN: gl.constexpr, W: gl.constexpr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr, WORD: gl.constexpr,
-    HAS_FLAG: gl.constexpr, LANES: gl.constexpr,
+    HAS_FLAG: gl.constexpr, LANES: gl.constexpr, FAMILY: gl.constexpr,
 ):  # fmt: skip
+    """Quantize of a [BN, W] tile: hadamard (FAMILY 3, kronecker's one block 4: signs_ptr its lane signs), or
+    a rotation of consecutive columns (BLOCKS, PAIRS, NONE: signs_ptr and p1_ptr the plan's fused
+    parameters, ``_rotate_in_thread``); all in ``LANES.memory`` (no exchange)."""
     MEMORY: gl.constexpr = LANES.memory
     COMPUTE: gl.constexpr = LANES.compute
     WORDS: gl.constexpr = LANES.words
@@ -472,17 +555,31 @@ def _quantize_kernel(
     row_ok = rows < N
     cols = gl.arange(0, W, layout=gl.SliceLayout(0, MEMORY))
     x = _load_rows(x_ptr, rows, row_ok, cols, DIM, stride_xr, stride_xc)
-    rho, inv = _norm_of(gl.sum(x * x, axis=1))
+    ss = gl.sum(x * x, axis=1)
+    rho, inv = _norm_of(ss)
     gl.store(norms_ptr + rows, rho, mask=row_ok)
     if HAS_FLAG:
         _flag_bad_rows(flag_ptr, rho, row_ok)
-    y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES, SCALE_LAST)  # in LANES.compute
-    if SYMMETRIC and BITS == 2 and N_CODED == W:
-        word = _code_words_2bit(y, bnd_ptr, WORDS, BN, W)
+    # Symmetric codebooks (bits 1-4): the row is rotated unscaled and searched against the boundaries times its
+    # clamped norm (times sqrt(n) for hadamard's unnormalized transform), as the round trip does: 2^(bits-1) - 1
+    # multiplies a row instead of one or two an element (sm_90, float16 bits 3 dim 256: hadamard 1744 -> 1624
+    # instructions a thread of 64 elements, full 720 -> 695 a thread of 32). The search of z against t * s is
+    # that of z / s against t up to float rounding (codes may differ on a boundary).
+    if FAMILY <= NONE:
+        y = _rotate_in_thread(x if SYMMETRIC else x * inv[:, None], signs_ptr, p1_ptr, BN, W, N_CODED, FAMILY)
+        unnormalized: gl.constexpr = 1.0
     else:
-        cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
-        codes = gl.where((cols_c < N_CODED)[None, :], _code_search(y, bnd_ptr, BITS, SYMMETRIC), 0)
-        word = _pack(codes, WORDS, BN, W, BITS)
+        y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES, UNSCALED if SYMMETRIC else SCALE_LAST)
+        unnormalized: gl.constexpr = N_CODED**0.5
+    if SYMMETRIC:
+        unit = gl.maximum(ss, SS_FLOOR) * inv  # 1 / inv: rho, but the clamped norm below ||x|| = 1.1e-19
+        scale = gl.convert_layout(unit * unnormalized, gl.SliceLayout(1, COMPUTE), assert_trivial=True)
+        if BITS == 2 and N_CODED == W:
+            word = _code_words_2bit(y, bnd_ptr, scale, WORDS, BN, W)
+        else:
+            word = _pack(_coded(y, bnd_ptr, BITS, True, scale[:, None], N_CODED, W, COMPUTE), WORDS, BN, W, BITS)
+    else:
+        word = _pack(_coded(y, bnd_ptr, BITS, False, 1.0, N_CODED, W, COMPUTE), WORDS, BN, W, BITS)
     _store_words(word, codes_ptr, rows, row_ok, stride_cr, stride_cc, WORDS, W // 8, CODE_BYTES, BITS, WORD)
 
 

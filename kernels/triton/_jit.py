@@ -267,29 +267,32 @@ def _rotate(
 
 
 @triton.jit
-def _magnitude_tree3(a, pos_ptr):
+def _magnitude_tree3(a, pos_ptr, scale=1.0):
     """The 2 predicates (p0, p1) of the tree search of |y| = a over the 3 positive boundaries P_0..P_2 at
-    pos_ptr (bits 3): the magnitude index s = 2 p0 + p1."""
-    p0 = a > tl.load(pos_ptr + 1)
-    p1 = a > tl.where(p0, tl.load(pos_ptr + 2), tl.load(pos_ptr + 0))
+    pos_ptr (bits 3), each times ``scale`` (a row's, broadcast to a; 1.0 folds away): the magnitude index
+    s = 2 p0 + p1."""
+    p0 = a > tl.load(pos_ptr + 1) * scale
+    p1 = a > tl.where(p0, tl.load(pos_ptr + 2) * scale, tl.load(pos_ptr + 0) * scale)
     return p0, p1
 
 
 @triton.jit
-def _magnitude_tree4(a, pos_ptr):
+def _magnitude_tree4(a, pos_ptr, scale=1.0):
     """The 3 predicates (p0, p1, p2) of the tree search of |y| = a over the 7 positive boundaries
-    P_0..P_6 at pos_ptr (bits 4): the magnitude index s = 4 p0 + 2 p1 + p2."""
-    p0 = a > tl.load(pos_ptr + 3)
-    p1 = a > tl.where(p0, tl.load(pos_ptr + 5), tl.load(pos_ptr + 1))
-    hi = tl.where(p1, tl.load(pos_ptr + 6), tl.load(pos_ptr + 4))
-    lo = tl.where(p1, tl.load(pos_ptr + 2), tl.load(pos_ptr + 0))
+    P_0..P_6 at pos_ptr (bits 4), each times ``scale`` (as in ``_magnitude_tree3``): the magnitude index
+    s = 4 p0 + 2 p1 + p2."""
+    p0 = a > tl.load(pos_ptr + 3) * scale
+    p1 = a > tl.where(p0, tl.load(pos_ptr + 5) * scale, tl.load(pos_ptr + 1) * scale)
+    hi = tl.where(p1, tl.load(pos_ptr + 6) * scale, tl.load(pos_ptr + 4) * scale)
+    lo = tl.where(p1, tl.load(pos_ptr + 2) * scale, tl.load(pos_ptr + 0) * scale)
     p2 = a > tl.where(p0, hi, lo)
     return p0, p1, p2
 
 
 @triton.jit
-def _code_search(y, bnd_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """Code index int32 (shape of y) = number of boundaries strictly below y (float32).
+def _code_search(y, bnd_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, scale=1.0):
+    """Code index int32 (shape of y) = number of boundaries strictly below y (float32), the boundaries times
+    ``scale`` (a row's, broadcast to y: the search of y * s against boundaries * s, s > 0; 1.0 folds away).
 
     SYMMETRIC (bits <= 4, boundaries t_k = -t_{K-2-k} exactly, so the middle one is 0): a branch-free
     search over the K/2 - 1 positive boundaries P_i = t_{K/2+i} on |y| with scalar thresholds picked by
@@ -305,21 +308,21 @@ def _code_search(y, bnd_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
             HALF: tl.constexpr = 1 << (BITS - 1)
             a = tl.abs(y)
             if BITS == 2:
-                s = (a > tl.load(bnd_ptr + HALF)).to(tl.int32)
+                s = (a > tl.load(bnd_ptr + HALF) * scale).to(tl.int32)
             elif BITS == 3:
-                p0, p1 = _magnitude_tree3(a, bnd_ptr + HALF)
+                p0, p1 = _magnitude_tree3(a, bnd_ptr + HALF, scale)
                 s = (p0.to(tl.int32) << 1) | p1.to(tl.int32)
             else:
-                p0, p1, p2 = _magnitude_tree4(a, bnd_ptr + HALF)
+                p0, p1, p2 = _magnitude_tree4(a, bnd_ptr + HALF, scale)
                 s = (p0.to(tl.int32) << 2) | (p1.to(tl.int32) << 1) | p2.to(tl.int32)
             idx = s ^ tl.where(y > 0.0, HALF, HALF - 1)
     else:
         # The first step is written out (index 0 or 2^(bits-1)) rather than starting from tl.zeros, which
         # needs a layout in the Gluon kernels that also call this.
-        idx = tl.where(y > tl.load(bnd_ptr + (1 << (BITS - 1)) - 1), 1 << (BITS - 1), 0)
+        idx = tl.where(y > tl.load(bnd_ptr + (1 << (BITS - 1)) - 1) * scale, 1 << (BITS - 1), 0)
         for step in tl.static_range(1, BITS):
             cand = idx + (1 << (BITS - 1 - step))
-            idx = tl.where(y > tl.load(bnd_ptr + cand - 1), cand, idx)
+            idx = tl.where(y > tl.load(bnd_ptr + cand - 1) * scale, cand, idx)
     return idx
 
 

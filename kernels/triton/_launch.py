@@ -215,8 +215,9 @@ def launch_fused(
     plan: Plan, op: str, kernel, key: tuple, grid: int, lanes, head: tuple, flag, tail: tuple, meta: dict
 ) -> None:
     """Launch ``op``'s fused kernel over ``grid`` programs: the Gluon kernel ``_gluon._<op>_kernel`` where
-    ``lanes`` is a lane plan (arguments: ``head``, the flag, the plan's lane sign table, ``tail``; constexprs
-    ``meta``, HAS_FLAG and LANES), else (or where Gluon fails to compile) the plain ``kernel`` (``head``, the
+    ``lanes`` is a lane plan (arguments: ``head``, the flag, the plan's lane sign table (quantize: twice, or the
+    plan's two fused parameter pointers where the plan is not hadamard's), ``tail``; constexprs ``meta``, HAS_FLAG
+    and LANES, and FAMILY for quantize), else (or where Gluon fails to compile) the plain ``kernel`` (``head``, the
     flag, the plan's two fused parameter pointers, ``tail``; ``meta``, HAS_FLAG and FAMILY). ``flag``: the
     bad-row flag (``check_flag``) or None. ``key``: the launch's class (``launch``), without the kernel and
     the flag, which are added here."""
@@ -224,15 +225,15 @@ def launch_fused(
     flag_arg = flag if has_flag else head[-1]  # (any pointer: not read without HAS_FLAG)
     head, meta = (*head, flag_arg), dict(meta, HAS_FLAG=has_flag)
     key = (*key, has_flag, aligned(flag_arg))
-    if lanes is not None and launch_gluon(
-        plan.launches,
-        ("gluon", op, *key),
-        f"_{op}_kernel",
-        grid,
-        (*head, plan.lane_sign_table, *tail),
-        dict(meta, LANES=lanes, maxnreg=lane_maxnreg(op, meta["num_warps"])),
-    ):
-        return
+    if lanes is not None:
+        gluon_meta = dict(meta, LANES=lanes, maxnreg=lane_maxnreg(op, meta["num_warps"]))
+        if op == "quantize":  # hadamard's transform, or the in-thread rotation of the plan's family
+            params = (plan.lane_sign_table,) * 2 if plan.lane_signs is not None else plan.fused_params
+            gluon_meta["FAMILY"] = family_id(plan)
+        else:
+            params = (plan.lane_sign_table,)
+        if launch_gluon(plan.launches, ("gluon", op, *key), f"_{op}_kernel", grid, (*head, *params, *tail), gluon_meta):
+            return
     args = (*head, *plan.fused_params, *tail)
     launch(plan.launches, (op, *key), kernel, grid, args, dict(meta, FAMILY=family_id(plan)))
 

@@ -85,7 +85,14 @@ def test_lane_layout_routes_only_hadamard_on_cuda():
     width, rows, warps = fused_tile(plan, 1 << 20, "quantize")
     assert G.lane_layout(plan, torch.device("cpu"), width, rows, warps) is None  # the interpreter's device
     full = Quantizer("full", 128, 4, backend="torch").plan
-    assert G.lane_layout(full, torch.device("cuda"), width, rows, warps) is None
+    assert G.lane_layout(full, torch.device("cuda"), width, rows, warps) is None  # dequantize, round trip
+    # Quantize of the block rotations runs in Gluon too (no exchange); 2d and identity not yet.
+    for variant, routed in (("full", True), ("fast", True), ("2d", False), ("identity", False), ("dense", False)):
+        other = Quantizer(variant, 128, 4, backend="torch").plan
+        got = G.lane_layout(other, torch.device("cuda"), width, rows, warps, exchange=False)
+        assert (got is not None) == routed and (other.kernel in G.LANE_QUANTIZE_KERNELS) == routed, variant
+    odd = Quantizer("full", 100, 4, backend="torch").plan  # n_coded 100: not whole groups of 8 codes
+    assert G.lane_layout(odd, torch.device("cuda"), *fused_tile(odd, 1 << 20, "quantize"), exchange=False) is None
     for dim, routed in ((128, True), (64, True), (96, False), (384, False)):  # kronecker: one block, or m > 1
         kron = Quantizer("kronecker", dim, 4, seed=2, backend="torch").plan
         got = G.lane_layout(kron, torch.device("cuda"), *fused_tile(kron, 1 << 20, "quantize"))
@@ -126,12 +133,11 @@ COMPILE_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sm90_counts():
-    """bench/sass.py's counts for COMPILE_CASES, compiled in one process without TRITON_INTERPRET (~20 s)."""
+def _sass_counts(cases: list[str]) -> dict:
+    """bench/sass.py's counts for ``cases``, compiled in one process without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-m", "bench.sass", "--json", *COMPILE_CASES],
+        [sys.executable, "-m", "bench.sass", "--json", *cases],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -140,6 +146,12 @@ def sm90_counts():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def sm90_counts():
+    """The counts for COMPILE_CASES (~20 s)."""
+    return _sass_counts(COMPILE_CASES)
 
 
 @pytest.mark.parametrize("case", COMPILE_CASES)
@@ -159,6 +171,60 @@ def test_compiles_for_sm90_with_warp_local_exchanges(case, sm90_counts):
     n_coded = _plan(dim, bits).n_coded
     across = sum(1 for s in range(12) if (int(got["lane_stages"], 2) >> s) & 1 and (1 << s) < n_coded)
     assert got["shuffles"] >= passes * across * per_thread, got
+
+
+# quantize of the rotations of consecutive columns (variant last): blocks (full, fast), and pairs (2d) and none
+# (identity), which compile but are not routed here yet; a small-batch tile; a padded row (dim 40 in W 64).
+BLOCK_CASES = [
+    "quantize:256:3:float16:1048576:word:full",
+    "quantize:128:2:bfloat16:1048576:word:fast",
+    "quantize:512:4:float32:1048576:word:full",
+    "quantize:40:5:float16:300:word:full",
+    "quantize:128:3:bfloat16:1048576:bytes:2d",
+    "quantize:256:4:float16:1048576:word:identity",
+]
+
+
+@pytest.fixture(scope="module")
+def sm90_block_counts():
+    return _sass_counts(BLOCK_CASES)
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_block_rotation_quantize_stays_in_threads(case, sm90_block_counts):
+    """The point of running the block rotations' quantize in Gluon, read from the sm_90 machine code: each 4-D
+    block (or pair) sits in one thread of the memory layout, so nothing goes through shared memory (the plain
+    kernel converts layouts there for 16-bit inputs) and the only shuffles are the row norm's reduction over the
+    row's lanes; no spills."""
+    got = sm90_block_counts[case]
+    width, rows, warps = got["tile"]
+    lanes_a_row = width // got["piece"]
+    assert got["shared_accesses"] == 0 and got["barriers"] == 0 and got["local_accesses"] == 0, got
+    assert got["shuffles"] <= max(1, lanes_a_row.bit_length() - 1) + 1, got
+
+
+# hadamard's quantize with its stages across lanes (64 and 32 elements a thread), 2-bit (a search without float
+# selects) and 3-bit codes, and full's (blocks in a thread); the most float multiplies an element each may keep:
+# hadamard the random signs that ptxas does not fold into a first-stage FFMA (0.36-0.72 an element), full the
+# first product of each rotated coordinate (1 an element). Before the scaled thresholds: 2.5 and 2.1.
+SCALED_QUANTIZE_CASES = [
+    ("quantize:256:2:float16:1048576:word", 0.75),
+    ("quantize:128:3:bfloat16:1048576:word", 0.75),
+    ("quantize:256:2:float16:1048576:word:full", 1.25),
+]
+
+
+@pytest.mark.parametrize("case,multiplies", SCALED_QUANTIZE_CASES)
+def test_quantize_scales_rows_not_elements(case, multiplies):
+    """sm_90 machine code of quantize: with the scaled thresholds no element is multiplied by the row's scale
+    (hadamard before: 162 FMULs a thread of 64 at dim 256 bits 3), and a butterfly stage across lanes is one
+    FFMA an element, not a select between a sum and a difference (before: one FSEL an element a stage)."""
+    got = _sass_counts([case])[case]
+    width, rows, warps = got["tile"]
+    per_thread = width * rows // (32 * warps)
+    assert got["float_multiplies"] <= multiplies * per_thread, got
+    selects_a_search = 0 if int(case.split(":")[2]) == 2 else 1  # the 3-bit tree picks its second threshold
+    assert got["float_selects"] <= selects_a_search * per_thread + 4, got
 
 
 @pytest.mark.parametrize("case", [c for c in COMPILE_CASES if c.startswith("roundtrip")])
@@ -211,6 +277,32 @@ def test_kronecker_one_block_gpu(dim, bits, dtype):
     for op in ("quantize", "dequantize", "roundtrip"):
         assert G.lane_layout(plan, torch.device("cuda"), *fused_tile(plan, 4099, op)) is not None, op
     check_ops("kronecker", dim, bits, DTYPES[dtype], n=4099, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    "variant,dim,bits,dtype",
+    [("full", 256, 3, "float16"), ("fast", 128, 2, "bfloat16"), ("full", 512, 4, "float32"),
+     ("full", 40, 5, "float16"), ("fast", 1024, 1, "bfloat16"), ("full", 64, 8, "float32")],
+)  # fmt: skip
+@pytest.mark.parametrize("n", [1 << 14, 4099, 300, 1])
+def test_block_rotation_quantize_gpu(variant, dim, bits, dtype, n):
+    """full and fast quantize in the Gluon kernel (asserted where it runs: rows of 512 or more at small
+    batches keep the plain kernel, a warp spanning no such row at 8 elements a thread) against the reference."""
+    plan = Quantizer(variant, dim, bits, seed=4, backend="torch").plan
+    routed = G.lane_layout(plan, torch.device("cuda"), *fused_tile(plan, n, "quantize"), exchange=False)
+    assert (routed is not None) == (dim < 512 or n == 1 << 14)
+    check_ops(variant, dim, bits, DTYPES[dtype], n=n, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("variant,bits", [("full", 3), ("fast", 2)])
+def test_block_rotation_quantize_strided_and_large_gpu(variant, bits):
+    """Strided rows (row stride dim + 3, offset start), and a batch at the large-batch tile."""
+    check_ops(variant, 128, bits, torch.float16, n=777, device="cuda", strided=True)
+    check_ops(variant, 256, bits, torch.bfloat16, n=1 << 15, device="cuda")
 
 
 @pytest.mark.gpu
@@ -281,6 +373,26 @@ def test_tiny_rows_round_trip_as_quantize_then_dequantize_gpu(bits):
     # its row (H200: all rows within 3e-7); a different code would move the row by ~0.1 of its norm.
     _rows_close(x_hat, kt.dequantize(codes, norms, plan, torch.float32), rel=1e-6)
     assert bool((x_hat[x.double().norm(dim=1) > 1e-18].abs().amax(dim=1) > 0).all())  # not a comparison of zeros
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("variant,bits", [("full", 1), ("full", 2), ("fast", 3), ("full", 4), ("hadamard", 3)])
+def test_quantize_of_tiny_and_zero_rows_as_the_plain_kernel_gpu(variant, bits, monkeypatch):
+    """Rows below the norm's clamp (||x|| < 1.1e-19, where the kernels divide by the clamp, not by ||x||) and a
+    zero row: the Gluon quantize searches against the boundaries times the row's clamped norm and picks the
+    codes that the plain kernel picks by dividing by it. Scaled by ||x|| instead, these rows would code as
+    unit vectors: thousands of codes would differ."""
+    plan = Quantizer(variant, 256, bits, seed=3, device="cuda", backend="torch").plan
+    x = torch.randn(64, 256, device="cuda") * torch.logspace(-30, -17, 64, device="cuda")[:, None]
+    x[5] = 0.0
+    assert G.lane_layout(plan, x.device, *fused_tile(plan, 64, "quantize"), exchange=False) is not None
+    codes, norms = kt.quantize(x, plan)
+    monkeypatch.setattr(G, "lane_layout", lambda *args, **kwargs: None)
+    plain_codes, plain_norms = kt.quantize(x, plan)
+    torch.testing.assert_close(norms, plain_norms, rtol=4e-7, atol=0)  # the sums' order
+    assert torch.equal(codes[5], plain_codes[5])
+    assert (codes != plain_codes).sum() <= 4  # bytes: a code on a boundary may differ
 
 
 @pytest.mark.gpu

@@ -66,8 +66,9 @@ def _inputs(dim: int):
 @pytest.mark.parametrize("variant", ["full", "hadamard"])
 def test_launch_class_separates_what_triton_specializes(variant, monkeypatch):
     """Over launches of varied inputs, with and without a flag, and through the plain and the Gluon kernels
-    (the Gluon launch forced and recorded, as the CPU cannot run it): launches with one launch class always
-    have the same constexprs and the same specialization of every argument."""
+    (the Gluon launches forced and recorded, as the CPU cannot run them: hadamard's, and full's quantize):
+    launches with one launch class always have the same constexprs and the same specialization of every
+    argument."""
     from kernels.triton import _gluon
 
     plan = Quantizer(variant, 40, 3, seed=2, backend="torch").plan
@@ -80,14 +81,12 @@ def test_launch_class_separates_what_triton_specializes(variant, monkeypatch):
         assert seen.setdefault(key, signature) == signature, key
 
     monkeypatch.setattr(_launch, "launch", record)  # (launch_fused and launch_gluon call it by this name)
-    if variant == "hadamard":
-        monkeypatch.setattr(
-            _gluon,
-            "lane_layout",
-            lambda plan, device, w, r, warps, stored=None, exchange=True: _gluon._lane_plan(
-                w, r, warps, 4 if stored == torch.float32 else 8, exchange
-            ),
-        )
+    def forced(plan, device, w, r, warps, stored=None, exchange=True):  # what lane_layout gives on a GPU
+        if plan.lane_signs is None and (exchange or plan.kernel not in _gluon.LANE_QUANTIZE_KERNELS):
+            return None  # full: its quantize only
+        return _gluon._lane_plan(w, r, warps, 4 if stored == torch.float32 else 8, exchange)
+
+    monkeypatch.setattr(_gluon, "lane_layout", forced)
     flag = torch.zeros(1, dtype=torch.int32)
     for x in _inputs(plan.dim):
         for f in (None, flag):
