@@ -55,8 +55,9 @@ MAX_WIDTH = 32 * 32  # one warp spans a row with at most 32 elements a thread: w
 # 0.72-1.09x, a loss in some cells. Their dequantize here, blocks in a thread in chunks of the plain kernel's
 # W, measured 1.02-1.89x the plain kernel's time (session 9): not used.
 LANE_QUANTIZE_KERNELS = frozenset({"blocks"})
-# ``Plan.kernel`` -> the FAMILY constexpr of the Gluon quantize (``_launch.FUSED_FAMILIES``' numbering).
-BLOCKS, PAIRS, NONE = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2)
+# The FAMILY constexpr of the Gluon quantize for ``Plan.kernel`` (``_launch.FUSED_FAMILIES``' numbering). The
+# kernels' own PAIRS constexpr is another thing: signs stored two columns to a word (``_store_rows``).
+FAMILY_BLOCKS, FAMILY_PAIRS, FAMILY_NONE = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2)
 
 
 class LanePlan(NamedTuple):
@@ -507,11 +508,11 @@ def _block_output(base, ok, K: gl.constexpr, N_BLOCKS, v0, v1, v2, v3):
 def _rotate_in_thread(t, p0_ptr, p1_ptr, BN: gl.constexpr, W: gl.constexpr, N_CODED: gl.constexpr,
                       FAMILY: gl.constexpr):  # fmt: skip
     """The forward rotation y of the fused families whose blocks are consecutive columns (``_jit._rotate``'s
-    BLOCKS: y = M v per 4 columns, p0_ptr the matrices float32 [16, N_CODED / 4]; PAIRS: planar rotations
-    per 2 columns, p0_ptr/p1_ptr cos and sin [N_CODED / 2]; NONE: y = t) of float32 t [BN, W] in a layout
-    where each thread holds whole groups of 8 consecutive columns, so that every block sits in one thread:
-    the reshapes and splits only rename registers (asserted). Blocks beyond N_CODED come out zero."""
-    if FAMILY == BLOCKS:
+    FAMILY_BLOCKS: y = M v per 4 columns, p0_ptr the matrices float32 [16, N_CODED / 4]; FAMILY_PAIRS: planar
+    rotations per 2 columns, p0_ptr/p1_ptr cos and sin [N_CODED / 2]; FAMILY_NONE: y = t) of float32 t [BN, W]
+    in a layout where each thread holds whole groups of 8 consecutive columns, so that every block sits in one
+    thread: the reshapes and splits only rename registers (asserted). Blocks beyond N_CODED come out zero."""
+    if FAMILY == FAMILY_BLOCKS:
         NB: gl.constexpr = W // 4
         lo, hi = gl.split(gl.reshape(t, [BN, NB, 2, 2]))  # lo: columns 4b + {0, 2}, hi: 4b + {1, 3}
         v0, v2 = gl.split(lo)
@@ -524,7 +525,7 @@ def _rotate_in_thread(t, p0_ptr, p1_ptr, BN: gl.constexpr, W: gl.constexpr, N_CO
         w2 = _block_output(base, ok, 2, N_CODED // 4, v0, v1, v2, v3)
         w3 = _block_output(base, ok, 3, N_CODED // 4, v0, v1, v2, v3)
         y = gl.reshape(gl.join(gl.join(w0, w2), gl.join(w1, w3)), [BN, W])
-    elif FAMILY == PAIRS:
+    elif FAMILY == FAMILY_PAIRS:
         NP: gl.constexpr = W // 2
         x0, x1 = gl.split(gl.reshape(t, [BN, NP, 2]))
         pair = gl.arange(0, NP, layout=gl.SliceLayout(0, x0.type.layout))
@@ -546,8 +547,8 @@ def _quantize_kernel(
     HAS_FLAG: gl.constexpr, LANES: gl.constexpr, FAMILY: gl.constexpr,
 ):  # fmt: skip
     """Quantize of a [BN, W] tile: hadamard (FAMILY 3, kronecker's one block 4: signs_ptr its lane signs), or
-    a rotation of consecutive columns (BLOCKS, PAIRS, NONE: signs_ptr and p1_ptr the plan's fused
-    parameters, ``_rotate_in_thread``); all in ``LANES.memory`` (no exchange)."""
+    a rotation of consecutive columns (FAMILY_BLOCKS, FAMILY_PAIRS, FAMILY_NONE: signs_ptr and p1_ptr the plan's
+    fused parameters, ``_rotate_in_thread``); all in ``LANES.memory`` (no exchange)."""
     MEMORY: gl.constexpr = LANES.memory
     COMPUTE: gl.constexpr = LANES.compute
     WORDS: gl.constexpr = LANES.words
@@ -565,7 +566,7 @@ def _quantize_kernel(
     # multiplies a row instead of one or two an element (sm_90, float16 bits 3 dim 256: hadamard 1744 -> 1624
     # instructions a thread of 64 elements, full 720 -> 695 a thread of 32). The search of z against t * s is
     # that of z / s against t up to float rounding (codes may differ on a boundary).
-    if FAMILY <= NONE:
+    if FAMILY <= FAMILY_NONE:
         y = _rotate_in_thread(x if SYMMETRIC else x * inv[:, None], signs_ptr, p1_ptr, BN, W, N_CODED, FAMILY)
         unnormalized: gl.constexpr = 1.0
     else:
