@@ -258,7 +258,9 @@ def fused_tile(plan: Plan, n: int, op: str, tile: tuple[int, int] | None = None)
     """(W, BN, num_warps) of the fused kernel of ``op`` over n rows of this plan: ``_fused_tile`` of the plan's
     kernel family and coded width, memoised (a call is on every launch's path)."""
     chunked = plan.kernel in CHUNKED_FAMILIES and op in CHUNKED_OPS
-    lanes = GLUON is not None and not _gluon_failed and plan.lane_signs is not None
+    # The Gluon kernels' tiles only where they can run (``_gluon.lane_layout`` declines ROCm): elsewhere the
+    # plain kernels run hadamard at their own tiles (LANE_RT_256's one-warp programs would hold 4 rows).
+    lanes = GLUON is not None and not _gluon_failed and plan.lane_signs is not None and torch.version.hip is None
     return _fused_tile(plan.n_coded, n, op, tile, chunked, lanes)
 
 

@@ -508,6 +508,22 @@ def test_plain_kernels_run_hadamard_where_gluon_is_missing():
     assert out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
+def test_plain_kernels_keep_their_tiles_on_rocm(monkeypatch):
+    """On ROCm (simulated: torch.version.hip set) ``lane_layout`` declines every launch, so hadamard runs the
+    plain kernels, and at their own tiles: not the Gluon ones (e.g. LANE_RT_256's one-warp programs)."""
+    from kernels.triton._launch import _fused_tile
+
+    plan = Quantizer("hadamard", 256, 3, backend="torch").plan
+    ops = ("quantize", "dequantize", "roundtrip")
+    plain = {op: _fused_tile(256, 1 << 20, op, None, False, lanes=False) for op in ops}
+    assert fused_tile(plan, 1 << 20, "roundtrip") != plain["roundtrip"]  # on CUDA: the Gluon tile (LANE_RT_256)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    for op, tile in plain.items():
+        width, rows, warps = fused_tile(plan, 1 << 20, op)
+        assert G.lane_layout(plan, torch.device("cuda"), width, rows, warps) is None
+        assert (width, rows, warps) == tile, op
+
+
 def test_a_gluon_compile_error_falls_back_to_the_plain_kernels(monkeypatch):
     """A Gluon kernel that fails to build (an experimental API that moved) turns Gluon off with a warning,
     and the call, and every later one, runs the plain kernels with the same results."""
