@@ -1,4 +1,4 @@
-"""The hadamard Gluon kernels (``kernels.triton._gluon``) compiled for sm_90 on any machine (Triton ships
+"""The Gluon kernels (``kernels.triton._gluon``) compiled for sm_90 on any machine (Triton ships
 ptxas), with the counts of their machine code: instructions, warp shuffles, shared-memory accesses,
 barriers, registers a thread and local-memory accesses (spills). No GPU is needed; TRITON_INTERPRET must be
 unset (the interpreter wraps the Triton helpers that the kernels call).
@@ -7,7 +7,8 @@ unset (the interpreter wraps the Triton helpers that the kernels call).
     python -m bench.sass --json quantize:128:4:float16:1048576:word           # what the tests read
 
 A case is op:dim:bits:dtype[:rows[:word|bytes[:variant]]] (rows 2^20, word access and hadamard by default; other
-variants: quantize of the block rotations, e.g. quantize:256:3:float16:1048576:word:full); the launch's tile
+variants: quantize of the block rotations, e.g. quantize:256:3:float16:1048576:word:full, and of 2d and identity,
+which compile there but are not routed to it); the launch's tile
 (``_launch.fused_tile``) and lane layout are those of a real launch of that many rows.
 """
 

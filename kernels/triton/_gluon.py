@@ -7,12 +7,13 @@ The fused kernels of ``_jit`` can run hadamard too, in plain Triton, where each 
 pair axis last with a permute and Triton's layout propagation turns every stage whose partners sit in other
 threads into a conversion through shared memory. The sm_90 compile of quantize (dim 128, float16, bits 4,
 32 elements a thread): 1480 instructions, 144 shuffles, 47 shared-memory accesses and 23 barriers a thread;
-full has 944 instructions. Here (``lane_layout``): a memory layout for loads and stores (pieces of 4-8
+full's plain kernel had 944 instructions. Here (``lane_layout``): a memory layout for loads and stores (pieces of 4-8
 consecutive columns, adjacent lanes on adjacent pieces) and, for dequantize and the round trip, a compute
 layout (a thread's columns of a row consecutive), with one warp-local exchange between them. A stage whose
 pair sits in one thread only renames registers (asserted free at compile time); a stage whose pair sits in
-lanes l and l ^ m is one ``shfl.sync.bfly`` an element. Quantize dim 128: 1040 instructions, 66 shuffles,
-no shared memory; round trip dim 256: no stage through shuffles, two exchanges (16 shared accesses a thread).
+lanes l and l ^ m is one ``shfl.sync.bfly`` an element. Quantize dim 128 (bits 4): 936 instructions, 66
+shuffles, no shared memory (full's, also here: 808); round trip dim 256: no stage through shuffles, two
+exchanges (16 shared accesses a thread).
 
 The word format is that of the plain kernels (docs/FORMAT.md). The stages run in another order and the norm
 sums in another order, so results agree with the plain kernels and the reference within float32 rounding
@@ -50,7 +51,7 @@ MAX_WIDTH = 32 * 32  # one warp spans a row with at most 32 elements a thread: w
 
 # The plan kernels (``Plan.kernel``) of the block rotations whose quantize runs here too (``_rotate_in_thread``).
 # H200, N = 2^20, bits 2-4, time against the plain fused kernel in the same run (two runs, before the scaled
-# thresholds): full at dim 256 with 16-bit inputs 0.58-0.77x, dim 512 0.66-0.97x, dim 128 0.89-1.04x.
+# thresholds): full at dim 256 with 16-bit inputs 0.58-0.77x, dim 512 0.65-0.97x, dim 128 0.89-1.04x.
 # "pairs" (2d) and "none" (identity) compile here as well but keep the plain kernel: measured once at
 # 0.72-1.09x, a loss in some cells. Their dequantize here, blocks in a thread in chunks of the plain kernel's
 # W, measured 1.02-1.89x the plain kernel's time (session 9): not used.
@@ -115,7 +116,8 @@ def lane_layout(
 ) -> LanePlan | None:
     """The ``LanePlan`` of the Gluon kernels for a fused launch of (W, BN, num_warps) = (width, rows, warps),
     or None where the plain kernels run instead: rotations other than signs and one Walsh-Hadamard transform
-    (``Plan.lane_signs``: hadamard, and kronecker at power-of-two dims), devices other than CUDA
+    (``Plan.lane_signs``: hadamard, and kronecker at power-of-two dims), except the quantize (``exchange``
+    False) of the plan kernels in LANE_QUANTIZE_KERNELS (full, fast) at n_coded <= W; devices other than CUDA
     (the interpreter cannot run Gluon), rows wider than one warp spans (W > 1024) and tiles of fewer than 8
     elements a thread.
 
@@ -564,7 +566,7 @@ def _quantize_kernel(
     # Symmetric codebooks (bits 1-4): the row is rotated unscaled and searched against the boundaries times its
     # clamped norm (times sqrt(n) for hadamard's unnormalized transform), as the round trip does: 2^(bits-1) - 1
     # multiplies a row instead of one or two an element (sm_90, float16 bits 3 dim 256: hadamard 1744 -> 1624
-    # instructions a thread of 64 elements, full 720 -> 695 a thread of 32). The search of z against t * s is
+    # instructions a thread of 64 elements, full 720 -> 696 a thread of 32). The search of z against t * s is
     # that of z / s against t up to float rounding (codes may differ on a boundary).
     if FAMILY <= FAMILY_NONE:
         y = _rotate_in_thread(x if SYMMETRIC else x * inv[:, None], signs_ptr, p1_ptr, BN, W, N_CODED, FAMILY)
@@ -573,7 +575,10 @@ def _quantize_kernel(
         y = _forward(x, inv, signs_ptr, cols, BN, W, N_CODED, LANES, UNSCALED if SYMMETRIC else SCALE_LAST)
         unnormalized: gl.constexpr = N_CODED**0.5
     if SYMMETRIC:
-        unit = gl.maximum(ss, SS_FLOOR) * inv  # 1 / inv: rho, but the clamped norm below ||x|| = 1.1e-19
+        # 1 / inv: rho, but the clamped norm below ||x|| = 1.1e-19. A row whose sum of squares is not finite gets
+        # NaN thresholds (inf * 0), so codes of its own (the plain kernel codes it as zeros): such rows raise the
+        # bad-row flag and are refused by the checked calls; their codes are unspecified (docs/FORMAT.md).
+        unit = gl.maximum(ss, SS_FLOOR) * inv
         scale = gl.convert_layout(unit * unnormalized, gl.SliceLayout(1, COMPUTE), assert_trivial=True)
         if BITS == 2 and N_CODED == W:
             word = _code_words_2bit(y, bnd_ptr, scale, WORDS, BN, W)

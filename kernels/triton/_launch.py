@@ -24,7 +24,7 @@ def _load_gluon():
     try:
         from kernels.triton import _gluon
     except Exception as exc:  # an experimental API can fail in more ways than ImportError
-        warnings.warn(f"hadamard's Gluon kernels are off ({exc}); the plain Triton kernels run it", stacklevel=2)
+        warnings.warn(f"the Gluon kernels are off ({exc}); the plain Triton kernels run their ops", stacklevel=2)
         return None
     return _gluon
 
@@ -206,7 +206,7 @@ def launch_gluon(cache: dict, key: tuple, kernel: str, grid: int, args: tuple, m
         launch(cache, key, getattr(GLUON, kernel), grid, args, meta)
     except CompilationError as exc:
         _gluon_failed.append(str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)
-        warnings.warn(f"hadamard's Gluon kernels are off ({_gluon_failed[0]}); the plain kernels run it", stacklevel=3)
+        warnings.warn(f"the Gluon kernels are off ({_gluon_failed[0]}); the plain kernels run their ops", stacklevel=3)
         return False
     return True
 
