@@ -463,39 +463,6 @@ def _centroids_of_words(
 
 
 @gluon.jit
-def _scaled_centroid(z, bnd_ptr, cent_ptr, t_scale, c_scale, BITS: gl.constexpr):
-    """The symmetric codebook's centroid (bits 1-4) of each z [BN, W] against boundaries scaled by t_scale
-    [BN, 1] a row, as the centroid times c_scale [BN, 1]: ``_jit._search_centroid(z / t_scale) * c_scale``
-    with the scaling done on the row's few thresholds and centroids instead of on every element."""
-    HALF: gl.constexpr = 1 << (BITS - 1)
-    if BITS == 1:
-        mag = gl.load(cent_ptr + 1) * c_scale
-    else:
-        a = gl.abs(z)
-        if BITS == 2:
-            mag = gl.where(a > gl.load(bnd_ptr + 2) * t_scale, gl.load(cent_ptr + 3) * c_scale,
-                           gl.load(cent_ptr + 2) * c_scale)  # fmt: skip
-        elif BITS == 3:
-            p0 = a > gl.load(bnd_ptr + HALF + 1) * t_scale
-            p1 = a > gl.where(p0, gl.load(bnd_ptr + HALF + 2) * t_scale, gl.load(bnd_ptr + HALF) * t_scale)
-            lo = gl.where(p0, gl.load(cent_ptr + HALF + 2) * c_scale, gl.load(cent_ptr + HALF + 0) * c_scale)
-            hi = gl.where(p0, gl.load(cent_ptr + HALF + 3) * c_scale, gl.load(cent_ptr + HALF + 1) * c_scale)
-            mag = gl.where(p1, hi, lo)
-        else:
-            p0 = a > gl.load(bnd_ptr + HALF + 3) * t_scale
-            p1 = a > gl.where(p0, gl.load(bnd_ptr + HALF + 5) * t_scale, gl.load(bnd_ptr + HALF + 1) * t_scale)
-            hi = gl.where(p1, gl.load(bnd_ptr + HALF + 6) * t_scale, gl.load(bnd_ptr + HALF + 4) * t_scale)
-            lo = gl.where(p1, gl.load(bnd_ptr + HALF + 2) * t_scale, gl.load(bnd_ptr + HALF + 0) * t_scale)
-            p2 = a > gl.where(p0, hi, lo)
-            q0 = gl.where(p0, gl.load(cent_ptr + HALF + 4) * c_scale, gl.load(cent_ptr + HALF + 0) * c_scale)
-            q1 = gl.where(p0, gl.load(cent_ptr + HALF + 5) * c_scale, gl.load(cent_ptr + HALF + 1) * c_scale)
-            q2 = gl.where(p0, gl.load(cent_ptr + HALF + 6) * c_scale, gl.load(cent_ptr + HALF + 2) * c_scale)
-            q3 = gl.where(p0, gl.load(cent_ptr + HALF + 7) * c_scale, gl.load(cent_ptr + HALF + 3) * c_scale)
-            mag = gl.where(p2, gl.where(p1, q3, q1), gl.where(p1, q2, q0))
-    return gl.where(z > 0.0, mag, -mag)
-
-
-@gluon.jit
 def _block_output(base, ok, K: gl.constexpr, N_BLOCKS, v0, v1, v2, v3):
     """Output K of every 4x4 block: sum over m of M[K, m] v_m, with M[K, m] the coefficient 4 K + m of each
     block, read from ``base`` [NB] pointers into the coefficient-major matrices (``Plan.fused_params``)."""
@@ -651,8 +618,8 @@ def _roundtrip_kernel(
         unit = gl.maximum(ss, SS_FLOOR) * inv
         unit_c = gl.convert_layout(unit, gl.SliceLayout(1, COMPUTE), assert_trivial=True)
         rho_c = gl.convert_layout(rho, gl.SliceLayout(1, COMPUTE), assert_trivial=True)
-        c = _scaled_centroid(z, bnd_ptr, cent_ptr, (unit_c * N_CODED**0.5)[:, None],
-                             (rho_c * (1.0 / N_CODED**0.5))[:, None], BITS)  # fmt: skip
+        c = _search_centroid(z, bnd_ptr, cent_ptr, BITS, True, (unit_c * N_CODED**0.5)[:, None],
+                             (rho_c * (1.0 / N_CODED**0.5))[:, None])  # fmt: skip
         if N_CODED < W:
             cols_c = gl.arange(0, W, layout=gl.SliceLayout(0, COMPUTE))
             c = gl.where((cols_c < N_CODED)[None, :], c, 0.0)

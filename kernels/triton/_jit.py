@@ -292,7 +292,7 @@ def _magnitude_tree4(a, pos_ptr, scale=1.0):
 @triton.jit
 def _code_search(y, bnd_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, scale=1.0):
     """Code index int32 (shape of y) = number of boundaries strictly below y (float32), the boundaries times
-    ``scale`` (a row's, broadcast to y: the search of y * s against boundaries * s, s > 0; 1.0 folds away).
+    ``scale`` (a row's, broadcast to y; scale > 0: the codes of y / scale; 1.0 folds away).
 
     SYMMETRIC (bits <= 4, boundaries t_k = -t_{K-2-k} exactly, so the middle one is 0): a branch-free
     search over the K/2 - 1 positive boundaries P_i = t_{K/2+i} on |y| with scalar thresholds picked by
@@ -327,9 +327,11 @@ def _code_search(y, bnd_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, scale=
 
 
 @triton.jit
-def _search_centroid(y, bnd_ptr, cent_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+def _search_centroid(y, bnd_ptr, cent_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, t_scale=1.0, c_scale=1.0):
     """Centroid float32 of the code of y float32 (any shape): _centroid(_code_search(y)) for the round trip,
-    which never needs the code itself.
+    which never needs the code itself. With a row's t_scale and c_scale (broadcast to y; 1.0 folds away):
+    the centroid of y / t_scale, times c_scale, with the scaling done on the few thresholds and centroids
+    instead of on every element (the Gluon round trip's scaled search).
 
     SYMMETRIC: the predicates of _code_search's tree on |y| pick the positive centroid C_s = c_{K/2 + s}
     (s = 4 p0 + 2 p1 + p2 at bits 4) with 2^(bits-1) - 1 selects, and -C_s where y <= 0 (the code
@@ -339,28 +341,29 @@ def _search_centroid(y, bnd_ptr, cent_ptr, BITS: tl.constexpr, SYMMETRIC: tl.con
     (sm_90, float16, dim 128)."""
     if SYMMETRIC:
         HALF: tl.constexpr = 1 << (BITS - 1)
+        pos = cent_ptr + HALF  # the positive centroids C_s
         if BITS == 1:
-            mag = tl.load(cent_ptr + 1)
+            mag = tl.load(pos) * c_scale
         else:
             a = tl.abs(y)
             if BITS == 2:
-                mag = tl.where(a > tl.load(bnd_ptr + 2), tl.load(cent_ptr + 3), tl.load(cent_ptr + 2))
+                mag = tl.where(a > tl.load(bnd_ptr + 2) * t_scale, tl.load(pos + 1) * c_scale, tl.load(pos) * c_scale)
             elif BITS == 3:
-                p0, p1 = _magnitude_tree3(a, bnd_ptr + HALF)
-                lo = tl.where(p0, tl.load(cent_ptr + HALF + 2), tl.load(cent_ptr + HALF + 0))  # s = 2 p0
-                hi = tl.where(p0, tl.load(cent_ptr + HALF + 3), tl.load(cent_ptr + HALF + 1))  # s = 2 p0 + 1
+                p0, p1 = _magnitude_tree3(a, bnd_ptr + HALF, t_scale)
+                lo = tl.where(p0, tl.load(pos + 2) * c_scale, tl.load(pos + 0) * c_scale)  # s = 2 p0
+                hi = tl.where(p0, tl.load(pos + 3) * c_scale, tl.load(pos + 1) * c_scale)  # s = 2 p0 + 1
                 mag = tl.where(p1, hi, lo)
             else:
-                p0, p1, p2 = _magnitude_tree4(a, bnd_ptr + HALF)
+                p0, p1, p2 = _magnitude_tree4(a, bnd_ptr + HALF, t_scale)
                 # C_{4 p0 + 2 p1 + p2}: by p0 (4 selects), then p1 (2), then p2 (1)
-                q0 = tl.where(p0, tl.load(cent_ptr + HALF + 4), tl.load(cent_ptr + HALF + 0))
-                q1 = tl.where(p0, tl.load(cent_ptr + HALF + 5), tl.load(cent_ptr + HALF + 1))
-                q2 = tl.where(p0, tl.load(cent_ptr + HALF + 6), tl.load(cent_ptr + HALF + 2))
-                q3 = tl.where(p0, tl.load(cent_ptr + HALF + 7), tl.load(cent_ptr + HALF + 3))
+                q0 = tl.where(p0, tl.load(pos + 4) * c_scale, tl.load(pos + 0) * c_scale)
+                q1 = tl.where(p0, tl.load(pos + 5) * c_scale, tl.load(pos + 1) * c_scale)
+                q2 = tl.where(p0, tl.load(pos + 6) * c_scale, tl.load(pos + 2) * c_scale)
+                q3 = tl.where(p0, tl.load(pos + 7) * c_scale, tl.load(pos + 3) * c_scale)
                 mag = tl.where(p2, tl.where(p1, q3, q1), tl.where(p1, q2, q0))
         value = tl.where(y > 0.0, mag, -mag)
     else:
-        value = _centroid(_code_search(y, bnd_ptr, BITS, SYMMETRIC), cent_ptr, BITS, SYMMETRIC)
+        value = _centroid(_code_search(y, bnd_ptr, BITS, SYMMETRIC, t_scale), cent_ptr, BITS, SYMMETRIC) * c_scale
     return value
 
 
