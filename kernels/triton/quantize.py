@@ -1,12 +1,12 @@
 """Quantize: rows x [N, dim] (float16 | bfloat16 | float32, any strides) -> packed codes uint8
 [N, code_bytes] and norms float32 [N], in one pass over the input.
 
-Fused kernel (full, fast, 2d, identity, kronecker): per tile of BN rows, load x once, norm, scale, rotate
-in registers, search the codebook, pack 8 codes into b bytes and store. On CUDA, hadamard (and kronecker at
-power-of-two dims) and full and fast run that pass in the Gluon kernel instead (``_gluon._quantize_kernel``,
-``_launch.launch_fused``). Matrix kernel (dense, kronecker with other block counts): the rotation is
-y = (x / rho) @ A^T with A [n_coded, dim] (tl.dot in float32, "ieee"), K-looped over dim and tiled over the
-coded columns; x is re-read from L2 once per output tile.
+Fused kernel (full, fast, 2d, identity, hadamard, kronecker up to 4 blocks): per tile of BN rows, load x
+once, norm, scale, rotate in registers, search the codebook, pack 8 codes into b bytes and store. On CUDA,
+hadamard (and kronecker at power-of-two dims) and full and fast run that pass in the Gluon kernel instead
+(``_gluon._quantize_kernel``, ``_launch.launch_fused``). Matrix kernel (dense, kronecker with more blocks):
+the rotation is y = (x / rho) @ A^T with A [n_coded, dim] (tl.dot in float32, "ieee"), K-looped over dim and
+tiled over the coded columns; x is re-read from L2 once per output tile.
 """
 
 from __future__ import annotations
