@@ -214,12 +214,17 @@ SCALED_QUANTIZE_CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def sm90_scaled_counts():
+    return _sass_counts([case for case, _ in SCALED_QUANTIZE_CASES])
+
+
 @pytest.mark.parametrize("case,multiplies", SCALED_QUANTIZE_CASES)
-def test_quantize_scales_rows_not_elements(case, multiplies):
+def test_quantize_scales_rows_not_elements(case, multiplies, sm90_scaled_counts):
     """sm_90 machine code of quantize: with the scaled thresholds no element is multiplied by the row's scale
     (hadamard before: 162 FMULs a thread of 64 at dim 256 bits 3), and a butterfly stage across lanes is one
     FFMA an element, not a select between a sum and a difference (before: one FSEL an element a stage)."""
-    got = _sass_counts([case])[case]
+    got = sm90_scaled_counts[case]
     width, rows, warps = got["tile"]
     per_thread = width * rows // (32 * warps)
     assert got["float_multiplies"] <= multiplies * per_thread, got
