@@ -5,8 +5,11 @@ r"""The public API against the kernels it launches, on one GPU in one run (issue
 Four tables:
 1. N = 2^20, dims (default 128, 512), float16/bfloat16/float32, bits 2-4, full/fast/2d/identity, each op:
    the raw launcher (``kernels.triton.quantize`` ...), the public call (``Quantizer.quantize`` ...) with its
-   default check (one host sync), the public call with ``check=False``, and a copy of the op's float tensor;
-   ``triton.testing.do_bench`` medians (L2 flushed), and public / raw.
+   default check (one host sync), the public call with ``check=False``, a copy of the op's float tensor, and
+   each followed by one synchronize of its stream: the raw launcher ("raw+sync": the floor of any call that
+   waits for its kernel, as the default call does), the raw launcher setting the pinned bad-row flag (the
+   default call's kernel) and the public ``check=False`` call; ``triton.testing.do_bench`` medians (L2
+   flushed), and ratios.
 2. N = 8,192, dim 128, float16: the same calls captured 64 at a time in one CUDA graph (replay time / 64)
    against the raw launcher's graph and the copy's.
 3. Host cost of one eager call at N in {1, 256, 8192} (dim 128, float16, full, bits 3): wall time per call of
@@ -44,64 +47,68 @@ VARIANTS = ("full", "fast", "2d", "identity")
 OPS = ("quantize", "dequantize", "roundtrip")
 
 
+def synced(fn):
+    """fn, then one synchronize of the current stream (the Stream object built once, as _HostFlag keeps it)."""
+    stream = torch.cuda.current_stream()
+
+    def run():
+        fn()
+        stream.synchronize()
+
+    return run
+
+
 def calls(kt, q: Quantizer, x: torch.Tensor, dtype: torch.dtype) -> dict:
-    """op -> (raw launcher, public default, public check=False) on the same inputs; dequantize outputs x's
-    dtype, the round trip float32 (the library defaults)."""
+    """op -> (raw launcher, public default, public check=False, raw launcher setting a pinned bad-row flag as
+    the default call's kernel does) on the same inputs; dequantize outputs x's dtype, the round trip float32
+    (the library defaults)."""
     plan = q.plan
     packed = q.quantize(x)
     codes, norms = packed.codes, packed.norms
+    flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)  # (never set: the inputs are finite)
     return {
         "quantize": (
             lambda: kt.quantize(x, plan),
             lambda: q.quantize(x),
             lambda: q.quantize(x, check=False),
+            lambda: kt.quantize(x, plan, flag=flag),
         ),
         "dequantize": (
             lambda: kt.dequantize(codes, norms, plan, dtype),
             lambda: q.dequantize(packed, dtype),
             lambda: q.dequantize(packed, dtype, check=False),
+            lambda: kt.dequantize(codes, norms, plan, dtype, flag=flag),
         ),
         "roundtrip": (
             lambda: kt.roundtrip(x, plan),
             lambda: q.roundtrip(x),
             lambda: q.roundtrip(x, check=False),
+            lambda: kt.roundtrip(x, plan, flag=flag),
         ),
     }
 
 
-class _Recorder:
-    """Stands in for a @triton.jit kernel in its launcher's module for one call and keeps the launch
-    (grid, args, kwargs), so that the bench can repeat exactly that launch without the launcher."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launch = kernel, None
-
-    def __getattr__(self, name):  # the kernel's other attributes (arg_names, for _launch.launch)
-        return getattr(self.kernel, name)
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.launch = (grid, args, kwargs)
-            return self.kernel[grid](*args, **kwargs)
-
-        return run
-
-
 def bare_quantize_launch(q: Quantizer, x: torch.Tensor):
-    """A function that launches the fused quantize kernel with the arguments the launcher built once."""
-    import importlib
+    """A function that repeats the quantize launcher's kernel launch (the plain or the Gluon kernel, whichever
+    it picks) with the arguments the launcher built once: ``kernel[(grid,)](*args, **meta)``, Triton's own
+    dispatch."""
+    import kernels.triton as kt
+    from kernels.triton import _launch
 
-    module = importlib.import_module("kernels.triton.quantize")
-    recorder = _Recorder(module._quantize_fused_kernel)
-    module._quantize_fused_kernel = recorder
-    q.plan.launches.clear()  # (a known launch class would go direct and never reach the recorder)
+    recorded = []
+    launch = _launch.launch
+
+    def record(cache, key, kernel, grid, args, meta):
+        recorded.append((kernel, grid, args, meta))
+        return launch(cache, key, kernel, grid, args, meta)
+
+    _launch.launch = record  # (the launchers call it through _launch's globals)
     try:
-        module.quantize(x, q.plan)
+        kt.quantize(x, q.plan)
     finally:
-        module._quantize_fused_kernel = recorder.kernel
-    grid, args, kwargs = recorder.launch
-    kernel = recorder.kernel
-    return lambda: kernel[grid](*args, **kwargs)
+        _launch.launch = launch
+    (kernel, grid, args, meta), = recorded
+    return lambda: kernel[(grid,)](*args, **meta)
 
 
 def host_us(fn, calls: int, sync_each: bool) -> float:
@@ -132,7 +139,7 @@ def table_graphs(kt, small: list, rows: list, say) -> None:
         q = Quantizer(variant, dim, bits, seed=0, device="cuda")
         x = torch.randn(n, dim, device="cuda", dtype=dtype)
         copy_us = copy_us_of(x, back_to_back=True)
-        for op, (raw, _, unchecked) in calls(kt, q, x, dtype).items():
+        for op, (raw, _, unchecked, _) in calls(kt, q, x, dtype).items():
             t_raw, t_pub = graph_per_call_us(raw), graph_per_call_us(unchecked)
             graph_rows.append(t_pub / t_raw)
             rows.append(dict(n=n, dim=dim, dtype=dtype_name, variant=variant, bits=bits, op=op + "_graph",
@@ -223,19 +230,23 @@ def main() -> None:
     rows = []
     say("\n## 1. N = 2^20: median us (do_bench, L2 flushed); public / raw")
     say(f"{'dim':>4} {'dtype':>5} {'variant':>8} {'b':>2} {'op':>10} {'raw':>8} {'public':>8} {'no-check':>8} "
-        f"{'copy':>8} {'pub/raw':>7} {'nochk/raw':>9}")
+        f"{'copy':>8} {'pub/raw':>7} {'nochk/raw':>9} {'raw+sync':>8} {'flag+sync':>9} {'nochk+sync':>10} "
+        f"{'pub/rsync':>8}")
     for n, dim, dtype_name, variant, bits in big:
         dtype = DTYPES[dtype_name]
         q = Quantizer(variant, dim, bits, seed=0, device="cuda")
         x = torch.randn(n, dim, device="cuda", dtype=dtype)
         copy_us = copy_us_of(x)
-        for op, (raw, public, unchecked) in calls(kt, q, x, dtype).items():
-            t_raw, t_pub, t_unc = (bench_median_us(f) for f in (raw, public, unchecked))
+        for op, (raw, public, unchecked, flagged) in calls(kt, q, x, dtype).items():
+            fns = (raw, public, unchecked, synced(raw), synced(flagged), synced(unchecked))
+            t_raw, t_pub, t_unc, t_sync, t_flag, t_unc_sync = (bench_median_us(f) for f in fns)
             row = dict(n=n, dim=dim, dtype=dtype_name, variant=variant, bits=bits, op=op, raw_us=t_raw,
-                       public_us=t_pub, unchecked_us=t_unc, copy_us=copy_us)
+                       public_us=t_pub, unchecked_us=t_unc, copy_us=copy_us, raw_sync_us=t_sync,
+                       raw_flag_sync_us=t_flag, unchecked_sync_us=t_unc_sync)
             rows.append(row)
             say(f"{dim:>4} {dtype_name:>5} {variant:>8} {bits:>2} {op:>10} {t_raw:8.1f} {t_pub:8.1f} {t_unc:8.1f} "
-                f"{copy_us:8.1f} {t_pub / t_raw:7.3f} {t_unc / t_raw:9.3f}")
+                f"{copy_us:8.1f} {t_pub / t_raw:7.3f} {t_unc / t_raw:9.3f} {t_sync:8.1f} {t_flag:9.1f} "
+                f"{t_unc_sync:10.1f} {t_pub / t_sync:8.3f}")
         del x
     if rows:
         ratios = [r["public_us"] / r["raw_us"] for r in rows]
@@ -244,6 +255,12 @@ def main() -> None:
             f"cells <= 1.05: {sum(r <= 1.05 for r in ratios)} of {len(ratios)}")
         say(f"# check=False / raw: median {statistics.median(unc):.3f}, max {max(unc):.3f}, "
             f"cells <= 1.05: {sum(r <= 1.05 for r in unc)} of {len(unc)}")
+        floor = [r["raw_sync_us"] / r["raw_us"] for r in rows]
+        over = [r["public_us"] / r["raw_sync_us"] for r in rows]
+        say(f"# raw+sync / raw (any synchronous call's floor): median {statistics.median(floor):.3f}, "
+            f"max {max(floor):.3f}, cells <= 1.05: {sum(r <= 1.05 for r in floor)} of {len(floor)}")
+        say(f"# public / raw+sync: median {statistics.median(over):.3f}, max {max(over):.3f}, "
+            f"cells <= 1.05: {sum(r <= 1.05 for r in over)} of {len(over)}")
 
     if small:
         table_graphs(kt, small, rows, say)
