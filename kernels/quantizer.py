@@ -205,20 +205,25 @@ class Quantizer:
         over the input) and refused with a QuantizerError naming them: one host sync. ``check=False`` skips
         that (no sync at all, e.g. inside a CUDA graph): such rows then have a non-finite norm in the result."""
         rows, lead = self._rows(x, "x")
+        flag = None
         if torch.compiler.is_compiling():  # one opaque op for the compiler; no host check (as check=False)
             codes, norms = torch.ops.isoquant.quantize(rows, *self._op_args())
-        elif check and self._host_flags is not None:  # the kernel flags bad rows; one sync, no extra launch
+        elif check and self._host_flags is not None:  # the kernel flags bad rows; one sync (last), no extra launch
             flag = self._host_flag()
             codes, norms = self._ops.quantize(rows, self.plan, flag=flag.tensor)
-            if flag.raised():
-                self._refuse_bad_rows(norms, rows, "x")
         else:
             codes, norms = self._ops.quantize(rows, self.plan)
             if check:
                 self._refuse_bad_rows(norms, rows, "x")
-        if len(lead) != 1:  # rows in, rows out: no reshape (~5 us of host time each)
-            codes, norms = codes.reshape(*lead, self.code_bytes), norms.reshape(lead)
-        return Packed(codes=codes, norms=norms, **self._descriptor_fields)
+        if len(lead) == 1:  # rows in, rows out: no reshape (~5 us of host time each)
+            packed = Packed(codes=codes, norms=norms, **self._descriptor_fields)
+        else:
+            packed = Packed(
+                codes=codes.reshape(*lead, self.code_bytes), norms=norms.reshape(lead), **self._descriptor_fields
+            )
+        if flag is not None and flag.raised():  # (_HostFlag: why the sync comes last)
+            self._refuse_bad_rows(norms, rows, "x")
+        return packed
 
     def dequantize(self, packed: Packed, dtype: torch.dtype = torch.float32, *, check: bool = True) -> torch.Tensor:
         """Packed codes -> reconstruction [..., dim] in ``dtype`` (float16 | bfloat16 | float32). Non-finite
@@ -258,18 +263,21 @@ class Quantizer:
         lead = norms.shape
         if len(lead) != 1:
             codes, norms = codes.reshape(-1, self.code_bytes), norms.reshape(-1)
+        flag = None
         if torch.compiler.is_compiling():
             out = torch.ops.isoquant.dequantize(codes, norms, *self._op_args(), dtype)
         elif check and self._host_flags is not None:  # the kernel flags non-finite norms, as in quantize
             flag = self._host_flag()
             out = self._ops.dequantize(codes, norms, self.plan, dtype, flag=flag.tensor)
-            if flag.raised():
-                self._check_finite(norms.reshape(-1, 1), "norms")
         else:
             if check:
                 self._check_finite(norms.reshape(-1, 1), "norms")
             out = self._ops.dequantize(codes, norms, self.plan, dtype)
-        return out if len(lead) == 1 else out.reshape(*lead, self.dim)
+        if len(lead) != 1:
+            out = out.reshape(*lead, self.dim)
+        if flag is not None and flag.raised():
+            self._check_finite(norms.reshape(-1, 1), "norms")
+        return out
 
     def roundtrip(
         self, x: torch.Tensor, dtype: torch.dtype = torch.float32, *, check: bool = True
@@ -279,20 +287,20 @@ class Quantizer:
         are found from the op's own squared errors, as in ``quantize``; ``check=False`` skips it (no sync)."""
         self._check_output_dtype(dtype)
         rows, lead = self._rows(x, "x")
+        flag = None
         if torch.compiler.is_compiling():
             x_hat, sq_err = torch.ops.isoquant.roundtrip(rows, *self._op_args(), dtype)
         elif check and self._host_flags is not None:
             flag = self._host_flag()
             x_hat, sq_err = self._ops.roundtrip(rows, self.plan, dtype, flag=flag.tensor)
-            if flag.raised():
-                self._refuse_bad_rows(sq_err, rows, "x")
         else:
             x_hat, sq_err = self._ops.roundtrip(rows, self.plan, dtype)
             if check:
                 self._refuse_bad_rows(sq_err, rows, "x")
-        if len(lead) != 1:
-            x_hat, sq_err = x_hat.reshape(*lead, self.dim), sq_err.reshape(lead)
-        return x_hat, sq_err
+        result = (x_hat, sq_err) if len(lead) == 1 else (x_hat.reshape(*lead, self.dim), sq_err.reshape(lead))
+        if flag is not None and flag.raised():
+            self._refuse_bad_rows(sq_err, rows, "x")
+        return result
 
     def check(self, per_row: torch.Tensor, x: torch.Tensor | None = None) -> None:
         """The default call's check, run later by the caller: raise the QuantizerError that a checked call
@@ -416,7 +424,10 @@ class _HostFlag:
     """An int32 in pinned host memory that the Triton kernels set to 1 when a row's norm is not finite (their
     ``flag`` argument). ``raised`` waits for the current stream (the one sync of a checked call) and reads the
     word in place: no reduction kernel and no device-to-host copy, which the check needed before (a float32 sum
-    and ``.item()``: BENCHMARKS.md §10)."""
+    and ``.item()``: BENCHMARKS.md §10).
+
+    The calls build their results before ``raised``: whatever runs between the kernel's end and the call's
+    return adds to its time (the sync already costs ~24 us over the bare kernel, median, H200: §10)."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"  # (else the Triton interpreter: ordinary memory, nothing to wait for)
@@ -429,7 +440,9 @@ class _HostFlag:
     def raised(self) -> bool:
         """Whether a kernel launched on the current stream since the last True set the flag (then cleared)."""
         if self.cuda:
-            index = torch.cuda.current_device()  # where the launchers (as Triton) launched, whatever self.index is
+            # Where the launchers (as Triton) launched, whatever self.index is; CUDA is initialised by the launch,
+            # so the raw query, without torch.cuda.current_device()'s lazy-init check.
+            index = torch._C._cuda_getDevice()
             key = (index, torch._C._cuda_getCurrentRawStream(index))
             stream = self._streams.get(key)
             if stream is None:
