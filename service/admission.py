@@ -147,19 +147,33 @@ class Admission:
     def job_started(self) -> None:
         """An admitted request's job began on a worker: it moves from waiting to running (after ``close``:
         Unavailable, and the job does not run)."""
+        if not self.jobs_started(1):
+            raise not_started()
+
+    def jobs_started(self, n: int) -> bool:
+        """The jobs of ``n`` admitted requests began on a worker together (a batched group): ``job_started`` for
+        each, under one lock and with one update of the gauges. Per member that was 26 Python calls on the
+        device worker (GIL held): a batched 1-vector request cost it 63-65 calls before, 40-43 after (cProfile,
+        our 2-core CPU). False after ``close``: their places are given back and none runs (each is answered
+        ``not_started()``)."""
         with self._lock:
             if self._closed:
-                self._admitted -= 1
+                self._admitted -= n
                 self._publish()
-                raise Unavailable("the service shut down before this job started", type="shutting_down")
-            self._running += 1
+                return False
+            self._running += n
             self._publish()
+            return True
 
     def job_finished(self) -> None:
         """A job that ``job_started`` ended (however): its place is free again."""
+        self.jobs_finished(1)
+
+    def jobs_finished(self, n: int) -> None:
+        """``n`` jobs that ``jobs_started`` ended (however): their places are free again."""
         with self._lock:
-            self._admitted -= 1
-            self._running -= 1
+            self._admitted -= n
+            self._running -= n
             self._publish()
 
     def release(self) -> None:
@@ -173,6 +187,11 @@ class Admission:
         """Set the gauges from the counters (call with ``_lock`` held)."""
         self._metrics.jobs_running.set(self._running)
         self._metrics.queue_depth.set(self._admitted - self._running)
+
+
+def not_started() -> Unavailable:
+    """The answer of a job dropped at shutdown before it started (``Admission.close``)."""
+    return Unavailable("the service shut down before this job started", type="shutting_down")
 
 
 class ReceivingPool:

@@ -213,7 +213,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._parsed_bytes = 0
         self._header_count = 0
-        self._arm_head_timer()
+        if self._head_timer is None:  # mostly armed already, by data_received
+            self._arm_head_timer()
         super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:
