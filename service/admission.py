@@ -27,6 +27,7 @@ import contextvars
 import threading
 
 from service.errors import QueueFull, RequestTimeout, Unavailable
+from service.http_protocol import BODY_BUFFERED
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -254,7 +255,7 @@ class BodyGateMiddleware:
         async def receive_checked():
             if body["complete"]:
                 return await receive()
-            if gated and self.min_rate > 0:
+            if gated and self.min_rate > 0 and not scope.get(BODY_BUFFERED):
                 message = await self._timed_receive(receive, body, loop)
             else:
                 message = await receive()

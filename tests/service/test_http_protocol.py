@@ -1,6 +1,7 @@
 """service/http_protocol.py's HeldWrites on a real event loop and a real socket pair: small writes of one loop
 turn reach the peer together at its end; a bound on what is held, close and write_eof let nothing wait; abort
-drops; nothing is written after write_eof."""
+drops; nothing is written after write_eof. And, on a real uvicorn server with the protocol, when a request's
+scope says that its body is buffered."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import socket
 import pytest
 import uvloop
 
-from service.http_protocol import HOLD_BELOW_BYTES, HeldWrites
+from service.http_protocol import BODY_BUFFERED, HOLD_BELOW_BYTES, HeldWrites, protocol_class
 
 
 def _pending(sock: socket.socket) -> bytes:
@@ -145,3 +146,66 @@ def test_abort_drops_what_is_held_and_a_closing_transport_writes_nothing():
         peer.close()
 
     _run(main())
+
+
+# -- BODY_BUFFERED: the scope says when the whole body has been parsed ---------------------------------------
+
+
+def _recording_app(seen: list):
+    """An ASGI app that records, per request, whether the scope said the body was buffered when the app began
+    and after its last body message, and answers 200 with the body's length."""
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        at_start = bool(scope.get(BODY_BUFFERED))
+        size, more = 0, True
+        while more:
+            message = await receive()
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        seen.append((at_start, bool(scope.get(BODY_BUFFERED)), size))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+def test_the_scope_says_when_the_body_is_buffered():
+    """A request sent in one write has its whole body parsed before its app task first runs: the app sees
+    BODY_BUFFERED at once (and service.codec/admission skip their body timeouts). A body that comes later is
+    not buffered at the start (the timeouts apply) and is once its last byte is parsed."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from service.settings import Settings
+
+    seen: list = []
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(
+        _recording_app(seen), host="127.0.0.1", port=port, http=protocol_class(Settings()), lifespan="off",
+        log_level="warning", loop="uvloop",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        head = b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head + b"hello")
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200 ")
+            sock.sendall(head)
+            time.sleep(0.3)  # the app has started and waits for the body
+            sock.sendall(b"world")
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200 ")
+    finally:
+        server.should_exit = True
+        thread.join(20)
+    assert seen == [(True, True, 5), (False, True, 5)], seen
