@@ -23,6 +23,12 @@ After such an answer the connection stops parsing and discards what still arrive
 ``LINGER_S``, then closes: closing a socket with unread data makes the kernel send a reset, and a client
 still writing its 128 MiB header then loses the 431 instead of reading it (nginx's "lingering close").
 
+At shutdown, a keep-alive connection idle between two requests is not closed at once (uvicorn's way): a
+client may have sent its next request just then, which a close would cut ("Server disconnected without
+sending a response"; HTTP/1.1 lets a client retry that only for idempotent methods, and a POST is not).
+It stays open for ``IDLE_CLOSE_S``; a request that arrives on it meanwhile, or whose head had begun to
+arrive, is answered 503 shutting_down with ``connection: close``, as a body still arriving is.
+
 It also hands uvicorn a transport that joins the small writes of one event-loop turn (``HeldWrites``): uvicorn
 writes a response's status line and headers, then its body, each straight to the socket.
 """
@@ -53,6 +59,10 @@ LINGER_S = 2.0
 # Shutdown: how long after uvicorn stops accepting a request may still take beyond ISOQUANT_JOB_TIMEOUT_S
 # (its device job answers or times out within that; this covers the parse before it and the encoding after).
 SHUTDOWN_MARGIN_S = 2.0
+# Shutdown: how long a keep-alive connection idle when it begins stays open, answering 503 shutting_down to
+# a request that arrives on it. A request sent after that meets a closed connection, as one sent when the
+# keep-alive timeout closes an idle connection does at any time (RFC 9112, 9.3.1: clients must expect it).
+IDLE_CLOSE_S = 1.0
 
 
 def graceful_shutdown_s(settings: Settings) -> float:
@@ -157,8 +167,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # raw bytes received in this head phase (chunks that began in it)
         self._parsed_bytes = 0  # URL and header bytes the parser reported for the current request
         self._header_count = 0
+        self._begun = False  # the parser has begun a request that is not complete yet
         self._head_timer = None
         self._refused = False  # an error answer was written: drop what arrives, close soon
+        self._idle_close = None  # shutdown found the connection idle: its close timer (IDLE_CLOSE_S)
+        self._shut_down = False  # shutdown() was called (once is enough: see _Server._adopted)
 
     # -- connection ---------------------------------------------------------------------------------
 
@@ -168,11 +181,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        if self._idle_close is not None:
+            self._idle_close.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # lingering: read and drop
+        if self._idle_close is not None:
+            # A request on a connection that was idle when the shutdown began: refused before any work.
+            self._refuse_at_shutdown()
+            return
         if not self._in_head:
             self._feed(data)
             return
@@ -218,6 +237,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._begun = True
         self._parsed_bytes = 0
         self._header_count = 0
         if self._head_timer is None:  # mostly armed already, by data_received
@@ -255,24 +275,48 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.scope[BODY_BUFFERED] = True
         # The next bytes on this connection are the next request's head.
         self._in_head = True
+        self._begun = False
         self._head_bytes = 0
 
     # -- shutdown -----------------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """uvicorn's graceful shutdown begins (after the drain): idle connections close (uvicorn), a request
-        whose body is still arriving is answered 503 now rather than waited for, and a request still open
-        just before uvicorn's own deadline is answered 503 then: uvicorn cancels its task at the deadline
-        and would answer a plain-text 500."""
+        """uvicorn's graceful shutdown begins (after the drain): a connection between two requests answers
+        503 to the next one if its head has begun to arrive or arrives within ``IDLE_CLOSE_S``, and closes
+        then (uvicorn would close it at once, cutting a request the client has just sent); a request whose
+        body is still arriving is answered 503 now rather than waited for; and a request still open just
+        before uvicorn's own deadline is answered 503 then: uvicorn cancels its task at the deadline and
+        would answer a plain-text 500."""
+        if self._shut_down:
+            return
+        self._shut_down = True
         cycle = self.cycle
-        if self._refused or cycle is None or cycle.response_complete:
+        if self._refused:
             super().shutdown()
+            return
+        if cycle is None or cycle.response_complete:
+            if self._head_bytes or self._begun:  # the next request's head has begun to arrive
+                self._refuse_at_shutdown()
+            elif not self.transport.is_closing():
+                self._idle_close = self.loop.call_later(IDLE_CLOSE_S, self._close_idle)
             return
         if cycle.more_body and not cycle.response_started:
             self._answer_shutdown()
             return
         super().shutdown()
         self.loop.call_later(max(self.shutdown_grace_s - 0.25, 0.0), self._shutdown_deadline)
+
+    def _close_idle(self) -> None:
+        """No request came within ``IDLE_CLOSE_S`` of the shutdown: close (uvicorn's shutdown waits for it)."""
+        self._idle_close = None
+        if not self._refused and not self.transport.is_closing():
+            self.transport.close()
+
+    def _refuse_at_shutdown(self) -> None:
+        if self._idle_close is not None:
+            self._idle_close.cancel()
+            self._idle_close = None
+        self._refuse(503, "shutting_down", "the service is shutting down; retry on another instance", None)
 
     def _shutdown_deadline(self) -> None:
         cycle = self.cycle

@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -49,6 +50,7 @@ class _Server(uvicorn.Server):
         self._app = app
         self._settings = settings
         self._draining = False
+        self._shutting_down = False  # uvicorn's graceful shutdown has begun (after the drain)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handoff = handoff  # the supervisor's accepted connections arrive here (``_dispatch``)
 
@@ -66,16 +68,18 @@ class _Server(uvicorn.Server):
         self._handoff.setblocking(False)
         self._loop.add_reader(self._handoff.fileno(), self._adopt)
 
-    def _adopt(self) -> None:
+    def _adopt(self) -> bool:
         """On the event loop: take the connections the supervisor passed and serve each as uvicorn serves
-        the ones it accepts (same protocol class, same server state, so graceful shutdown waits for them)."""
+        the ones it accepts (same protocol class, same server state, so graceful shutdown waits for them).
+        One that is served once the shutdown has begun is shut down as uvicorn shuts down the others
+        (``_adopted``). False when nothing more is to be read now."""
         try:
             message, fds, _, _ = socket.recv_fds(self._handoff, 64, 64)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             message, fds = b"", []
-        if not message:  # the supervisor is gone: nobody can reach this process any more
+        if not message and not self._shutting_down:  # the supervisor is gone: nobody can reach this process
             self._loop.remove_reader(self._handoff.fileno())
             log.error("the supervisor closed its end of the connection pair; shutting down")
             self.should_exit = True
@@ -91,12 +95,32 @@ class _Server(uvicorn.Server):
             connection.set_inheritable(False)  # recv_fds does not ask for close-on-exec
             connection.setblocking(False)
             task = self._loop.create_task(self._loop.connect_accepted_socket(protocol, connection))
-            task.add_done_callback(_log_failed_adoption)
+            task.add_done_callback(self._adopted)
+        return bool(message)
+
+    def _adopted(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.warning("a connection passed by the supervisor could not be served: %s", task.exception())
+        elif self._shutting_down:
+            # Served from a turn after uvicorn asked its connections to shut down: not among them, it would
+            # be kept alive, serving request after request, until uvicorn's deadline cancelled the one open.
+            _, protocol = task.result()
+            protocol.shutdown()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._shutting_down = True
         if self._handoff is not None and self._handoff.fileno() != -1:
-            # Take no more connections: the supervisor hands new ones to the other processes.
+            # Take no more connections: from the shutdown of our end on, the supervisor's sends fail and it
+            # hands new connections to the other processes (or, if none is left, is no longer accepting).
+            # Those it passed before are in the pair still: served (and shut down) as the others, rather
+            # than closed unanswered with it.
             self._loop.remove_reader(self._handoff.fileno())
+            with contextlib.suppress(OSError):
+                self._handoff.shutdown(socket.SHUT_RD)
+            while self._adopt():
+                pass
             self._handoff.close()
         await super().shutdown(sockets)
 
@@ -120,11 +144,6 @@ class _Server(uvicorn.Server):
         """On the event loop: stay up, not ready, for drain_seconds, then shut down gracefully."""
         log.info("signal %s: not ready; draining for %.1f s", sig, self._settings.drain_seconds)
         self._loop.call_later(self._settings.drain_seconds, uvicorn.Server.handle_exit, self, sig, frame)
-
-
-def _log_failed_adoption(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("a connection passed by the supervisor could not be served: %s", task.exception())
 
 
 def configure_logging(settings: Settings) -> None:
@@ -238,17 +257,35 @@ def sweep_stale_metrics_dirs(parent: str) -> list[str]:
     return removed
 
 
-def _dispatch(sock: socket.socket, handoffs: list[socket.socket], closing: threading.Event) -> None:
+# The dispatcher looks this often whether the drain after a signal is over (it then stops accepting).
+ACCEPT_POLL_S = 0.02
+
+
+def _dispatch(sock: socket.socket, handoffs: list[socket.socket], closing: threading.Event,
+              stop_accepting_at: list[float]) -> None:
     """Supervisor thread: accept connections on ``sock`` and pass each to the next server process in
-    turn, until ``closing`` is set and ``sock`` closed. A process whose socket pair is closed (it has
-    exited or is shutting down) or full (it is not reading: still starting, or stuck) is skipped; when
-    none can take the connection, the dispatcher waits and retries, so that further connections wait in
-    the listening backlog rather than being accepted and dropped. A connection is closed unanswered only
-    when every process has closed its pair."""
+    turn, until ``closing`` is set and ``sock`` closed, or the time in ``stop_accepting_at`` (the end of
+    the drain after a signal) has come: from then on, as a single uvicorn process, the port refuses
+    connections, rather than accept them for server processes that no longer take any (closed unanswered,
+    the client that sent a request on one would see "Server disconnected without sending a response").
+    A process whose socket pair is closed (it has exited or is shutting down) or full (it is not
+    reading: still starting, or stuck) is skipped; when none can take the connection, the dispatcher
+    waits and retries, so that further connections wait in the listening backlog rather than being
+    accepted and dropped. A connection is closed unanswered only when every process has closed its pair."""
     turn = 0
+    sock.setblocking(False)  # accept only what select reported, and look at the time again at least this often
     while not closing.is_set():
+        if stop_accepting_at and time.monotonic() >= stop_accepting_at[0]:
+            with contextlib.suppress(OSError):
+                sock.close()
+            log.info("stopped accepting connections")
+            return
         try:
+            if not select.select([sock], [], [], ACCEPT_POLL_S)[0]:
+                continue
             connection, _ = sock.accept()
+        except BlockingIOError:  # taken back by the client before the accept
+            continue
         except OSError as exc:
             if closing.is_set():
                 return
@@ -310,9 +347,12 @@ def supervise(settings: Settings, overrides: dict) -> int:
         return parent
 
     stopping: list[int] = []  # the signals received; a list append takes no lock (see _Server.handle_exit)
+    stop_accepting_at: list[float] = []  # when the drain after the first signal ends (_dispatch)
 
     def stop(sig, frame) -> None:
         stopping.append(sig)
+        if not stop_accepting_at:
+            stop_accepting_at.append(time.monotonic() + settings.drain_seconds)
         for worker in workers:
             if worker is not None and worker.exitcode is None and worker.pid is not None:
                 os.kill(worker.pid, signal.SIGTERM)
@@ -322,7 +362,7 @@ def supervise(settings: Settings, overrides: dict) -> int:
     for i in range(settings.processes):
         handoffs[i] = start(i)
     closing = threading.Event()
-    dispatcher = threading.Thread(target=_dispatch, args=(sock, handoffs, closing), daemon=True)
+    dispatcher = threading.Thread(target=_dispatch, args=(sock, handoffs, closing, stop_accepting_at), daemon=True)
     dispatcher.start()
     if stopping:  # a signal came while workers were starting: those started after it have not had it
         stop(stopping[0], None)
