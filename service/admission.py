@@ -83,6 +83,10 @@ class Ticket:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.leave()
+
+    def leave(self) -> None:
+        """Give the place back, unless a job took it over (what leaving the ``with`` block does; again: nothing)."""
         if self._gate is not None:
             self._leave_gate()
             self._handed_off = True

@@ -127,7 +127,7 @@ async def admitted(request: Request, parse: Callable[[bytes, str, Settings], Any
         nbytes = body.numel() if isinstance(body, torch.Tensor) else len(body)
         parsed = await offload(fmt, nbytes, parse, body, fmt, settings)
     except BaseException:
-        ticket.__exit__(None, None, None)
+        ticket.leave()
         raise
     return Admitted(state, engine, ticket, parsed, out_fmt)
 
