@@ -8,7 +8,8 @@ kernel's end until its next command (do_bench's end event) arrives, and whatever
 outlasts the flush is idle GPU time too. This prints, for identity and full at dim 128, float16, bits 3 and
 N = 2^20: the flush's time; the raw launcher (setting the pinned bad-row flag, as the default call's kernel
 does) alone, the default public call, and the launcher followed by one synchronize with a busy host delay of
-d us before the launch; then the host time per call (enqueue rate, N = 1) of the launcher and the public calls.
+d us before the launch; then the host time per call (N = 1, no synchronize in the loop: an enqueue rate, but for
+the default call, which waits for its own kernel) of the launcher and the public calls.
 """
 
 from __future__ import annotations

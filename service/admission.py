@@ -157,8 +157,8 @@ class Admission:
 
     def jobs_started(self, n: int) -> bool:
         """The jobs of ``n`` admitted requests began on a worker together (a batched group): ``job_started`` for
-        each, under one lock and with one update of the gauges. Per member that was 26 Python calls on the
-        device worker (GIL held): a batched 1-vector request cost it 63-65 calls before, 40-43 after (cProfile,
+        each, under one lock and with one update of the gauges. Per member that was ~22-26 Python calls on
+        the device worker (GIL held): a batched 1-vector request cost it 63-65 calls before, 40-43 after (cProfile,
         our 2-core CPU). False after ``close``: their places are given back and none runs (each is answered
         ``not_started()``)."""
         with self._lock:

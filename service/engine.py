@@ -365,7 +365,7 @@ class Engine:
         future = self.coalescer.join(key, args, rows)
         # The timeout ends this request's share only, which the group's job then skips (_settle: the future is
         # done); the job itself runs on for the other members. A timer that fails the future, not an
-        # asyncio.timeout around the await: that one's enter and exit were 11 of a batched request's ~420
+        # asyncio.timeout around the await: that one's enter and exit were 11 of a batched request's ~400-420
         # Python calls on the event loop, this is 3.
         timer = asyncio.get_running_loop().call_later(self.settings.job_timeout_s, _time_out, future)
         try:

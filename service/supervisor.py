@@ -72,7 +72,8 @@ class _Server(uvicorn.Server):
         """On the event loop: take the connections the supervisor passed and serve each as uvicorn serves
         the ones it accepts (same protocol class, same server state, so graceful shutdown waits for them).
         One that is served once the shutdown has begun is shut down as uvicorn shuts down the others
-        (``_adopted``). False when nothing more is to be read now."""
+        (``_adopted``). True when a message was read (more may follow), False when none is there now, at the pair's
+        end or on an error."""
         try:
             message, fds, _, _ = socket.recv_fds(self._handoff, 64, 64)
         except (BlockingIOError, InterruptedError):
@@ -115,7 +116,8 @@ class _Server(uvicorn.Server):
             # Take no more connections: from the shutdown of our end on, the supervisor's sends fail and it
             # hands new connections to the other processes (or, if none is left, is no longer accepting).
             # Those it passed before are in the pair still: served (and shut down) as the others, rather
-            # than closed unanswered with it.
+            # than closed unanswered with it. (Linux: after SHUT_RD of a Unix socket what is queued stays
+            # readable and the peer's sends fail with EPIPE; BSDs discard the queue, passed descriptors too.)
             self._loop.remove_reader(self._handoff.fileno())
             with contextlib.suppress(OSError):
                 self._handoff.shutdown(socket.SHUT_RD)
@@ -271,34 +273,64 @@ def _dispatch(sock: socket.socket, handoffs: list[socket.socket], closing: threa
     A process whose socket pair is closed (it has exited or is shutting down) or full (it is not
     reading: still starting, or stuck) is skipped; when none can take the connection, the dispatcher
     waits and retries, so that further connections wait in the listening backlog rather than being
-    accepted and dropped. A connection is closed unanswered only when every process has closed its pair."""
+    accepted and dropped. A connection is closed unanswered only when every process has closed its pair
+    (after a second signal, which ends the processes' drain early: the port is then closed at once)."""
     turn = 0
     sock.setblocking(False)  # accept only what select reported, and look at the time again at least this often
     while not closing.is_set():
-        if stop_accepting_at and time.monotonic() >= stop_accepting_at[0]:
-            with contextlib.suppress(OSError):
-                sock.close()
-            log.info("stopped accepting connections")
-            return
+        wait = ACCEPT_POLL_S
+        if stop_accepting_at:
+            wait = min(wait, stop_accepting_at[0] - time.monotonic())  # (select returns by the drain's end)
+            if wait <= 0:
+                _stop_accepting(sock, handoffs, turn, closing)
+                return
         try:
-            if not select.select([sock], [], [], ACCEPT_POLL_S)[0]:
+            if not select.select([sock], [], [], wait)[0]:
                 continue
             connection, _ = sock.accept()
         except BlockingIOError:  # taken back by the client before the accept
             continue
-        except OSError as exc:
-            if closing.is_set():
+        except (OSError, ValueError) as exc:  # ValueError: select on the socket the main thread has closed
+            if closing.is_set() or sock.fileno() < 0:
                 return
             # EMFILE, ENOBUFS, a connection reset before it was accepted...: accept(2) says to retry.
             log.warning("accept failed (%s); retrying", exc)
             time.sleep(0.1)
             continue
-        with connection:
-            while not closing.is_set():
-                taken, turn = _offer(connection, handoffs, turn)
-                if taken is not None:  # passed, or every process has closed its pair
-                    break
-                time.sleep(0.01)
+        taken, turn = _pass(connection, handoffs, turn, closing)
+        if taken is False and stop_accepting_at:  # every process has closed its pair before the drain's end
+            _stop_accepting(sock, handoffs, turn, closing)
+            return
+
+
+def _pass(connection: socket.socket, handoffs: list[socket.socket], turn: int, closing: threading.Event):
+    """Offer ``connection`` until a process takes it or every pair is closed (then it is closed unanswered);
+    (True | False | None when ``closing``, next turn)."""
+    taken = None
+    with connection:
+        while not closing.is_set():
+            taken, turn = _offer(connection, handoffs, turn)
+            if taken is not None:  # passed, or every process has closed its pair
+                break
+            time.sleep(0.01)
+    return taken, turn
+
+
+def _stop_accepting(sock: socket.socket, handoffs: list[socket.socket], turn: int, closing: threading.Event) -> None:
+    """Close the listening socket, after passing on the connections already in its backlog (closing it would
+    reset them: their clients may have sent a request). The processes still take connections now: their own
+    drain, timed from the signal forwarded after ours, ends later."""
+    while not closing.is_set():
+        try:
+            connection, _ = sock.accept()
+        except (OSError, ValueError):  # BlockingIOError: the backlog is empty
+            break
+        taken, turn = _pass(connection, handoffs, turn, closing)
+        if taken is False:
+            break
+    with contextlib.suppress(OSError):
+        sock.close()
+    log.info("stopped accepting connections")
 
 
 def _offer(connection: socket.socket, handoffs: list[socket.socket], turn: int) -> tuple[bool | None, int]:

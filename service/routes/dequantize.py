@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service import codec, validate
 from service.engine import DequantizeResult, Stats
 from service.errors import InvalidInput
-from service.routes.common import BODY_RESPONSES, admitted, answer, authorized, offload
+from service.routes.common import BODY_RESPONSES, CACHED_HEADER_MAX_BYTES, admitted, answer, authorized, offload
 from service.schemas import Array, DequantizeRequest, DequantizeResponse, Descriptor, Distortion
 from service.settings import Settings
 
@@ -136,8 +136,8 @@ def encode(result: DequantizeResult, p: Parsed, fmt: str) -> bytes | list:
             distortion=Distortion(**result.stats.as_dict()) if result.stats is not None else None,
         )
         return response.model_dump_json(exclude_none=True).encode()
-    if result.stats is None:
-        # No reference (every batched request): the header comes from _vectors_answer_header's cache.
+    if result.stats is None and codec.tensor_nbytes(result.vectors) <= CACHED_HEADER_MAX_BYTES:
+        # No reference, small (every batched request): the header comes from _vectors_answer_header's cache.
         header = _vectors_answer_header(tuple(p.descriptor.items()), result.vectors.shape, result.vectors.dtype)
         return [header, *codec.tensor_parts(result.vectors)]
     return codec.safetensors_parts(*_container(p.descriptor, result.vectors, result.stats))
@@ -153,6 +153,8 @@ def _container(
     return {"vectors": vectors}, metadata
 
 
+# (Keyed by equality: the descriptor's values are strictly typed (Descriptor, Quantizer), so no 1 and True or
+# 1.0, which the header would write differently, can share an entry.)
 @functools.lru_cache(maxsize=256)
 def _vectors_answer_header(descriptor: tuple[tuple[str, object], ...], shape: torch.Size, dtype: torch.dtype) -> bytes:
     """The first part (length and JSON header) of a safetensors answer without distortion, which depends on

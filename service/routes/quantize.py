@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service import codec, validate
 from service.engine import QuantizeResult
 from service.errors import InvalidInput
-from service.routes.common import BODY_RESPONSES, admitted, answer, authorized, offload
+from service.routes.common import BODY_RESPONSES, CACHED_HEADER_MAX_BYTES, admitted, answer, authorized, offload
 from service.schemas import Array, Descriptor, Distortion, QuantizeRequest, QuantizeResponse
 from service.settings import Settings
 
@@ -91,8 +91,8 @@ def encode(result: QuantizeResult, x: torch.Tensor, fmt: str) -> tuple[bytes | l
             distortion=Distortion(**result.stats.as_dict()) if result.stats is not None else None,
         )
         return response.model_dump_json(exclude_none=True).encode(), returned
-    if result.reconstruction is None and result.stats is None:
-        # Codes only (every batched request): the header comes from _codes_answer_header's cache.
+    if result.reconstruction is None and result.stats is None and result.codes.numel() <= CACHED_HEADER_MAX_BYTES:
+        # Codes only, small (every batched request): the header comes from _codes_answer_header's cache.
         header = _codes_answer_header(
             tuple(result.descriptor.items()),
             x.shape,
@@ -128,6 +128,8 @@ def _container(
     return tensors, metadata
 
 
+# (Keyed by equality: the descriptor's values are strictly typed (Descriptor, Quantizer), so no 1 and True or
+# 1.0, which the header would write differently, can share an entry.)
 @functools.lru_cache(maxsize=256)
 def _codes_answer_header(
     descriptor: tuple[tuple[str, object], ...],
