@@ -19,6 +19,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 
 from pydantic import ValidationError  # noqa: E402
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(settings_error(exc))
     configure_logging(settings)
     if settings.processes == 1:
-        serve(settings)
+        if serve(settings):  # SIGINT (Ctrl-C), served out: end as interrupted, SIGINT's own way, not by traceback
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
     else:
         sys.exit(supervise(settings, overrides))
 

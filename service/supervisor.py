@@ -172,13 +172,19 @@ def _uvicorn_config(app, settings: Settings) -> uvicorn.Config:
     )
 
 
-def serve(settings: Settings, handoff: socket.socket | None = None) -> None:
+def serve(settings: Settings, handoff: socket.socket | None = None) -> bool:
     """One server process: the app, its engine and uvicorn, on its own port, or on the connections the
-    supervisor passes over ``handoff``."""
+    supervisor passes over ``handoff``. True when a SIGINT ended it (after the graceful shutdown)."""
     from service.app import create_app
 
     app = create_app(settings)
-    _Server(_uvicorn_config(app, settings), app, settings, handoff).run()
+    try:
+        _Server(_uvicorn_config(app, settings), app, settings, handoff).run()
+    except KeyboardInterrupt:
+        # uvicorn raises the SIGINT it handled again once its shutdown is over, so that the process ends as
+        # interrupted; Python turns that into this exception, which would end it with a traceback (Ctrl-C).
+        return True
+    return False
 
 
 def _worker(overrides: dict, handoff: socket.socket) -> None:

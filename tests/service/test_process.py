@@ -468,3 +468,26 @@ def test_a_request_racing_the_shutdown_on_a_keep_alive_connection_is_answered_50
     assert status in (0, -signal.SIGTERM), log
     assert "Traceback" not in log, log
     assert elapsed < IDLE_CLOSE_S + STOP_S[processes] + 1.0, elapsed
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigint_ends_the_service_as_interrupted_without_a_traceback(processes):
+    """Ctrl-C (SIGINT) to the service's process: the graceful shutdown runs and the process ends as
+    interrupted (one process: killed by SIGINT, as the shell expects of Ctrl-C; the supervisor, which stops
+    its server processes with SIGTERM: 0) with no traceback. uvicorn raises the SIGINT it handled again at
+    the end, which Python turned into a KeyboardInterrupt and its traceback."""
+    from tests.live_service import SMALL_CPU_ENV, start_server
+
+    server = start_server({**SMALL_CPU_ENV, "ISOQUANT_PROCESSES": str(processes), "ISOQUANT_LOG_LEVEL": "info"})
+    try:
+        assert httpx.get(f"{server.url}/health/live", timeout=10).status_code == 200
+        server.process.send_signal(signal.SIGINT)
+        status = server.process.wait(timeout=30)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+    log = server.log_text()
+    server.log.unlink(missing_ok=True)
+    assert "Shutting down" in log, log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    assert status == (-signal.SIGINT if processes == 1 else 0), (status, log)
