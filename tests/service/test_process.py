@@ -490,4 +490,7 @@ def test_sigint_ends_the_service_as_interrupted_without_a_traceback(processes):
     server.log.unlink(missing_ok=True)
     assert "Shutting down" in log, log
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
-    assert status == (-signal.SIGINT if processes == 1 else 0), (status, log)
+    # A child keeps an ignored SIGINT (a shell's background job, as CI may run us): uvicorn still handles it,
+    # then raises it again into the ignored disposition, and the process ends with 0.
+    inherited_ignore = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    assert status == (-signal.SIGINT if processes == 1 and not inherited_ignore else 0), (status, log)
