@@ -47,6 +47,12 @@ VARIANTS = ("full", "fast", "2d", "identity")
 OPS = ("quantize", "dequantize", "roundtrip")
 
 
+def say_ratios(say, label: str, ratios: list[float]) -> None:
+    """One summary line of table 1: median, max and the cells within the 1.05x target."""
+    say(f"# {label}: median {statistics.median(ratios):.3f}, max {max(ratios):.3f}, "
+        f"cells <= 1.05: {sum(r <= 1.05 for r in ratios)} of {len(ratios)}")
+
+
 def synced(fn):
     """fn, then one synchronize of the current stream (the Stream object built once, as _HostFlag keeps it)."""
     stream = torch.cuda.current_stream()
@@ -248,23 +254,15 @@ def main() -> None:
                 f"{copy_us:8.1f} {t_pub / t_raw:7.3f} {t_unc / t_raw:9.3f} {t_sync:8.1f} {t_flag:9.1f} "
                 f"{t_unc_sync:10.1f} {t_pub / t_sync:8.3f}")
         del x
-    if rows:
-        ratios = [r["public_us"] / r["raw_us"] for r in rows]
-        unc = [r["unchecked_us"] / r["raw_us"] for r in rows]
-        say(f"# public / raw: median {statistics.median(ratios):.3f}, max {max(ratios):.3f}, "
-            f"cells <= 1.05: {sum(r <= 1.05 for r in ratios)} of {len(ratios)}")
-        say(f"# check=False / raw: median {statistics.median(unc):.3f}, max {max(unc):.3f}, "
-            f"cells <= 1.05: {sum(r <= 1.05 for r in unc)} of {len(unc)}")
-        floor = [r["raw_sync_us"] / r["raw_us"] for r in rows]
-        over = [r["public_us"] / r["raw_sync_us"] for r in rows]
-        say(f"# raw+sync / raw (any synchronous call's floor): median {statistics.median(floor):.3f}, "
-            f"max {max(floor):.3f}, cells <= 1.05: {sum(r <= 1.05 for r in floor)} of {len(floor)}")
-        say(f"# public / raw+sync: median {statistics.median(over):.3f}, max {max(over):.3f}, "
-            f"cells <= 1.05: {sum(r <= 1.05 for r in over)} of {len(over)}")
-        own = [r["public_us"] / r["raw_flag_sync_us"] for r in rows]
-        say(f"# public / (flagged raw + sync), the default call over its own kernel's floor: median "
-            f"{statistics.median(own):.3f}, max {max(own):.3f}, "
-            f"cells <= 1.05: {sum(r <= 1.05 for r in own)} of {len(own)}")
+    for label, over, under in (
+        ("public / raw", "public_us", "raw_us"),
+        ("check=False / raw", "unchecked_us", "raw_us"),
+        ("raw+sync / raw (any synchronous call's floor)", "raw_sync_us", "raw_us"),
+        ("public / raw+sync", "public_us", "raw_sync_us"),
+        ("public / (flagged raw + sync), the default call over its own floor", "public_us", "raw_flag_sync_us"),
+    ):
+        if rows:
+            say_ratios(say, label, [r[over] / r[under] for r in rows])
 
     if small:
         table_graphs(kt, small, rows, say)

@@ -132,10 +132,11 @@ def precompile(all_configs, workers: int) -> float:
 # Timing
 
 
-def bench_median_us(fn) -> float:
+def bench_median_us(fn, rep: int = 20) -> float:
+    """``triton.testing.do_bench``'s median (L2 flushed before each call) in us; ``rep``: ms of repeats."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e3
+    return triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median") * 1e3
 
 
 def graph_per_call_us(fn, calls: int = GRAPH_CALLS, replays: int = 20) -> float:

@@ -14,20 +14,20 @@ the default call, which waits for its own kernel) of the launcher and the public
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
-from triton.testing import do_bench
 
 import kernels.triton as kt
+from bench.bench_api import host_us
+from bench.bench_kernels import bench_median_us
 from kernels import Quantizer
 
 DELAYS_US = (0, 10, 20, 30, 40, 60)
 
 
 def median_us(fn) -> float:
-    return do_bench(fn, warmup=5, rep=40, return_mode="median") * 1e3
+    return bench_median_us(fn, rep=40)
 
 
 def delayed_then_synced(launch, delay_us: float, stream):
@@ -39,20 +39,6 @@ def delayed_then_synced(launch, delay_us: float, stream):
         stream.synchronize()
 
     return run
-
-
-def host_us_per_call(fn, calls: int = 300, rounds: int = 5) -> float:
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 def print_variant(variant: str, flag: torch.Tensor, stream) -> None:
@@ -87,7 +73,7 @@ def main() -> None:
         ("public check=False", lambda: q.quantize(one, check=False)),
         ("public default", lambda: q.quantize(one)),
     ):
-        print(f"host us/call {name}: {host_us_per_call(fn):.1f}")
+        print(f"host us/call {name}: {host_us(fn, 300, sync_each=False):.1f}")
 
 
 if __name__ == "__main__":

@@ -334,6 +334,15 @@ SHUTDOWN_MARGIN_S = 2.0
 STOP_S = {1: 1.0, 2: 1.5}
 
 
+def _stopped_log(server) -> str:
+    """A server's log once the test is done with it: killed first if it still runs, its log file removed."""
+    if server.process.poll() is None:
+        server.process.kill()
+    log = server.log_text()
+    server.log.unlink(missing_ok=True)
+    return log
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_to_exit_under_held_requests_matches_the_documented_bound(processes):
     """Two requests that would hold the shutdown: one whose large answer the client does not read, one whose
@@ -381,10 +390,7 @@ def test_sigterm_to_exit_under_held_requests_matches_the_documented_bound(proces
     finally:
         held.close()
         trickler.close()
-        if server.process.poll() is None:
-            server.process.kill()
-    log = server.log_text()
-    server.log.unlink(missing_ok=True)
+        log = _stopped_log(server)
     assert answer.startswith(b"HTTP/1.1 503 ") and b'"shutting_down"' in answer, answer
     assert drain - 0.2 < answered < drain + 1.0, answered
     bound = drain + job_timeout + SHUTDOWN_MARGIN_S
@@ -458,10 +464,7 @@ def test_a_request_racing_the_shutdown_on_a_keep_alive_connection_is_answered_50
     finally:
         idle.close()
         begun.close()
-        if server.process.poll() is None:
-            server.process.kill()
-    log = server.log_text()
-    server.log.unlink(missing_ok=True)
+        log = _stopped_log(server)
     for name, answer in answers.items():
         assert answer.startswith(b"HTTP/1.1 503 ") and b'"shutting_down"' in answer, (name, answer, log[-3000:])
         assert b"connection: close" in answer.lower(), (name, answer)
@@ -484,10 +487,7 @@ def test_sigint_ends_the_service_as_interrupted_without_a_traceback(processes):
         server.process.send_signal(signal.SIGINT)
         status = server.process.wait(timeout=30)
     finally:
-        if server.process.poll() is None:
-            server.process.kill()
-    log = server.log_text()
-    server.log.unlink(missing_ok=True)
+        log = _stopped_log(server)
     assert "Shutting down" in log, log
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
     # A child keeps an ignored SIGINT (a shell's background job, as CI may run us): uvicorn still handles it,
