@@ -4,7 +4,8 @@ both import, so that the container's rules, the descriptor and the dtype tables 
 - ``FORMAT_VERSION`` and ``DESCRIPTOR_FIELDS``: the quantizer descriptor (docs/FORMAT.md, "A quantizer");
   ``VARIANT_IDS`` / ``VARIANTS``: the variants' names and stable ids.
 - The dtype tables: safetensors codes <-> names <-> item sizes.
-- ``parse`` / ``write_parts``: the safetensors container on bytes, bytearray or memoryview, without copies.
+- ``parse`` / ``write_parts``: the safetensors container on bytes, bytearray or memoryview, without copies;
+  ``write_header``: its header alone, from the tensors' dtypes and shapes.
 - ``meta_str`` / ``meta_int`` / ``meta_bool``: metadata values to and from their strings.
 - ``VECTOR_DTYPES`` / ``vector_dtype``: the dtypes vectors travel in, and the one a codes container records
   (metadata ``dtype``: the vectors' dtype, restored by decoding; float32 when absent).
@@ -31,6 +32,7 @@ from isoquant_format.safetensors import (
     meta_int,
     meta_str,
     parse,
+    write_header,
     write_parts,
 )
 
@@ -84,5 +86,6 @@ __all__ = [
     "meta_str",
     "parse",
     "vector_dtype",
+    "write_header",
     "write_parts",
 ]

@@ -291,28 +291,46 @@ def write_parts(
     spaces to a multiple of 8 bytes, so the data starts 8-byte aligned in a buffer that is; each tensor
     then is aligned if those before it end on a multiple of its element size (list larger elements
     first for that). Raises ``FormatError`` for an unknown dtype or a byte count that is not the shape's."""
-    meta = tuple((str(k), meta_str(v)) for k, v in (metadata or {}).items() if v is not None)
     specs = []
     parts: list[bytes | memoryview] = []
     for name, (dtype, shape, data) in tensors.items():
-        if name == "__metadata__":
-            raise FormatError("a tensor cannot be named __metadata__ (the header's metadata key)", name)
-        if dtype not in DTYPE_CODES:
-            raise FormatError(f"tensor {name!r} has dtype {dtype!r}; known: {', '.join(DTYPE_CODES)}", f"{name}.dtype")
-        # Plain ints: a shape of numpy integers writes as one of ints, and a float dimension is refused (TypeError)
-        # rather than sharing a cached header with the int shape it equals.
-        shape = tuple(operator.index(d) for d in shape)
+        spec = _spec(name, dtype, shape)
         view = memoryview(data).cast("B")
-        nbytes = math.prod(shape) * ITEMSIZES[dtype]
-        if view.nbytes != nbytes:
+        if view.nbytes != spec[3]:
             raise FormatError(
-                f"tensor {name!r} of shape {list(shape)} and dtype {dtype} needs {nbytes} bytes; got {view.nbytes}",
+                f"tensor {name!r} of shape {list(spec[2])} and dtype {dtype} needs {spec[3]} bytes; got {view.nbytes}",
                 f"{name}.data",
             )
-        specs.append((name, DTYPE_CODES[dtype], shape, nbytes))
-        if nbytes:
+        specs.append(spec)
+        if spec[3]:
             parts.append(view)
-    return [_header(tuple(specs), meta), *parts]
+    return [_header(tuple(specs), _meta(metadata)), *parts]
+
+
+def write_header(
+    tensors: Mapping[str, tuple[str, Sequence[int]]], metadata: Mapping[str, Any] | None = None
+) -> bytes:
+    """The first part of ``write_parts`` (the 8-byte header length and the JSON header) for tensors of these
+    (dtype name, shape), in that order, without their data: a writer that keeps the header of answers of one
+    layout builds it from the layout alone. Raises ``FormatError`` as ``write_parts`` does for a name or dtype."""
+    return _header(tuple(_spec(name, dtype, shape) for name, (dtype, shape) in tensors.items()), _meta(metadata))
+
+
+def _spec(name: str, dtype: str, shape: Sequence[int]) -> tuple[str, str, tuple[int, ...], int]:
+    """(name, dtype code, shape, bytes) of a tensor entry, checked."""
+    if name == "__metadata__":
+        raise FormatError("a tensor cannot be named __metadata__ (the header's metadata key)", name)
+    if dtype not in DTYPE_CODES:
+        raise FormatError(f"tensor {name!r} has dtype {dtype!r}; known: {', '.join(DTYPE_CODES)}", f"{name}.dtype")
+    # Plain ints: a shape of numpy integers writes as one of ints, and a float dimension is refused (TypeError)
+    # rather than sharing a cached header with the int shape it equals.
+    shape = tuple(operator.index(d) for d in shape)
+    return name, DTYPE_CODES[dtype], shape, math.prod(shape) * ITEMSIZES[dtype]
+
+
+def _meta(metadata: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...]:
+    """Metadata as the header's (key, string) pairs: values by ``meta_str``, None values left out."""
+    return tuple((str(k), meta_str(v)) for k, v in (metadata or {}).items() if v is not None)
 
 
 @functools.lru_cache(maxsize=256)

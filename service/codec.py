@@ -345,6 +345,12 @@ def safetensors_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, obje
     return wire.write_parts(raw, metadata)
 
 
+def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> bytes:
+    """The first part of ``safetensors_parts(tensors, metadata)``: it reads only the tensors' dtypes and
+    shapes, so tensors on the meta device will do (no memory)."""
+    return wire.write_header({name: (dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()}, metadata)
+
+
 def tensor_parts(*tensors: torch.Tensor) -> list[memoryview]:
     """The parts that follow the header in ``safetensors_parts`` of these tensors, in order: each non-empty
     tensor's bytes (for an answer whose header is kept by the caller)."""

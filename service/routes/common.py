@@ -91,12 +91,6 @@ def answer(content: bytes | list, out_fmt: str) -> Response:
     return BodyPartsResponse(content, codec.SAFETENSORS)
 
 
-# Answers up to this size take their safetensors header from a cache (routes/quantize.py, routes/dequantize.py):
-# the header is built once from stand-in tensors of the answer's size, which larger answers should not allocate,
-# and whose per-answer Python cost is small next to their bytes anyway.
-CACHED_HEADER_MAX_BYTES = 1 << 20
-
-
 @dataclass
 class Admitted:
     """An op request that holds a place in the queue: the app's state, its engine, queue ticket (to enter with

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service import codec, validate
 from service.engine import DequantizeResult, Stats
 from service.errors import InvalidInput
-from service.routes.common import BODY_RESPONSES, CACHED_HEADER_MAX_BYTES, admitted, answer, authorized, offload
+from service.routes.common import BODY_RESPONSES, admitted, answer, authorized, offload
 from service.schemas import Array, DequantizeRequest, DequantizeResponse, Descriptor, Distortion
 from service.settings import Settings
 
@@ -136,8 +136,8 @@ def encode(result: DequantizeResult, p: Parsed, fmt: str) -> bytes | list:
             distortion=Distortion(**result.stats.as_dict()) if result.stats is not None else None,
         )
         return response.model_dump_json(exclude_none=True).encode()
-    if result.stats is None and codec.tensor_nbytes(result.vectors) <= CACHED_HEADER_MAX_BYTES:
-        # No reference, small (every batched request): the header comes from _vectors_answer_header's cache.
+    if result.stats is None:
+        # No reference (every batched request): the header comes from _vectors_answer_header's cache.
         header = _vectors_answer_header(tuple(p.descriptor.items()), result.vectors.shape, result.vectors.dtype)
         return [header, *codec.tensor_parts(result.vectors)]
     return codec.safetensors_parts(*_container(p.descriptor, result.vectors, result.stats))
@@ -159,11 +159,12 @@ def _container(
 def _vectors_answer_header(descriptor: tuple[tuple[str, object], ...], shape: torch.Size, dtype: torch.dtype) -> bytes:
     """The first part (length and JSON header) of a safetensors answer without distortion, which depends on
     nothing but these arguments: the same bytes for every request of one quantizer, shape and dtype. Built by
-    the general path (``_container``, ``codec.safetensors_parts``) from a stand-in of that shape and dtype, so it
-    is the header that path writes. Why kept: building the metadata and its strings on every answer was ~35 of a
-    batched 1-vector /dequantize's ~515 Python calls on the event loop (cProfile, our 2-core CPU)."""
-    vectors = torch.empty(shape, dtype=dtype)  # read for its layout, never for its (unset) bytes
-    return codec.safetensors_parts(*_container(dict(descriptor), vectors, None))[0]
+    the general path's ``_container`` from a stand-in of that shape and dtype on the meta device (no memory), and
+    ``codec.safetensors_header``, the header ``codec.safetensors_parts`` writes. Why kept: building the metadata
+    and its strings on every answer was ~35 of a batched 1-vector /dequantize's ~515 Python calls on the event
+    loop (cProfile, our 2-core CPU)."""
+    vectors = torch.empty(shape, dtype=dtype, device="meta")
+    return codec.safetensors_header(*_container(dict(descriptor), vectors, None))
 
 
 @router.post(

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service import codec, validate
 from service.engine import QuantizeResult
 from service.errors import InvalidInput
-from service.routes.common import BODY_RESPONSES, CACHED_HEADER_MAX_BYTES, admitted, answer, authorized, offload
+from service.routes.common import BODY_RESPONSES, admitted, answer, authorized, offload
 from service.schemas import Array, Descriptor, Distortion, QuantizeRequest, QuantizeResponse
 from service.settings import Settings
 
@@ -91,8 +91,8 @@ def encode(result: QuantizeResult, x: torch.Tensor, fmt: str) -> tuple[bytes | l
             distortion=Distortion(**result.stats.as_dict()) if result.stats is not None else None,
         )
         return response.model_dump_json(exclude_none=True).encode(), returned
-    if result.reconstruction is None and result.stats is None and result.codes.numel() <= CACHED_HEADER_MAX_BYTES:
-        # Codes only, small (every batched request): the header comes from _codes_answer_header's cache.
+    if result.reconstruction is None and result.stats is None:
+        # Codes only (every batched request): the header comes from _codes_answer_header's cache.
         header = _codes_answer_header(
             tuple(result.descriptor.items()),
             x.shape,
@@ -142,16 +142,17 @@ def _codes_answer_header(
 ) -> bytes:
     """The first part (length and JSON header) of a codes-only safetensors answer, which depends on nothing but
     these arguments: the same bytes for every request of one quantizer, shape and dtype. Built by the general
-    path (``_container``, ``codec.safetensors_parts``) from stand-ins of those shapes and dtypes, so it is the
-    header that path writes. Why kept: building the metadata and its strings on every answer was ~60 of a
-    batched 1-vector /quantize's ~540 Python calls on the event loop (cProfile, our 2-core CPU)."""
-    x = torch.empty(shape, dtype=dtype, device="meta")  # only its shape and dtype are read
-    codes = torch.empty(codes_shape, dtype=codes_dtype)  # read for their layout, never for their (unset) bytes
-    norms = torch.empty(norms_shape, dtype=norms_dtype)
+    path's ``_container`` from stand-ins of those shapes and dtypes on the meta device (no memory), and
+    ``codec.safetensors_header``, the header ``codec.safetensors_parts`` writes. Why kept: building the metadata
+    and its strings on every answer was ~60 of a batched 1-vector /quantize's ~540 Python calls on the event loop
+    (cProfile, our 2-core CPU)."""
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    codes = torch.empty(codes_shape, dtype=codes_dtype, device="meta")
+    norms = torch.empty(norms_shape, dtype=norms_dtype, device="meta")
     bytes_in = codec.tensor_nbytes(x)
     bytes_out = codec.tensor_nbytes(codes) + codec.tensor_nbytes(norms)
     stand_in = QuantizeResult(codes, norms, dict(descriptor), None, None)
-    return codec.safetensors_parts(*_container(stand_in, x, bytes_in, bytes_out, bytes_in / bytes_out))[0]
+    return codec.safetensors_header(*_container(stand_in, x, bytes_in, bytes_out, bytes_in / bytes_out))
 
 
 @router.post(

@@ -29,6 +29,7 @@ from isoquant_format import (
     meta_int,
     meta_str,
     parse,
+    write_header,
     write_parts,
 )
 from isoquant_format import safetensors as container_module
@@ -101,6 +102,8 @@ def test_round_trip_writer_to_parser(specs, metadata, seed):
         tensors[f"t{i}"] = RawTensor(dtype, tuple(shape), rng.integers(0, 256, nbytes, dtype=np.uint8).tobytes())
     parts = write_parts(tensors, metadata)
     assert (len(parts[0]) - 8) % 8 == 0  # the header is padded: the data starts aligned
+    # The header alone, from the layout (what the service keeps for answers of one layout): the same bytes.
+    assert write_header({name: (t.dtype, t.shape) for name, t in tensors.items()}, metadata) == parts[0]
     assert len(parts) == 1 + sum(1 for t in tensors.values() if len(t.data))  # empty tensors add no part
     back, meta = parse(b"".join(parts), dtypes=ALL_DTYPES)
     assert meta == {str(k): meta_str(v) for k, v in metadata.items()}
