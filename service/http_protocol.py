@@ -27,7 +27,9 @@ At shutdown, a keep-alive connection idle between two requests is not closed at 
 client may have sent its next request just then, which a close would cut ("Server disconnected without
 sending a response"; HTTP/1.1 lets a client retry that only for idempotent methods, and a POST is not).
 It stays open for ``IDLE_CLOSE_S``; a request that arrives on it meanwhile, or whose head had begun to
-arrive, is answered 503 shutting_down with ``connection: close``, as a body still arriving is.
+arrive, is answered 503 shutting_down with ``connection: close``, as a body still arriving is. A connection
+whose answer is being written when the shutdown begins (its head said keep-alive) gets the same once that
+answer is complete; one whose answer has not started answers with ``connection: close``.
 
 It also hands uvicorn a transport that joins the small writes of one event-loop turn (``HeldWrites``): uvicorn
 writes a response's status line and headers, then its body, each straight to the socket.
@@ -172,6 +174,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False  # an error answer was written: drop what arrives, close soon
         self._idle_close = None  # shutdown found the connection idle: its close timer (IDLE_CLOSE_S)
         self._shut_down = False  # shutdown() was called (once is enough: see _Server._adopted)
+        # shutdown() found an answer being written, its head already sent as keep-alive: when it is complete,
+        # the connection is idle at shutdown (on_response_complete)
+        self._idle_when_answered = False
 
     # -- connection ---------------------------------------------------------------------------------
 
@@ -303,8 +308,27 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if cycle.more_body and not cycle.response_started:
             self._answer_shutdown()
             return
-        super().shutdown()
+        if cycle.response_started:
+            # Its head went out saying keep-alive, so closing right after its last byte (uvicorn's way) could cut
+            # a request the client sends on it at once: the connection is treated as idle once it is answered.
+            self._idle_when_answered = True
+        else:
+            super().shutdown()  # the answer to come says connection: close
         self.loop.call_later(max(self.shutdown_grace_s - 0.25, 0.0), self._shutdown_deadline)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self._idle_when_answered or self.transport.is_closing():
+            return
+        self._idle_when_answered = False
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined request, received before the shutdown, has just started: its answer says close.
+            self.cycle.keep_alive = False
+            return
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+        self._idle_close = self.loop.call_later(IDLE_CLOSE_S, self._close_idle)
 
     def _close_idle(self) -> None:
         """No request came within ``IDLE_CLOSE_S`` of the shutdown: close (uvicorn's shutdown waits for it)."""

@@ -475,6 +475,53 @@ def test_a_request_racing_the_shutdown_on_a_keep_alive_connection_is_answered_50
 
 
 @pytest.mark.parametrize("processes", [1, 2])
+def test_a_request_sent_right_after_an_answer_written_across_the_shutdown_is_answered_503(processes):
+    """An answer being written when the shutdown begins went out with a keep-alive head, and uvicorn closed the
+    connection right after its last byte: a client that read it and sent its next request at once met a closed
+    connection (nothing answered its POST). Now the connection is idle at shutdown once answered: the next
+    request gets 503 shutting_down with connection: close."""
+    import socket
+
+    from tests.live_service import SMALL_CPU_ENV, start_server
+
+    server = start_server({**SMALL_CPU_ENV, "ISOQUANT_PROCESSES": str(processes), "ISOQUANT_DRAIN_SECONDS": "0",
+                           "ISOQUANT_LOG_LEVEL": "info"})
+    conn = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    try:
+        # 10 MB of codes, then the norms, back into a client that does not read yet: the codes fill the socket
+        # buffers and the transport's, so the norms wait for the client and the answer is still being written
+        # (an answer whose last part is buffered whole is complete for uvicorn). No small SO_RCVBUF: it would
+        # slow the read below to ~40 KB/s.
+        body = st_save({"vectors": torch.randn(10000, 1024).half()}, metadata={"variant": "full", "bits": "8"})
+        conn.sendall(b"POST /quantize HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+                     % (SAFETENSORS.encode(), len(body)) + body)
+        deadline = time.monotonic() + 60
+        while _counter(server.metrics_text(), "isoquant_payload_bytes_total", op="quantize", direction="out") == 0:
+            assert time.monotonic() < deadline, server.log_text()
+            time.sleep(0.1)
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGTERM)
+        while server.log_text().count("Shutting down") < processes:
+            assert time.monotonic() < deadline, server.log_text()
+            time.sleep(0.01)
+        time.sleep(0.1)  # the line is logged just before the connections are told
+        answer = _read_response(conn)
+        conn.sendall(b"POST /quantize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 2\r\n\r\n{}")
+        after = _read_response(conn)
+        status = server.process.wait(timeout=60)
+    finally:
+        conn.close()
+        log = _stopped_log(server)
+    head = answer.partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in head.lower(), head
+    assert after.startswith(b"HTTP/1.1 503 ") and b'"shutting_down"' in after, (after, log[-3000:])
+    assert b"connection: close" in after.lower(), after
+    assert status in (0, -signal.SIGTERM), log
+    assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("processes", [1, 2])
 def test_sigint_ends_the_service_as_interrupted_without_a_traceback(processes):
     """Ctrl-C (SIGINT) to the service's process: the graceful shutdown runs and the process ends as
     interrupted (one process: killed by SIGINT, as the shell expects of Ctrl-C; the supervisor, which stops
