@@ -52,7 +52,8 @@ def compile_sm90(
     t = TRITON_TYPES[dtype]
     if op == "quantize":
         fn = _gluon._quantize_kernel
-        pointers = dict(x_ptr=t, codes_ptr="u8", norms_ptr="fp32", signs_ptr="fp32", p1_ptr="fp32", bnd_ptr="fp32")
+        table = "i64" if plan.search_grid is not None else "fp32"  # what the launcher passes (Plan.search_table)
+        pointers = dict(x_ptr=t, codes_ptr="u8", norms_ptr="fp32", signs_ptr="fp32", p1_ptr="fp32", bnd_ptr=table)
         scalars = ["N", "stride_xr", "stride_cr"]
         const.update(CODE_BYTES=plan.code_bytes, stride_xc=1, stride_cc=1, WORD=word, FAMILY=family_id(plan))
     elif op == "dequantize":

@@ -30,5 +30,6 @@ def prepare(plan) -> None:
     if fused(plan):
         plan.fused_params  # noqa: B018  (a cached property: building it is the point)
         plan.lane_sign_table  # noqa: B018  (and lane_signs)
+        plan.search_grid  # noqa: B018  (reads the boundaries on the host: never inside a call or a capture)
     else:
         plan.mixing_matrix  # noqa: B018

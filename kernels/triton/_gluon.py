@@ -56,6 +56,16 @@ MAX_WIDTH = 32 * 32  # one warp spans a row with at most 32 elements a thread: w
 # 0.72-1.09x, a loss in some cells. Their dequantize here, blocks in a thread in chunks of the plain kernel's
 # W, measured 1.02-1.89x the plain kernel's time (session 9): not used.
 LANE_QUANTIZE_KERNELS = frozenset({"blocks"})
+# ... and those whose quantize runs here where the plan has a grid search (``Plan.search_grid``: bits 4): there the
+# Gluon quantize of 2d and identity took 0.63-0.82x their plain kernel's time (dims 128 and 256, all dtypes,
+# H200, same run; the plain kernel cannot take the grid: with it, it took 2.4-3.9x its tree's time).
+LANE_GRID_QUANTIZE_KERNELS = frozenset({"pairs", "none"})
+# Columns of a row a thread holds in the quantize of "blocks" (at least W / 32: one warp spans a row). Each
+# thread loads the 16 coefficients of each of its blocks once for all its rows: with 32 columns (one row a
+# thread, the default) that was 4 loads an element. H200, N = 2^20, time against 32 columns, same run: 16
+# columns 0.85-0.97x (dims 128 and 256, float16 and float32, bits 2-4); 8 columns 0.89-1.13x. 2d and identity
+# (bits 4) keep 32 (16: 0.99-1.05x).
+BLOCK_PIECE = 16
 # The FAMILY constexpr of the Gluon quantize for ``Plan.kernel`` (``_launch.FUSED_FAMILIES``' numbering). The
 # kernels' own PAIRS constexpr is another thing: signs stored two columns to a word (``_store_rows``).
 FAMILY_BLOCKS, FAMILY_PAIRS, FAMILY_NONE = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2)
@@ -76,9 +86,9 @@ class LanePlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=1024)
-def _lane_plan(width: int, rows: int, warps: int, vec: int, exchange: bool) -> LanePlan | None:
+def _lane_plan(width: int, rows: int, warps: int, vec: int, exchange: bool, piece: int = 0) -> LanePlan | None:
     per_thread = width * rows // (32 * warps)
-    piece = min(per_thread, width)  # columns of one row a thread holds
+    piece = min(piece or per_thread, per_thread, width)  # columns of one row a thread holds
     lanes = width // piece
     if width > MAX_WIDTH or piece < 8 or piece % 8 or per_thread % piece or lanes > 32:
         return None
@@ -142,8 +152,13 @@ def lane_layout(
         return None
     if plan.lane_signs is None:
         # Quantize of the fused rotations in LANE_QUANTIZE_KERNELS: every block of a row inside a thread.
-        if exchange or plan.kernel not in LANE_QUANTIZE_KERNELS or plan.n_coded > width:
+        routed = plan.kernel in LANE_QUANTIZE_KERNELS or (
+            plan.kernel in LANE_GRID_QUANTIZE_KERNELS and plan.search_grid is not None
+        )
+        if exchange or not routed or plan.n_coded > width:
             return None
+        piece = max(BLOCK_PIECE, width // 32) if plan.kernel == "blocks" else 0
+        return _lane_plan(width, rows, warps, 8, exchange, piece)
     return _lane_plan(width, rows, warps, 4 if stored == torch.float32 else 8, exchange)
 
 

@@ -227,12 +227,15 @@ def launch_fused(
     key = (*key, has_flag, aligned(flag_arg))
     if lanes is not None:
         gluon_meta = dict(meta, LANES=lanes, maxnreg=lane_maxnreg(op, meta["num_warps"]))
+        gluon_tail = tail
         if op == "quantize":  # hadamard's transform, or the in-thread rotation of the plan's family
             params = (plan.lane_sign_table,) * 2 if plan.lane_signs is not None else plan.fused_params
             gluon_meta["FAMILY"] = family_id(plan)
+            gluon_tail = (plan.search_table, *tail[1:])  # the boundaries, or the grid search's table (bits 4)
         else:
             params = (plan.lane_sign_table,)
-        if launch_gluon(plan.launches, ("gluon", op, *key), f"_{op}_kernel", grid, (*head, *params, *tail), gluon_meta):
+        args = (*head, *params, *gluon_tail)
+        if launch_gluon(plan.launches, ("gluon", op, *key), f"_{op}_kernel", grid, args, gluon_meta):
             return
     args = (*head, *plan.fused_params, *tail)
     launch(plan.launches, (op, *key), kernel, grid, args, dict(meta, FAMILY=family_id(plan)))

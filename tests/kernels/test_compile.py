@@ -73,3 +73,12 @@ def test_the_ops_rebuild_the_plan_without_deriving_anything():
     rebuilt = Plan.from_op_tensors(k.variant, k.dim, k.bits, k.op_names, k.symmetric, k.op_tensors())
     signs = rebuilt.__dict__["lane_signs"]
     assert torch.equal(signs, k.lane_signs) and signs.data_ptr() == k.lane_sign_table.data_ptr()
+    # The bits-4 grid search's table too (reading the boundaries to build it would sync inside a capture); a
+    # plan without one gets None, not a table built at the call.
+    for variant in ("hadamard", "identity"):
+        g = Quantizer(variant, 64, 4, backend="torch").plan
+        g.fused_params, g.lane_sign_table, g.search_grid  # noqa: B018
+        rebuilt = Plan.from_op_tensors(g.variant, g.dim, g.bits, g.op_names, g.symmetric, g.op_tensors())
+        assert rebuilt.__dict__["search_grid"] is g.search_grid is not None, variant
+        assert rebuilt.__dict__.get("lane_sign_table") is g.lane_sign_table, variant
+    assert Plan.from_op_tensors(k.variant, k.dim, k.bits, k.op_names, k.symmetric, k.op_tensors()).search_grid is None

@@ -86,11 +86,13 @@ def test_lane_layout_routes_only_hadamard_on_cuda():
     assert G.lane_layout(plan, torch.device("cpu"), width, rows, warps) is None  # the interpreter's device
     full = Quantizer("full", 128, 4, backend="torch").plan
     assert G.lane_layout(full, torch.device("cuda"), width, rows, warps) is None  # dequantize, round trip
-    # Quantize of the block rotations runs in Gluon too (no exchange); 2d and identity not yet.
-    for variant, routed in (("full", True), ("fast", True), ("2d", False), ("identity", False), ("dense", False)):
-        other = Quantizer(variant, 128, 4, backend="torch").plan
+    # Quantize of the block rotations runs in Gluon too (no exchange); 2d and identity where the plan has a grid
+    # search (bits 4), not at bits 3.
+    for variant, bits, routed in (("full", 4, True), ("fast", 3, True), ("2d", 4, True), ("identity", 4, True),
+                                  ("2d", 3, False), ("identity", 3, False), ("dense", 4, False)):  # fmt: skip
+        other = Quantizer(variant, 128, bits, backend="torch").plan
         got = G.lane_layout(other, torch.device("cuda"), width, rows, warps, exchange=False)
-        assert (got is not None) == routed and (other.kernel in G.LANE_QUANTIZE_KERNELS) == routed, variant
+        assert (got is not None) == routed, (variant, bits)
     odd = Quantizer("full", 100, 4, backend="torch").plan  # n_coded 100: not whole groups of 8 codes
     assert G.lane_layout(odd, torch.device("cuda"), *fused_tile(odd, 1 << 20, "quantize"), exchange=False) is None
     for dim, routed in ((128, True), (64, True), (96, False), (384, False)):  # kronecker: one block, or m > 1
@@ -174,7 +176,7 @@ def test_compiles_for_sm90_with_warp_local_exchanges(case, sm90_counts):
 
 
 # quantize of the rotations of consecutive columns (variant last): blocks (full, fast), and pairs (2d) and none
-# (identity), which compile but are not routed here yet; a small-batch tile; a padded row (dim 40 in W 64).
+# (identity), routed here at bits 4 (the grid search); a small-batch tile; a padded row (dim 40 in W 64).
 BLOCK_CASES = [
     "quantize:256:3:float16:1048576:word:full",
     "quantize:128:2:bfloat16:1048576:word:fast",
@@ -195,12 +197,17 @@ def test_block_rotation_quantize_stays_in_threads(case, sm90_block_counts):
     """The point of running the block rotations' quantize in Gluon, read from the sm_90 machine code: each 4-D
     block (or pair) sits in one thread of the memory layout, so nothing goes through shared memory (the plain
     kernel converts layouts there for 16-bit inputs) and the only shuffles are the row norm's reduction over the
-    row's lanes; no spills."""
+    row's lanes, for each of the thread's rows; no spills. full and fast hold 16 columns of 2 rows a thread
+    (``_gluon.BLOCK_PIECE``), 2d and identity 32 of one."""
     got = sm90_block_counts[case]
     width, rows, warps = got["tile"]
     lanes_a_row = width // got["piece"]
+    per_thread = width * rows // (32 * warps)
+    rows_a_thread = per_thread // got["piece"]
+    piece = max(G.BLOCK_PIECE, width // 32) if case.split(":")[-1] in ("full", "fast") else per_thread
+    assert got["piece"] == min(piece, per_thread, width), got
     assert got["shared_accesses"] == 0 and got["barriers"] == 0 and got["local_accesses"] == 0, got
-    assert got["shuffles"] <= max(1, lanes_a_row.bit_length() - 1) + 1, got
+    assert got["shuffles"] <= rows_a_thread * max(1, lanes_a_row.bit_length() - 1) + 1, got
 
 
 # hadamard's quantize with its stages across lanes (64 and 32 elements a thread), 2-bit (a search without float
@@ -230,6 +237,29 @@ def test_quantize_scales_rows_not_elements(case, multiplies, sm90_scaled_counts)
     assert got["float_multiplies"] <= multiplies * per_thread, got
     selects_a_search = 0 if int(case.split(":")[2]) == 2 else 1  # the 3-bit tree picks its second threshold
     assert got["float_selects"] <= selects_a_search * per_thread + 4, got
+
+
+# The bits-4 quantize of each family, with the grid search (Plan.search_grid): the tree picked 3 thresholds an
+# element with FSEL (96 a thread of 32 elements at dim 128), the grid none (a lookup and one compare).
+GRID_CASES = [
+    "quantize:128:4:float16:1048576:word:full",
+    "quantize:128:4:bfloat16:1048576:word:identity",
+    "quantize:256:4:float32:1048576:word:2d",
+    "quantize:128:4:float16:1048576:word",
+]
+
+
+@pytest.fixture(scope="module")
+def sm90_grid_counts():
+    return _sass_counts(GRID_CASES)
+
+
+@pytest.mark.parametrize("case", GRID_CASES)
+def test_bits_4_quantize_searches_the_grid(case, sm90_grid_counts):
+    """sm_90 machine code of the bits-4 Gluon quantize: no select tree (at most 4 FSELs a thread, for the row
+    norms' clamps), no spills, no shared memory."""
+    got = sm90_grid_counts[case]
+    assert got["float_selects"] <= 4 and got["local_accesses"] == 0 and got["shared_accesses"] == 0, got
 
 
 @pytest.mark.parametrize("case", [c for c in COMPILE_CASES if c.startswith("roundtrip")])
@@ -289,12 +319,15 @@ def test_kronecker_one_block_gpu(dim, bits, dtype):
 @pytest.mark.parametrize(
     "variant,dim,bits,dtype",
     [("full", 256, 3, "float16"), ("fast", 128, 2, "bfloat16"), ("full", 512, 4, "float32"),
-     ("full", 40, 5, "float16"), ("fast", 1024, 1, "bfloat16"), ("full", 64, 8, "float32")],
+     ("full", 40, 5, "float16"), ("fast", 1024, 1, "bfloat16"), ("full", 64, 8, "float32"),
+     ("2d", 128, 4, "float16"), ("identity", 256, 4, "bfloat16"), ("2d", 512, 4, "float32"),
+     ("identity", 64, 4, "float32")],
 )  # fmt: skip
 @pytest.mark.parametrize("n", [1 << 14, 4099, 300, 1])
 def test_block_rotation_quantize_gpu(variant, dim, bits, dtype, n):
-    """full and fast quantize in the Gluon kernel (asserted where it runs: rows of 512 or more at small
-    batches keep the plain kernel, a warp spanning no such row at 8 elements a thread) against the reference."""
+    """full and fast quantize in the Gluon kernel, and 2d and identity at bits 4 (the grid search), asserted
+    where it runs (rows of 512 or more at small batches keep the plain kernel, a warp spanning no such row at 8
+    elements a thread), against the reference."""
     plan = Quantizer(variant, dim, bits, seed=4, backend="torch").plan
     routed = G.lane_layout(plan, torch.device("cuda"), *fused_tile(plan, n, "quantize"), exchange=False)
     assert (routed is not None) == (dim < 512 or n == 1 << 14)
