@@ -302,8 +302,8 @@ def _grid_magnitude(y, grid_ptr, scale=1.0):
     w = |y| * (G / U) / scale puts |y| on a uniform grid of G cells (U above every P_k); cell round(w) holds
     at most one scaled boundary T (float32 bits, low word; +inf if none) and the count of those below the
     cell (high word): s = count + (w > T). round(w) is the low mantissa of w + 2^23 (two instructions on the
-    FMA pipe, no conversion); an unsigned minimum sends w >= G, +inf and NaN to the last cell. The tree it
-    replaces is 7-11 compares and selects an element on sm_90's ALU pipe (half the FMA pipe's rate), the
+    FMA pipe, no conversion); an unsigned minimum sends w >= G, +inf and NaN to the last cell. The bits-4 tree
+    it replaces is ~10 compares and selects an element on sm_90's ALU pipe (half the FMA pipe's rate), the
     quantize kernels' limit at 16-bit inputs; this is one compare, one select, one minimum there. w rounds
     once more than |y| > P_k * scale: codes may differ only for values within ~1e-7 relative of a boundary."""
     head = tl.load(grid_ptr)  # low word: G / U as float32 bits; high word: G + GRID_MAGIC_BITS
@@ -326,8 +326,8 @@ def _code_search(y, bnd_ptr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, scale=
     index = K/2 + s for y > 0 and K/2 - 1 - s otherwise, i.e. s ^ (K/2 or K/2 - 1). Differs from the
     strict rule only for y exactly equal to a negative boundary. The first version counted all K/2 - 1
     boundaries: ~23 SASS instructions an element at bits 4 (sm_90 disassembly), this one ~12.
-    With ``bnd_ptr`` an int64 table (``Plan.search_grid``, bits 3-4), the magnitude index comes from
-    ``_grid_magnitude`` instead of the tree.
+    With ``bnd_ptr`` an int64 table (``Plan.search_grid``, bits 4; the Gluon quantize), the magnitude index
+    comes from ``_grid_magnitude`` instead of the tree.
     Otherwise (bits >= 5): binary search with BITS gathers from the boundary table (L1 hits)."""
     if SYMMETRIC and bnd_ptr.dtype.element_ty == tl.int64:
         HALF_G: tl.constexpr = 1 << (BITS - 1)

@@ -216,7 +216,8 @@ def launch_fused(
 ) -> None:
     """Launch ``op``'s fused kernel over ``grid`` programs: the Gluon kernel ``_gluon._<op>_kernel`` where
     ``lanes`` is a lane plan (arguments: ``head``, the flag, the plan's lane sign table (quantize: twice, or the
-    plan's two fused parameter pointers where the plan is not hadamard's), ``tail``; constexprs ``meta``, HAS_FLAG
+    plan's two fused parameter pointers where the plan is not hadamard's), ``tail`` (quantize: its first entry,
+    the boundaries, replaced by ``Plan.search_table``); constexprs ``meta``, HAS_FLAG
     and LANES, and FAMILY for quantize), else (or where Gluon fails to compile) the plain ``kernel`` (``head``, the
     flag, the plan's two fused parameter pointers, ``tail``; ``meta``, HAS_FLAG and FAMILY). ``flag``: the
     bad-row flag (``check_flag``) or None. ``key``: the launch's class (``launch``), without the kernel and
