@@ -27,9 +27,11 @@ At shutdown, a keep-alive connection idle between two requests is not closed at 
 client may have sent its next request just then, which a close would cut ("Server disconnected without
 sending a response"; HTTP/1.1 lets a client retry that only for idempotent methods, and a POST is not).
 It stays open for ``IDLE_CLOSE_S``; a request that arrives on it meanwhile, or whose head had begun to
-arrive, is answered 503 shutting_down with ``connection: close``, as a body still arriving is. A connection
-whose answer is being written when the shutdown begins (its head said keep-alive) gets the same once that
-answer is complete; one whose answer has not started answers with ``connection: close``.
+arrive, is answered 503 shutting_down with ``connection: close``, as a body still arriving is; the window
+starts again while the client has not received the last answer (bytes still in the transport or the socket's
+send queue), up to uvicorn's deadline. A connection whose answer is being written when the shutdown begins
+(its head said keep-alive) gets the same window once that answer is complete; one whose answer has not
+started answers with ``connection: close``, and so does a pipelined request queued behind an answer.
 
 It also hands uvicorn a transport that joins the small writes of one event-loop turn (``HeldWrites``): uvicorn
 writes a response's status line and headers, then its body, each straight to the socket.
@@ -37,9 +39,12 @@ writes a response's status line and headers, then its body, each straight to the
 
 from __future__ import annotations
 
+import fcntl
 import http
 import json
 import logging
+import struct
+import termios
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -174,6 +179,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False  # an error answer was written: drop what arrives, close soon
         self._idle_close = None  # shutdown found the connection idle: its close timer (IDLE_CLOSE_S)
         self._shut_down = False  # shutdown() was called (once is enough: see _Server._adopted)
+        self._shutdown_at = 0.0  # when (loop time)
         # shutdown() found an answer being written, its head already sent as keep-alive: when it is complete,
         # the connection is idle at shutdown (on_response_complete)
         self._idle_when_answered = False
@@ -295,6 +301,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._shut_down:
             return
         self._shut_down = True
+        self._shutdown_at = self.loop.time()
         cycle = self.cycle
         if self._refused:
             super().shutdown()
@@ -305,7 +312,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             elif not self.transport.is_closing():
                 self._idle_close = self.loop.call_later(IDLE_CLOSE_S, self._close_idle)
             return
-        if cycle.more_body and not cycle.response_started:
+        if cycle.more_body and not cycle.response_started and not self.pipeline:
+            # (Not for a pipelined request queued behind an answer still being written: a 503 now would land in
+            # the middle of that answer. It is served after it, with connection: close, like the case below.)
             self._answer_shutdown()
             return
         if cycle.response_started:
@@ -322,7 +331,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._idle_when_answered = False
         if self.cycle is not None and not self.cycle.response_complete:
-            # A pipelined request, received before the shutdown, has just started: its answer says close.
+            # A pipelined request (its head arrived while the answer before it was being written, before or after
+            # the shutdown began) has just started: it is served, and its answer says connection: close.
             self.cycle.keep_alive = False
             return
         if self.timeout_keep_alive_task is not None:
@@ -331,10 +341,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._idle_close = self.loop.call_later(IDLE_CLOSE_S, self._close_idle)
 
     def _close_idle(self) -> None:
-        """No request came within ``IDLE_CLOSE_S`` of the shutdown: close (uvicorn's shutdown waits for it)."""
+        """No request came within ``IDLE_CLOSE_S`` of the shutdown: close (uvicorn's shutdown waits for it). While
+        the client has not yet received the last answer (bytes still in the transport or the socket: a slow
+        reader of a large answer), it cannot have sent its next request: the window starts again, up to
+        uvicorn's own deadline."""
         self._idle_close = None
-        if not self._refused and not self.transport.is_closing():
-            self.transport.close()
+        if self._refused or self.transport.is_closing():
+            return
+        deadline = self._shutdown_at + self.shutdown_grace_s
+        if _unsent_bytes(self.transport) and self.loop.time() + IDLE_CLOSE_S < deadline:
+            self._idle_close = self.loop.call_later(IDLE_CLOSE_S, self._close_idle)
+            return
+        self.transport.close()
 
     def _refuse_at_shutdown(self) -> None:
         if self._idle_close is not None:
@@ -414,6 +432,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             408, "request_timeout", f"the request line and headers did not arrive within {self.header_timeout_s} s",
             "headers",
         )
+
+
+def _unsent_bytes(transport) -> int:
+    """Bytes written to ``transport`` that its client has not acknowledged yet: the transport's buffer, plus the
+    socket's send queue where the platform reports it (Linux: TIOCOUTQ, unsent and unacknowledged bytes)."""
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and hasattr(termios, "TIOCOUTQ"):
+        try:
+            unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        except (OSError, ValueError):  # closed meanwhile, or not a stream socket
+            pass
+    return unsent
 
 
 def protocol_class(settings: Settings) -> type[LimitedHttpToolsProtocol]:

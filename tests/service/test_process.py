@@ -402,6 +402,20 @@ def test_sigterm_to_exit_under_held_requests_matches_the_documented_bound(proces
     assert "Traceback" not in log, log
 
 
+def _read_response_at(conn, rate: float) -> bytes:
+    """``_read_response`` of a client that reads at most ``rate`` bytes/s."""
+    data, start = b"", time.monotonic()
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep and len(body) >= int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1)):
+            return data
+        time.sleep(max(0.0, start + len(data) / rate - time.monotonic()))
+
+
 def _read_response(conn) -> bytes:
     """One HTTP/1.1 response (headers and a content-length body) from a blocking socket; b"" if the server
     closed the connection first (a reset reads as b"" too)."""
@@ -474,12 +488,14 @@ def test_a_request_racing_the_shutdown_on_a_keep_alive_connection_is_answered_50
     assert elapsed < IDLE_CLOSE_S + STOP_S[processes] + 1.0, elapsed
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_a_request_sent_right_after_an_answer_written_across_the_shutdown_is_answered_503(processes):
+@pytest.mark.parametrize("processes,read_rate", [(1, None), (2, None), (1, 2e6)])
+def test_a_request_sent_right_after_an_answer_written_across_the_shutdown_is_answered_503(processes, read_rate):
     """An answer being written when the shutdown begins went out with a keep-alive head, and uvicorn closed the
     connection right after its last byte: a client that read it and sent its next request at once met a closed
-    connection (nothing answered its POST). Now the connection is idle at shutdown once answered: the next
-    request gets 503 shutting_down with connection: close."""
+    connection (nothing answered its POST). Now the connection is idle at shutdown once the client has the
+    answer: the next request gets 503 shutting_down with connection: close. ``read_rate`` (bytes/s): a client
+    that takes ~5 s to read the 10 MB answer, past IDLE_CLOSE_S after its last part was handed to the socket
+    (the review's case: the window must not run out before the client has the answer)."""
     import socket
 
     from tests.live_service import SMALL_CPU_ENV, start_server
@@ -505,7 +521,7 @@ def test_a_request_sent_right_after_an_answer_written_across_the_shutdown_is_ans
             assert time.monotonic() < deadline, server.log_text()
             time.sleep(0.01)
         time.sleep(0.1)  # the line is logged just before the connections are told
-        answer = _read_response(conn)
+        answer = _read_response(conn) if read_rate is None else _read_response_at(conn, read_rate)
         conn.sendall(b"POST /quantize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 2\r\n\r\n{}")
         after = _read_response(conn)
