@@ -143,7 +143,7 @@ class Plan:
         time against the tree's, same run, dims 128 and 256, all dtypes: bits 4 0.95-0.99x (full), 0.90-0.98x
         (hadamard), and 2d and identity through the Gluon quantize 0.63-0.82x their plain kernel's; bits 3
         0.99-1.30x (full, hadamard: not used). The plain kernels keep the tree: with the table they took
-        2.4-3.9x its time."""
+        2.4-3.3x its time at bits 4 (2.9-4.2x at bits 3)."""
         if self.bits != 4 or not self.symmetric:
             return None
         return torch.from_numpy(search_grid(self.boundaries.detach().double().cpu().numpy())).to(self.device)

@@ -58,7 +58,7 @@ MAX_WIDTH = 32 * 32  # one warp spans a row with at most 32 elements a thread: w
 LANE_QUANTIZE_KERNELS = frozenset({"blocks"})
 # ... and those whose quantize runs here where the plan has a grid search (``Plan.search_grid``: bits 4): there the
 # Gluon quantize of 2d and identity took 0.63-0.82x their plain kernel's time (dims 128 and 256, all dtypes,
-# H200, same run; the plain kernel cannot take the grid: with it, it took 2.4-3.9x its tree's time).
+# H200, same run; the plain kernel cannot take the grid: with it, it took 2.4-3.3x its tree's time).
 LANE_GRID_QUANTIZE_KERNELS = frozenset({"pairs", "none"})
 # Columns of a row a thread holds in the quantize of "blocks" (at least W / 32: one warp spans a row). Each
 # thread loads the 16 coefficients of each of its blocks once for all its rows: with 32 columns (one row a

@@ -307,7 +307,9 @@ def _grid_magnitude(y, grid_ptr, scale=1.0):
     quantize kernels' limit at 16-bit inputs; this is one compare, one select, one minimum there. w rounds
     once more than |y| > P_k * scale: codes may differ only for values within ~1e-7 relative of a boundary."""
     head = tl.load(grid_ptr)  # low word: G / U as float32 bits; high word: G + GRID_MAGIC_BITS
-    w = tl.abs(y) * (head.to(tl.int32).to(tl.float32, bitcast=True) / scale)
+    # abs: a row's factor, never negative even for a negative scale (none reaches here; it would index below
+    # the table): w >= 0 or NaN.
+    w = tl.abs(y) * tl.abs(head.to(tl.int32).to(tl.float32, bitcast=True) / scale)
     bits = (w + GRID_MAGIC).to(tl.uint32, bitcast=True)
     last = (head >> 32).to(tl.uint32)
     cell = tl.load(grid_ptr + 1 - GRID_MAGIC_BITS + tl.minimum(bits, last).to(tl.int32))

@@ -99,6 +99,10 @@ def test_grid_search_matches_the_select_tree(n):
     tree = _search(y, scale, bnd)
     grid = _search(y, scale, plan.search_grid)
     assert grid.min() >= 0 and grid.max() <= 15
+    # A bad row's scale (NaN, inf, 0, and a negative one, which the kernels never pass): codes stay in range.
+    for bad in (np.nan, np.inf, 0.0, -0.37):
+        odd = _search(y[:512], torch.full((512,), bad), plan.search_grid)
+        assert odd.min() >= 0 and odd.max() <= 15, bad
     finite = torch.isfinite(y)
     differ = (tree != grid) & finite
     near = ((y[:, None] / scale[:, None] - bnd[None, :]).abs() <= 1e-6 * bnd.abs().clamp_min(1e-30)).any(1)
