@@ -39,12 +39,16 @@ writes a response's status line and headers, then its body, each straight to the
 
 from __future__ import annotations
 
-import fcntl
 import http
 import json
 import logging
 import struct
-import termios
+
+try:  # POSIX: the socket's send queue (_unsent_bytes)
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover - Windows
+    fcntl = termios = None
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -439,7 +443,7 @@ def _unsent_bytes(transport) -> int:
     socket's send queue where the platform reports it (Linux: TIOCOUTQ, unsent and unacknowledged bytes)."""
     unsent = transport.get_write_buffer_size()
     sock = transport.get_extra_info("socket")
-    if sock is not None and hasattr(termios, "TIOCOUTQ"):
+    if sock is not None and termios is not None and hasattr(termios, "TIOCOUTQ"):
         try:
             unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
         except (OSError, ValueError):  # closed meanwhile, or not a stream socket
