@@ -260,9 +260,8 @@ def main() -> None:
         ("raw+sync / raw (any synchronous call's floor)", "raw_sync_us", "raw_us"),
         ("public / raw+sync", "public_us", "raw_sync_us"),
         ("public / (flagged raw + sync), the default call over its own floor", "public_us", "raw_flag_sync_us"),
-    ):
-        if rows:
-            say_ratios(say, label, [r[over] / r[under] for r in rows])
+    ) if rows else ():
+        say_ratios(say, label, [r[over] / r[under] for r in rows])
 
     if small:
         table_graphs(kt, small, rows, say)

@@ -249,4 +249,4 @@ def search_grid(boundaries: np.ndarray) -> np.ndarray:
     below = (t[None, :] < widened_lo[:, None]).sum(axis=1)
     low = threshold.view(np.uint32).astype(np.int64)
     head = np.array([np.float32(scale)]).view(np.uint32).astype(np.int64) | (_GRID_MAGIC_BITS + cells) << 32
-    return np.concatenate([head, low | below.astype(np.int64) << 32]).astype(np.int64)
+    return np.concatenate([head, low | below.astype(np.int64) << 32])

@@ -314,7 +314,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if self._head_bytes or self._begun:  # the next request's head has begun to arrive
                 self._refuse_at_shutdown()
             elif not self.transport.is_closing():
-                self._idle_close = self.loop.call_later(IDLE_CLOSE_S, self._close_idle)
+                self._arm_idle_close()
             return
         if cycle.more_body and not cycle.response_started and not self.pipeline:
             # (Not for a pipelined request queued behind an answer still being written: a 503 now would land in
@@ -342,6 +342,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.timeout_keep_alive_task is not None:
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None
+        self._arm_idle_close()
+
+    def _arm_idle_close(self) -> None:
         self._idle_close = self.loop.call_later(IDLE_CLOSE_S, self._close_idle)
 
     def _close_idle(self) -> None:
@@ -354,7 +357,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         deadline = self._shutdown_at + self.shutdown_grace_s
         if _unsent_bytes(self.transport) and self.loop.time() + IDLE_CLOSE_S < deadline:
-            self._idle_close = self.loop.call_later(IDLE_CLOSE_S, self._close_idle)
+            self._arm_idle_close()
             return
         self.transport.close()
 

@@ -402,34 +402,29 @@ def test_sigterm_to_exit_under_held_requests_matches_the_documented_bound(proces
     assert "Traceback" not in log, log
 
 
-def _read_response_at(conn, rate: float) -> bytes:
-    """``_read_response`` of a client that reads at most ``rate`` bytes/s."""
-    data, start = b"", time.monotonic()
-    while True:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-        head, sep, body = data.partition(b"\r\n\r\n")
-        if sep and len(body) >= int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1)):
-            return data
-        time.sleep(max(0.0, start + len(data) / rate - time.monotonic()))
-
-
-def _read_response(conn) -> bytes:
+def _read_response(conn, rate: float | None = None) -> bytes:
     """One HTTP/1.1 response (headers and a content-length body) from a blocking socket; b"" if the server
-    closed the connection first (a reset reads as b"" too)."""
-    data = b""
+    closed the connection first (a reset reads as b"" too). ``rate``: read at most that many bytes/s."""
+    data, start, received = b"", time.monotonic(), 0
+
+    def receive() -> bytes:
+        nonlocal received
+        if rate is not None:
+            time.sleep(max(0.0, start + received / rate - time.monotonic()))
+        chunk = conn.recv(65536)
+        received += len(chunk)
+        return chunk
+
     try:
         while b"\r\n\r\n" not in data:
-            chunk = conn.recv(65536)
+            chunk = receive()
             if not chunk:
                 return data
             data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
         length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
         while len(body) < length:
-            chunk = conn.recv(65536)
+            chunk = receive()
             if not chunk:
                 break
             body += chunk
@@ -521,7 +516,7 @@ def test_a_request_sent_right_after_an_answer_written_across_the_shutdown_is_ans
             assert time.monotonic() < deadline, server.log_text()
             time.sleep(0.01)
         time.sleep(0.1)  # the line is logged just before the connections are told
-        answer = _read_response(conn) if read_rate is None else _read_response_at(conn, read_rate)
+        answer = _read_response(conn, read_rate)
         conn.sendall(b"POST /quantize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 2\r\n\r\n{}")
         after = _read_response(conn)
