@@ -42,7 +42,8 @@ def compile_sm90(
     plan = Quantizer(variant, dim, bits, seed=0, backend="torch").plan
     width, block_rows, warps = fused_tile(plan, rows, op)
     stored = None if op == "quantize" else dtype  # what the kernel stores as floats picks the piece width
-    lane = _gluon.lane_layout(plan, torch.device("cuda"), width, block_rows, warps, stored, op != "quantize")
+    loaded = dtype if op == "quantize" else None  # the quantize's input dtype routes 2d and identity (bits 3)
+    lane = _gluon.lane_layout(plan, torch.device("cuda"), width, block_rows, warps, stored, op != "quantize", loaded)
     if lane is None and op == "quantize" and plan.kernel in ("pairs", "none"):  # compiled, not yet launched
         lane = _gluon._lane_plan(width, block_rows, warps, 8, False)
     if lane is None:
@@ -99,6 +100,8 @@ def counts(kernel) -> dict[str, int]:
         "shuffles": matching(r"\bSHFL\b"),
         "float_multiplies": matching(r"\bFMUL\b"),
         "float_selects": matching(r"\bFSEL\b"),
+        "float_compares": matching(r"\bFSETP\b"),
+        "saturating_adds": matching(r"\bFADD\.SAT\b"),
         "shared_accesses": matching(r"\b(LDS|STS)\b"),
         "barriers": matching(r"\bBAR\b"),
         "shared_bytes": kernel.metadata.shared,

@@ -56,10 +56,17 @@ MAX_WIDTH = 32 * 32  # one warp spans a row with at most 32 elements a thread: w
 # 0.72-1.09x, a loss in some cells. Their dequantize here, blocks in a thread in chunks of the plain kernel's
 # W, measured 1.02-1.89x the plain kernel's time (session 9): not used.
 LANE_QUANTIZE_KERNELS = frozenset({"blocks"})
-# ... and those whose quantize runs here where the plan has a grid search (``Plan.search_grid``: bits 4): there the
+# ... and those whose quantize runs here where the plan has a grid search (``Plan.search_grid``: bits 4), or the
+# steps search at bits 3 (``steps_search``: 16-bit inputs; numbers at SAT_SEARCH_DTYPES). At bits 4 the
 # Gluon quantize of 2d and identity took 0.63-0.82x their plain kernel's time (dims 128 and 256, all dtypes,
 # H200, same run; the plain kernel cannot take the grid: with it, it took 2.4-3.3x its tree's time).
 LANE_GRID_QUANTIZE_KERNELS = frozenset({"pairs", "none"})
+# Input dtypes whose bits-3 quantize searches by saturating steps (``_code_words_3bit``), where every column is
+# coded (n_coded == W). H200, N = 2^20, time against the select tree, same run (dims 128 and 256): float16 and
+# bfloat16 full 0.97-1.00x, hadamard 0.97-0.99x; 2d and identity through the Gluon quantize (routed there by it,
+# ``LANE_GRID_QUANTIZE_KERNELS``) 0.78-1.00x their plain kernel's. Float32 keeps the tree and the plain kernels:
+# there the steps measured 0.96-1.11x (hadamard at dim 256 and identity at dim 128: 1.11x).
+SAT_SEARCH_DTYPES = (torch.float16, torch.bfloat16)
 # Columns of a row a thread holds in the quantize of "blocks" (at least W / 32: one warp spans a row). Each
 # thread loads the 16 coefficients of each of its blocks once for all its rows: with 32 columns (one row a
 # thread, the default) that was 4 loads an element. H200, N = 2^20, time against 32 columns, same run: 16
@@ -115,6 +122,12 @@ def _lane_plan(width: int, rows: int, warps: int, vec: int, exchange: bool, piec
     return LanePlan(memory, compute, words, memory_stages, compute_stages, lane_stages, piece)
 
 
+def steps_search(plan, width: int, loaded: torch.dtype | None) -> bool:
+    """Whether the Gluon quantize of ``loaded`` rows codes by ``_code_words_3bit`` (the kernel's own test of the
+    same conditions): symmetric bits 3, every column of the W-wide tile coded, 16-bit inputs."""
+    return plan.bits == 3 and plan.symmetric and plan.n_coded == width and loaded in SAT_SEARCH_DTYPES
+
+
 def lane_layout(
     plan,
     device: torch.device,
@@ -123,13 +136,15 @@ def lane_layout(
     warps: int,
     stored: torch.dtype | None = None,
     exchange: bool = True,
+    loaded: torch.dtype | None = None,
 ) -> LanePlan | None:
     """The ``LanePlan`` of the Gluon kernels for a fused launch of (W, BN, num_warps) = (width, rows, warps),
     or None where the plain kernels run instead: rotations other than signs and one Walsh-Hadamard transform
     (``Plan.lane_signs``: hadamard, and kronecker at power-of-two dims), except the quantize (``exchange``
-    False) of the plan kernels in LANE_QUANTIZE_KERNELS (full, fast) at n_coded <= W; devices other than CUDA
-    (the interpreter cannot run Gluon), rows wider than one warp spans (W > 1024) and tiles of fewer than 8
-    elements a thread.
+    False) of the plan kernels in LANE_QUANTIZE_KERNELS (full, fast), and of those in LANE_GRID_QUANTIZE_KERNELS
+    (2d, identity) at bits 4 or where ``steps_search`` (of the input dtype ``loaded``), at n_coded <= W; devices
+    other than CUDA (the interpreter cannot run Gluon), rows wider than one warp spans (W > 1024) and tiles of
+    fewer than 8 elements a thread.
 
     Two layouts, each thread holding the same number of columns of a row (``piece``), on the same lanes:
     - ``memory``: pieces of V consecutive columns, lane l of the row's L lanes pieces l, l + L, ..., so that
@@ -153,7 +168,8 @@ def lane_layout(
     if plan.lane_signs is None:
         # Quantize of the fused rotations in LANE_QUANTIZE_KERNELS: every block of a row inside a thread.
         routed = plan.kernel in LANE_QUANTIZE_KERNELS or (
-            plan.kernel in LANE_GRID_QUANTIZE_KERNELS and plan.search_grid is not None
+            plan.kernel in LANE_GRID_QUANTIZE_KERNELS
+            and (plan.search_grid is not None or steps_search(plan, width, loaded))
         )
         if exchange or not routed or plan.n_coded > width:
             return None
@@ -365,6 +381,47 @@ def _code_words_2bit(y, bnd_ptr, t_scale, WORDS: gl.constexpr, BN: gl.constexpr,
 
 
 @gluon.jit
+def _step(a, offset):
+    """float32 sat(a + offset) (one FADD.SAT): 1.0 where a + offset >= 1, 0.0 where it is <= 0 or NaN."""
+    return gl.inline_asm_elementwise(
+        "add.rn.sat.f32 $0, $1, $2;", "=f,f,f", [a, offset], dtype=gl.float32, is_pure=True, pack=1
+    )
+
+
+@gluon.jit
+def _code_words_3bit(y, bnd_ptr, t_scale, WORDS: gl.constexpr, BN: gl.constexpr, W: gl.constexpr):
+    """Packed 3-bit codes (uint32 words [BN, W // 8] of 24 bits, layout WORDS) of y [BN, W] for a symmetric
+    codebook whose boundaries are times t_scale [BN] (a row's, > 0), every column coded: the tree's codes
+    (``_code_search``) computed on the FMA pipe. The 16-bit quantize is bound by the ALU pipe (half the FMA
+    pipe's rate), where the tree's compares and selects run: sm_90, float16 dim 128, ALU instructions a thread of
+    32 elements: full 298 -> 112, identity 363 -> 96 (``bench/sass.py``).
+
+    - Steps: with A = 2^(40 - exponent of t_scale) (a row's power of two: no rounding, no overflow), a = |y| A and
+      each positive boundary's T = P_k t_scale, s_k = sat(a - T A) is exactly [|y| > T] (the tree's compare):
+      a - T A is exact in sign and, when positive, at least one ulp of T A >= P_k 2^15 >= 2^7 (Lloyd-Max bits 3:
+      P_0 ~ 0.5 / sqrt(n) >= 2^-8 up to MAX_DIM = 4096; tests/kernels/test_gluon.py checks it).
+    - Code: K/2 + c for y > 0, K/2 - 1 - c otherwise (c = s_0 + s_1 + s_2): code = 3.5 + m (c + 0.5) with
+      m = +1 for y > 0 and -1 otherwise, read off the sign of 0 - y (+0 for y = +-0, which code below the middle
+      boundary as in the reference).
+    - Word: sum_j 8^j code_j = (S + 2^24 - 1) / 2 with S = sum_j (2 m_j 8^j) (c_j + 0.5): odd integers below
+      2^24 in magnitude, so every partial sum is exact in float32; one conversion a word.
+    Rows whose norm is not finite get NaN steps (0), codes of their own (raised by the bad-row flag)."""
+    y3 = _group_view(y, WORDS, BN, W)
+    ts = gl.convert_layout(t_scale, gl.SliceLayout(1, WORDS), assert_trivial=True)
+    exponent = ((ts.to(gl.uint32, bitcast=True) >> 23) & 0xFF).to(gl.int32)
+    big = ((294 - exponent) << 23).to(gl.float32, bitcast=True)  # 2^(167 - biased exponent): ts * big ~ 2^40
+    a = gl.abs(y3) * big[:, None, None]
+    t0 = (-(gl.load(bnd_ptr + 4) * ts) * big)[:, None, None]
+    t1 = (-(gl.load(bnd_ptr + 5) * ts) * big)[:, None, None]
+    t2 = (-(gl.load(bnd_ptr + 6) * ts) * big)[:, None, None]
+    half_count = (_step(a, t0) + _step(a, t1)) + (_step(a, t2) + 0.5)
+    j = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS.parent)))
+    minus_weight = (((128 + 3 * j) << 23).to(gl.uint32) | 0x80000000)[None, None, :]  # -2 * 8^j, float32 bits
+    weight = (((0.0 - y3).to(gl.uint32, bitcast=True) & 0x80000000) ^ minus_weight).to(gl.float32, bitcast=True)
+    return (gl.sum(weight * half_count, axis=2) * 0.5 + 8388607.5).to(gl.uint32)
+
+
+@gluon.jit
 def _coded(y, bnd_ptr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr, scale, N_CODED: gl.constexpr, W: gl.constexpr,
            COMPUTE: gl.constexpr):  # fmt: skip
     """int32 codes [BN, W] of y (layout COMPUTE) against the boundaries times scale, 0 beyond N_CODED."""
@@ -564,6 +621,8 @@ def _quantize_kernel(
         scale = gl.convert_layout(unit * unnormalized, gl.SliceLayout(1, COMPUTE), assert_trivial=True)
         if BITS == 2 and N_CODED == W:
             word = _code_words_2bit(y, bnd_ptr, scale, WORDS, BN, W)
+        elif BITS == 3 and N_CODED == W and x_ptr.dtype.element_ty != gl.float32:  # steps_search
+            word = _code_words_3bit(y, bnd_ptr, scale, WORDS, BN, W)
         else:
             word = _pack(_coded(y, bnd_ptr, BITS, True, scale[:, None], N_CODED, W, COMPUTE), WORDS, BN, W, BITS)
     else:

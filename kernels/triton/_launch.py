@@ -191,11 +191,13 @@ def launch(cache: dict, key: tuple, kernel, grid: int, args: tuple, meta: dict) 
         cache[(key, torch.cuda.current_device())] = (compiled, tail)
 
 
-def lane_plan(plan: Plan, device: torch.device, width: int, rows: int, warps: int, stored=None, exchange=True):
+def lane_plan(
+    plan: Plan, device: torch.device, width: int, rows: int, warps: int, stored=None, exchange=True, loaded=None
+):
     """``_gluon.lane_layout`` of this launch, or None (plain kernels) where Gluon is off or does not apply."""
     if GLUON is None or _gluon_failed:
         return None
-    return GLUON.lane_layout(plan, device, width, rows, warps, stored, exchange)
+    return GLUON.lane_layout(plan, device, width, rows, warps, stored, exchange, loaded)
 
 
 def launch_gluon(cache: dict, key: tuple, kernel: str, grid: int, args: tuple, meta: dict) -> bool:

@@ -246,7 +246,7 @@ def quantize(
     sym = plan.symmetric
     if fused(plan):
         width, rows, warps = fused_tile(plan, n, "quantize", tile)
-        lanes = lane_plan(plan, x.device, width, rows, warps, exchange=False)
+        lanes = lane_plan(plan, x.device, width, rows, warps, exchange=False, loaded=x.dtype)
         grid = cdiv(n, rows)
         stride_xr, stride_xc = x.stride()
         sizes = (n, plan.dim, plan.n_coded, plan.code_bytes, stride_xr, stride_xc, *codes.stride())

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from kernels import Quantizer
+from kernels.packing import unpack_codes
 from tests.kernels.test_triton_ops import DTYPES, _near_boundary, _rotated, _rows_close, check_ops, needs_cuda
 
 kt = pytest.importorskip("kernels.triton")
@@ -93,6 +94,13 @@ def test_lane_layout_routes_only_hadamard_on_cuda():
         other = Quantizer(variant, 128, bits, backend="torch").plan
         got = G.lane_layout(other, torch.device("cuda"), width, rows, warps, exchange=False)
         assert (got is not None) == routed, (variant, bits)
+    # ... and 2d and identity at bits 3 with 16-bit inputs (the steps search), every column coded.
+    steps_cases = (("2d", 128, torch.float16, True), ("identity", 128, torch.bfloat16, True),
+                   ("identity", 128, torch.float32, False), ("2d", 120, torch.float16, False))  # fmt: skip
+    for variant, dim, dtype, routed in steps_cases:
+        other = Quantizer(variant, dim, 3, backend="torch").plan
+        got = G.lane_layout(other, torch.device("cuda"), *fused_tile(other, 1 << 20, "quantize"), None, False, dtype)
+        assert (got is not None) == routed == G.steps_search(other, fused_tile(other, 1 << 20, "quantize")[0], dtype)
     odd = Quantizer("full", 100, 4, backend="torch").plan  # n_coded 100: not whole groups of 8 codes
     assert G.lane_layout(odd, torch.device("cuda"), *fused_tile(odd, 1 << 20, "quantize"), exchange=False) is None
     for dim, routed in ((128, True), (64, True), (96, False), (384, False)):  # kronecker: one block, or m > 1
@@ -216,7 +224,8 @@ def test_block_rotation_quantize_stays_in_threads(case, sm90_block_counts):
 # first product of each rotated coordinate (1 an element). Before the scaled thresholds: 2.5 and 2.1.
 SCALED_QUANTIZE_CASES = [
     ("quantize:256:2:float16:1048576:word", 0.75),
-    ("quantize:128:3:bfloat16:1048576:word", 0.75),
+    ("quantize:128:3:float32:1048576:word", 0.75),  # (16-bit inputs: the steps search, STEPS_CASES)
+    ("quantize:128:3:bfloat16:1048576:word", 2.0),  # + the steps: |y| times a power of two (exact), thresholds
     ("quantize:256:2:float16:1048576:word:full", 1.25),
 ]
 
@@ -235,7 +244,8 @@ def test_quantize_scales_rows_not_elements(case, multiplies, sm90_scaled_counts)
     width, rows, warps = got["tile"]
     per_thread = width * rows // (32 * warps)
     assert got["float_multiplies"] <= multiplies * per_thread, got
-    selects_a_search = 0 if int(case.split(":")[2]) == 2 else 1  # the 3-bit tree picks its second threshold
+    tree = int(case.split(":")[2]) == 3 and ":float32:" in case  # the 3-bit tree picks its second threshold
+    selects_a_search = 1 if tree else 0
     assert got["float_selects"] <= selects_a_search * per_thread + 4, got
 
 
@@ -260,6 +270,81 @@ def test_bits_4_quantize_searches_the_grid(case, sm90_grid_counts):
     norms' clamps), no spills, no shared memory."""
     got = sm90_grid_counts[case]
     assert got["float_selects"] <= 4 and got["local_accesses"] == 0 and got["shared_accesses"] == 0, got
+
+
+# The bits-3 Gluon quantize of 16-bit inputs codes by saturating steps (_gluon._code_words_3bit); float32 keeps the
+# select tree (2 compares an element on |y|, one FSEL picking the second threshold).
+STEPS_CASES = [
+    "quantize:128:3:float16:1048576:word:full",
+    "quantize:256:3:bfloat16:1048576:word:identity",
+    "quantize:128:3:float16:1048576:word:2d",
+    "quantize:128:3:bfloat16:1048576:word",
+    "quantize:128:3:float32:1048576:word:full",
+]
+
+
+@pytest.fixture(scope="module")
+def sm90_steps_counts():
+    return _sass_counts(STEPS_CASES)
+
+
+@pytest.mark.parametrize("case", STEPS_CASES)
+def test_bits_3_quantize_of_16_bit_inputs_steps_on_the_fma_pipe(case, sm90_steps_counts):
+    """sm_90 machine code of the bits-3 Gluon quantize: 16-bit inputs take three FADD.SAT an element and no
+    compare or select an element (before: 100 FSETP, 98 SEL and 32 FSEL a thread of 32 at dim 128, full);
+    float32 inputs keep the tree. No spills, no shared memory."""
+    got = sm90_steps_counts[case]
+    width, rows, warps = got["tile"]
+    per_thread = width * rows // (32 * warps)
+    assert got["local_accesses"] == 0 and got["shared_accesses"] == 0, got
+    if ":float32:" in case:
+        assert got["saturating_adds"] == 0 and got["float_compares"] >= 2 * per_thread, got
+    else:
+        assert got["saturating_adds"] == 3 * per_thread, got
+        assert got["float_compares"] <= 8 and got["float_selects"] <= 4, got
+
+
+def _steps_words(y: torch.Tensor, positive: torch.Tensor, t_scale: torch.Tensor) -> torch.Tensor:
+    """``_gluon._code_words_3bit``'s arithmetic in float32 torch (sat as clamp): y [N, 8 g], the three positive
+    boundaries, t_scale [N] -> int64 words [N, g]."""
+    exponent = (t_scale.view(torch.int32) >> 23) & 0xFF
+    big = ((294 - exponent) << 23).view(torch.float32)[:, None]
+    a = y.abs() * big
+    steps = [(a - (p * t_scale)[:, None] * big).clamp(0, 1) for p in positive]
+    half_count = (steps[0] + steps[1]) + (steps[2] + 0.5)
+    j = torch.arange(8, dtype=torch.int32).repeat(y.shape[1] // 8)
+    minus_weight = ((128 + 3 * j) << 23) | (-(1 << 31))
+    weight = (((0.0 - y).view(torch.int32) & (-(1 << 31))) ^ minus_weight).view(torch.float32)
+    total = (weight * half_count).reshape(y.shape[0], -1, 8).sum(dim=2)
+    return (total * 0.5 + 8388607.5).long()
+
+
+def test_steps_search_arithmetic_gives_the_tree_codes():
+    """The steps search's algebra (exact steps, the sign of 0 - y, the weighted sum and its offset), replayed in
+    float32 torch on the CPU, packs the reference's codes of y / t_scale: values on every scaled boundary and
+    one float either side, +-0, tiny and huge row scales, dims 8 to 4096 (the smallest boundaries)."""
+    for dim in (8, 128, 4096):
+        plan = Quantizer("identity", dim, 3, seed=0, backend="torch").plan
+        positive = plan.boundaries[4:].float()
+        for scale in (1.1e-19, 3e-7, 1.0, 2.5e4, 1.8e19):
+            ts = torch.full((6,), scale, dtype=torch.float32)
+            edges = torch.cat([positive * scale, -positive * scale]).float()
+            near = torch.cat([edges, edges.nextafter(edges * 2), edges.nextafter(edges * 0)])
+            rows = torch.cat([near, torch.tensor([0.0, -0.0, scale, -scale, scale * 1e-30, 3 * scale])])
+            y = rows.repeat(6 * 8 * 4)[: 6 * 8 * 4].reshape(6, -1).clone()
+            y[1] = y[0].flip(0)
+            y[2] = torch.randn(y.shape[1]) * scale / dim**0.5
+            words = _steps_words(y, positive, ts)
+            codes = torch.stack([(words >> (3 * k)) & 7 for k in range(8)], dim=2).reshape(y.shape)
+            # The tree's rule (_jit._code_search): 4 + c for y > 0, else 3 - c, c the number of scaled positive
+            # boundaries strictly below |y| (y on a negative boundary codes above it, unlike the reference).
+            c = (y.abs()[:, :, None] > (positive[None, :] * ts[:, None])[:, None, :]).sum(dim=2)
+            tree = torch.where(y > 0, 4 + c, 3 - c)
+            assert torch.equal(codes, tree), (dim, scale)
+            scaled = plan.boundaries.float()[None, :] * ts[:, None]
+            strict = (y[:, :, None] > scaled[:, None, :]).sum(dim=2)
+            on_negative = (y[:, :, None] == -(positive[None, :] * ts[:, None])[:, None, :]).any(dim=2)
+            assert torch.equal(codes[~on_negative], strict[~on_negative]) and on_negative.any(), (dim, scale)
 
 
 @pytest.mark.parametrize("case", [c for c in COMPILE_CASES if c.startswith("roundtrip")])
@@ -321,15 +406,17 @@ def test_kronecker_one_block_gpu(dim, bits, dtype):
     [("full", 256, 3, "float16"), ("fast", 128, 2, "bfloat16"), ("full", 512, 4, "float32"),
      ("full", 40, 5, "float16"), ("fast", 1024, 1, "bfloat16"), ("full", 64, 8, "float32"),
      ("2d", 128, 4, "float16"), ("identity", 256, 4, "bfloat16"), ("2d", 512, 4, "float32"),
-     ("identity", 64, 4, "float32")],
+     ("identity", 64, 4, "float32"), ("2d", 256, 3, "bfloat16"), ("identity", 128, 3, "float16"),
+     ("identity", 512, 3, "bfloat16")],
 )  # fmt: skip
 @pytest.mark.parametrize("n", [1 << 14, 4099, 300, 1])
 def test_block_rotation_quantize_gpu(variant, dim, bits, dtype, n):
-    """full and fast quantize in the Gluon kernel, and 2d and identity at bits 4 (the grid search), asserted
-    where it runs (rows of 512 or more at small batches keep the plain kernel, a warp spanning no such row at 8
-    elements a thread), against the reference."""
+    """full and fast quantize in the Gluon kernel, and 2d and identity at bits 4 (the grid search) and at bits 3
+    with 16-bit inputs (the steps search), asserted where it runs (rows of 512 or more at small batches keep
+    the plain kernel, a warp spanning no such row at 8 elements a thread), against the reference."""
     plan = Quantizer(variant, dim, bits, seed=4, backend="torch").plan
-    routed = G.lane_layout(plan, torch.device("cuda"), *fused_tile(plan, n, "quantize"), exchange=False)
+    tile = fused_tile(plan, n, "quantize")
+    routed = G.lane_layout(plan, torch.device("cuda"), *tile, None, False, DTYPES[dtype])
     assert (routed is not None) == (dim < 512 or n == 1 << 14)
     check_ops(variant, dim, bits, DTYPES[dtype], n=n, device="cuda")
 
@@ -435,6 +522,37 @@ def test_quantize_of_tiny_and_zero_rows_as_the_plain_kernel_gpu(variant, bits, m
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("variant", ["full", "fast", "2d", "identity", "hadamard"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_bits_3_steps_search_codes_as_the_tree_gpu(variant, dtype, monkeypatch):
+    """The steps search (bits 3, 16-bit inputs) against the select tree of the plain kernel on rows with exact
+    zeros (+0 and -0: identity codes them as y = 0, below the middle boundary), a zero row, rows below the
+    norm's clamp and rows near float16's largest values: codes equal but for values on a boundary."""
+    plan = Quantizer(variant, 128, 3, seed=6, device="cuda", backend="torch").plan
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(4099, 128, device="cuda", generator=gen)
+    x[:, ::5] = 0.0
+    x[:, 1::7] = -0.0
+    x[3] = 0.0
+    x[10:20] *= 1e-25  # rows below the norm's clamp (bfloat16; float16 flushes them to +-0)
+    x[20:30] *= 6e4 / x[20:30].abs().amax(dim=1, keepdim=True)
+    x = x.to(DTYPES[dtype])
+    assert G.lane_layout(plan, x.device, *fused_tile(plan, x.shape[0], "quantize"), None, False, x.dtype) is not None
+    codes, norms = kt.quantize(x, plan)
+    monkeypatch.setattr(G, "lane_layout", lambda *args, **kwargs: None)
+    tree_codes, tree_norms = kt.quantize(x, plan)
+    torch.testing.assert_close(norms, tree_norms, rtol=4e-7, atol=0)
+    idx, tree_idx = (unpack_codes(c, 3, plan.n_coded).long() for c in (codes, tree_codes))
+    differ = idx != tree_idx
+    assert bool(_near_boundary(_rotated(x, plan), plan)[differ].all()) and int(differ.sum()) <= 8, int(differ.sum())
+    assert torch.equal(codes[3], tree_codes[3]) and bool((idx[3] == 3).all())  # a zero row: all code 3
+    if variant == "identity":
+        zero = x.float() == 0
+        assert bool((idx[zero] == 3).all())
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("dim,bits", [(128, 4), (256, 2), (64, 3), (100, 7)])
 def test_agrees_with_the_plain_kernels_gpu(dim, bits, monkeypatch):
     """The Gluon and the plain Triton kernels compute the same transform with the butterfly stages in
@@ -484,7 +602,7 @@ def test_launchers_bind_the_gluon_kernels(op, monkeypatch):
     monkeypatch.setattr(G, kernel[op], recorder)
     forced = []
 
-    def lane_layout(plan, device, width, rows, warps, stored=None, exchange=True):
+    def lane_layout(plan, device, width, rows, warps, stored=None, exchange=True, loaded=None):
         forced.append(G._lane_plan(width, rows, warps, 4 if stored == torch.float32 else 8, exchange))
         return forced[-1]
 
@@ -579,7 +697,7 @@ def test_a_gluon_compile_error_falls_back_to_the_plain_kernels(monkeypatch):
 
     monkeypatch.setattr(_launch, "_gluon_failed", [])
     monkeypatch.setattr(G, "_quantize_kernel", Broken())
-    monkeypatch.setattr(G, "lane_layout", lambda plan, device, w, r, warps, stored=None, exchange=True: object())
+    monkeypatch.setattr(G, "lane_layout", lambda *args, **kwargs: object())
     plan = Quantizer("hadamard", 64, 3, seed=1, backend="torch").plan
     x = torch.randn(9, 64)
     with pytest.warns(UserWarning, match="Gluon kernels are off"):

@@ -81,7 +81,7 @@ def test_launch_class_separates_what_triton_specializes(variant, monkeypatch):
         assert seen.setdefault(key, signature) == signature, key
 
     monkeypatch.setattr(_launch, "launch", record)  # (launch_fused and launch_gluon call it by this name)
-    def forced(plan, device, w, r, warps, stored=None, exchange=True):  # what lane_layout gives on a GPU
+    def forced(plan, device, w, r, warps, stored=None, exchange=True, loaded=None):  # what lane_layout gives on a GPU
         if plan.lane_signs is None and (exchange or plan.kernel not in _gluon.LANE_QUANTIZE_KERNELS):
             return None  # full: its quantize only
         return _gluon._lane_plan(w, r, warps, 4 if stored == torch.float32 else 8, exchange)
