@@ -16,6 +16,7 @@ live processes; ready: the minimum, so 1 only when every process is warm). The p
 
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import threading
@@ -33,6 +34,29 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.settings import Settings
+
+
+class SizedFilesCollector(MultiProcessCollector):
+    """prometheus_client's multiprocess collector, reading only files that have been sized. A process creates its
+    metric file empty (``MmapedDict`` opens it, then truncates it to its first size): a read in between raised
+    ``struct.error`` (a CI run: one server process registering this collector, which reads every file, while
+    another started), and a process killed in between would leave it so for every later scrape. An empty file
+    holds no samples; a file deleted after the listing (a dead process's live gauges) is skipped, as
+    prometheus_client skips it."""
+
+    def __init__(self, registry: CollectorRegistry, path: str):
+        self._files_path = path
+        super().__init__(registry, path=path)
+
+    def collect(self):
+        sized = []
+        for name in glob.glob(os.path.join(self._files_path, "*.db")):
+            try:
+                if os.path.getsize(name):
+                    sized.append(name)
+            except FileNotFoundError:
+                continue
+        return self.merge(sized, accumulate=True)
 
 OPS = ("quantize", "dequantize", "roundtrip")
 # 1 us .. 1 s in a 1-2.5-5 ladder: GPU kernels on small batches are microseconds, CPU reference on
@@ -217,7 +241,7 @@ class Metrics:
         else:
             # The samples of every process, read from the multiprocess directory at each scrape.
             self._exposed = CollectorRegistry(auto_describe=True)
-            MultiProcessCollector(self._exposed, path=self._multiprocess_dir)
+            SizedFilesCollector(self._exposed, self._multiprocess_dir)
             PlatformCollector(registry=self._exposed)
 
     def observe_http(self, route: str, method: str, status: str, seconds: float) -> None:

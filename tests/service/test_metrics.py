@@ -158,3 +158,28 @@ def test_a_short_served_list_labels_each_dim_exactly():
     assert m.label("dim", 5000) == "other" and m.label("dim", "100") == "other" and m.label("dim", 101) == "other"
     wide = Metrics(settings(), "test")  # the default: 2-4096, bucketed outside the common sizes and warm set
     assert [wide.label("dim", d) for d in (100, 128, 384, 385)] == ["le_128", "128", "384", "le_512"]
+
+
+def test_a_multiprocess_scrape_skips_a_metric_file_not_yet_sized(tmp_path):
+    """A server process creates its metric file empty and sizes it just after: a scrape (or another process's
+    collector registration, which reads every file) in between read it as a truncated header, struct.error (a CI
+    run's Traceback). The collector skips empty files and still reads the others."""
+    import struct
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from service.metrics import SizedFilesCollector
+
+    written = MmapedDict(str(tmp_path / "counter_101.db"))
+    key = mmap_key("isoquant_requests", "isoquant_requests_total", ["route"], ["/quantize"], "HTTP requests")
+    written.write_value(key, 3.0, 0.0)
+    written.close()
+    (tmp_path / "counter_102.db").touch()  # another process's file, opened but not yet sized
+    with pytest.raises(struct.error):
+        MultiProcessCollector(None, path=str(tmp_path)).collect()  # prometheus_client's own
+    registry = CollectorRegistry(auto_describe=True)  # as the service's: registering collects once
+    SizedFilesCollector(registry, str(tmp_path))
+    text = generate_latest(registry).decode()
+    assert 'isoquant_requests_total{route="/quantize"} 3.0' in text, text
