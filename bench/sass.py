@@ -8,7 +8,7 @@ unset (the interpreter wraps the Triton helpers that the kernels call).
 
 A case is op:dim:bits:dtype[:rows[:word|bytes[:variant]]] (rows 2^20, word access and hadamard by default; other
 variants: quantize of the block rotations, e.g. quantize:256:3:float16:1048576:word:full, and of 2d and identity,
-which compile there but are not routed to it); the launch's tile
+routed there at bits 4 and at bits 3 of 16-bit inputs, and compiled there otherwise); the launch's tile
 (``_launch.fused_tile``) and lane layout are those of a real launch of that many rows.
 """
 

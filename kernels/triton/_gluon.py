@@ -66,6 +66,8 @@ LANE_GRID_QUANTIZE_KERNELS = frozenset({"pairs", "none"})
 # bfloat16 full 0.97-1.00x, hadamard 0.97-0.99x; 2d and identity through the Gluon quantize (routed there by it,
 # ``LANE_GRID_QUANTIZE_KERNELS``) 0.78-1.00x their plain kernel's. Float32 keeps the tree and the plain kernels:
 # there the steps measured 0.96-1.11x (hadamard at dim 256 and identity at dim 128: 1.11x).
+# The kernel tests the same thing as "not float32" (a constexpr of its pointer's type): every other input dtype
+# is 16-bit (kernels.INPUT_DTYPES; tests/kernels/test_gluon.py holds the two together).
 SAT_SEARCH_DTYPES = (torch.float16, torch.bfloat16)
 # Columns of a row a thread holds in the quantize of "blocks" (at least W / 32: one warp spans a row). Each
 # thread loads the 16 coefficients of each of its blocks once for all its rows: with 32 columns (one row a

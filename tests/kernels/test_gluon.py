@@ -81,7 +81,7 @@ def test_lane_plan_covers_the_tile_and_partitions_the_stages():
                     assert lane.lane_stages == 0 or dim > 256, (dim, op)
 
 
-def test_lane_layout_routes_only_hadamard_on_cuda():
+def test_lane_layout_routes_hadamard_and_the_quantize_of_block_rotations_on_cuda():
     plan = _plan(128, 4)
     width, rows, warps = fused_tile(plan, 1 << 20, "quantize")
     assert G.lane_layout(plan, torch.device("cpu"), width, rows, warps) is None  # the interpreter's device
@@ -302,6 +302,14 @@ def test_bits_3_quantize_of_16_bit_inputs_steps_on_the_fma_pipe(case, sm90_steps
     else:
         assert got["saturating_adds"] == 3 * per_thread, got
         assert got["float_compares"] <= 8 and got["float_selects"] <= 4, got
+
+
+def test_steps_search_dtypes_are_the_inputs_other_than_float32():
+    """The kernel picks the steps search for every input that is not float32; the routing of 2d and identity
+    names the dtypes (SAT_SEARCH_DTYPES). A new input dtype must be placed in both."""
+    from kernels import INPUT_DTYPES
+
+    assert set(INPUT_DTYPES.values()) - {torch.float32} == set(G.SAT_SEARCH_DTYPES), INPUT_DTYPES
 
 
 def _steps_words(y: torch.Tensor, positive: torch.Tensor, t_scale: torch.Tensor) -> torch.Tensor:
