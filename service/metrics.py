@@ -58,6 +58,7 @@ class SizedFilesCollector(MultiProcessCollector):
                 continue
         return self.merge(sized, accumulate=True)
 
+
 OPS = ("quantize", "dequantize", "roundtrip")
 # 1 us .. 1 s in a 1-2.5-5 ladder: GPU kernels on small batches are microseconds, CPU reference on
 # 65,536 vectors is hundreds of milliseconds.

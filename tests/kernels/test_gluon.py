@@ -195,19 +195,14 @@ BLOCK_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sm90_block_counts():
-    return _sass_counts(BLOCK_CASES)
-
-
 @pytest.mark.parametrize("case", BLOCK_CASES)
-def test_block_rotation_quantize_stays_in_threads(case, sm90_block_counts):
+def test_block_rotation_quantize_stays_in_threads(case, sm90_quantize_counts):
     """The point of running the block rotations' quantize in Gluon, read from the sm_90 machine code: each 4-D
     block (or pair) sits in one thread of the memory layout, so nothing goes through shared memory (the plain
     kernel converts layouts there for 16-bit inputs) and the only shuffles are the row norm's reduction over the
     row's lanes, for each of the thread's rows; no spills. full and fast hold 16 columns of 2 rows a thread
     (``_gluon.BLOCK_PIECE``), 2d and identity 32 of one."""
-    got = sm90_block_counts[case]
+    got = sm90_quantize_counts[case]
     width, rows, warps = got["tile"]
     lanes_a_row = width // got["piece"]
     per_thread = width * rows // (32 * warps)
@@ -230,17 +225,12 @@ SCALED_QUANTIZE_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sm90_scaled_counts():
-    return _sass_counts([case for case, _ in SCALED_QUANTIZE_CASES])
-
-
 @pytest.mark.parametrize("case,multiplies", SCALED_QUANTIZE_CASES)
-def test_quantize_scales_rows_not_elements(case, multiplies, sm90_scaled_counts):
+def test_quantize_scales_rows_not_elements(case, multiplies, sm90_quantize_counts):
     """sm_90 machine code of quantize: with the scaled thresholds no element is multiplied by the row's scale
     (hadamard before: 162 FMULs a thread of 64 at dim 256 bits 3), and a butterfly stage across lanes is one
     FFMA an element, not a select between a sum and a difference (before: one FSEL an element a stage)."""
-    got = sm90_scaled_counts[case]
+    got = sm90_quantize_counts[case]
     width, rows, warps = got["tile"]
     per_thread = width * rows // (32 * warps)
     assert got["float_multiplies"] <= multiplies * per_thread, got
@@ -259,16 +249,11 @@ GRID_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sm90_grid_counts():
-    return _sass_counts(GRID_CASES)
-
-
 @pytest.mark.parametrize("case", GRID_CASES)
-def test_bits_4_quantize_searches_the_grid(case, sm90_grid_counts):
+def test_bits_4_quantize_searches_the_grid(case, sm90_quantize_counts):
     """sm_90 machine code of the bits-4 Gluon quantize: no select tree (at most 4 FSELs a thread, for the row
     norms' clamps), no spills, no shared memory."""
-    got = sm90_grid_counts[case]
+    got = sm90_quantize_counts[case]
     assert got["float_selects"] <= 4 and got["local_accesses"] == 0 and got["shared_accesses"] == 0, got
 
 
@@ -284,16 +269,19 @@ STEPS_CASES = [
 
 
 @pytest.fixture(scope="module")
-def sm90_steps_counts():
-    return _sass_counts(STEPS_CASES)
+def sm90_quantize_counts():
+    """The counts for the quantize case lists below and above (BLOCK, SCALED_QUANTIZE, GRID and STEPS cases), in
+    one compiling process."""
+    cases = [*BLOCK_CASES, *(case for case, _ in SCALED_QUANTIZE_CASES), *GRID_CASES, *STEPS_CASES]
+    return _sass_counts(list(dict.fromkeys(cases)))
 
 
 @pytest.mark.parametrize("case", STEPS_CASES)
-def test_bits_3_quantize_of_16_bit_inputs_steps_on_the_fma_pipe(case, sm90_steps_counts):
+def test_bits_3_quantize_of_16_bit_inputs_steps_on_the_fma_pipe(case, sm90_quantize_counts):
     """sm_90 machine code of the bits-3 Gluon quantize: 16-bit inputs take three FADD.SAT an element and no
     compare or select an element (before: 100 FSETP, 98 SEL and 32 FSEL a thread of 32 at dim 128, full);
     float32 inputs keep the tree. No spills, no shared memory."""
-    got = sm90_steps_counts[case]
+    got = sm90_quantize_counts[case]
     width, rows, warps = got["tile"]
     per_thread = width * rows // (32 * warps)
     assert got["local_accesses"] == 0 and got["shared_accesses"] == 0, got
